@@ -1,0 +1,84 @@
+//! Raw fields: `width`-bit values packed LSB-first, element i at bit `i * width` (format-spec/nzt.md, "split block").
+
+/// Bytes needed for `n` values of `width` bits.
+pub fn packed_len(n: usize, width: u32) -> usize {
+    (n * width as usize).div_ceil(8)
+}
+
+/// Appends `values` (each below `2^width`) packed LSB-first.
+pub fn pack(values: impl Iterator<Item = u32>, width: u32, out: &mut Vec<u8>) {
+    debug_assert!((1..=32).contains(&width));
+    let mut acc = 0u64;
+    let mut bits = 0u32;
+    for v in values {
+        debug_assert!(width == 32 || v < 1 << width);
+        acc |= (v as u64) << bits;
+        bits += width;
+        while bits >= 8 {
+            out.push(acc as u8);
+            acc >>= 8;
+            bits -= 8;
+        }
+    }
+    if bits > 0 {
+        out.push(acc as u8);
+    }
+}
+
+/// Calls `sink(i, value)` for each of the `n` values packed in `bytes`, which must hold `packed_len(n, width)`.
+pub fn unpack(bytes: &[u8], width: u32, n: usize, mut sink: impl FnMut(usize, u32)) {
+    debug_assert!(bytes.len() >= packed_len(n, width));
+    let mask = if width == 32 {
+        u32::MAX as u64
+    } else {
+        (1u64 << width) - 1
+    };
+    let mut acc = 0u64;
+    let mut bits = 0u32;
+    let mut next_byte = 0usize;
+    for i in 0..n {
+        while bits < width {
+            acc |= (bytes[next_byte] as u64) << bits;
+            next_byte += 1;
+            bits += 8;
+        }
+        sink(i, (acc & mask) as u32);
+        acc >>= width;
+        bits -= width;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_every_width() {
+        for width in 1..=32u32 {
+            for n in [0usize, 1, 2, 7, 8, 9, 33, 1001] {
+                let mask = if width == 32 {
+                    u32::MAX
+                } else {
+                    (1 << width) - 1
+                };
+                let values: Vec<u32> = (0..n as u32)
+                    .map(|i| i.wrapping_mul(2654435761) & mask)
+                    .collect();
+                let mut bytes = Vec::new();
+                pack(values.iter().copied(), width, &mut bytes);
+                assert_eq!(bytes.len(), packed_len(n, width));
+                let mut back = vec![0u32; n];
+                unpack(&bytes, width, n, |i, v| back[i] = v);
+                assert_eq!(back, values, "width {width} n {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn layout_is_lsb_first() {
+        let mut bytes = Vec::new();
+        pack([1u32, 2, 3, 0x3f].into_iter(), 6, &mut bytes);
+        // bits: 000001 | 000010 | 000011 | 111111 -> 0b10_000001, 0b0011_0000, 0b111111_00
+        assert_eq!(bytes, vec![0b1000_0001, 0b0011_0000, 0b1111_1100]);
+    }
+}

@@ -1,0 +1,412 @@
+//! Frequency tables: count, normalize to a power-of-two total, serialize compactly, and build decode lookups.
+//!
+//! Pipeline (the order the encoder runs): 1. count symbols (`histogram`), 2. normalize the counts so they sum to
+//! `2^prob_bits` with every occurring symbol at least 1 (`FreqTable::from_counts`), 3. serialize (`write`),
+//! 4. the decoder parses it back (`parse`) and 5. expands it into a slot lookup (`DecodeTable`).
+
+use std::collections::BinaryHeap;
+
+/// The largest supported probability precision: 16-bit renormalization needs `prob_bits <= 16`, and a
+/// single-symbol table (frequency `2^prob_bits`) must fit a `u16`.
+pub const MAX_PROB_BITS: u32 = 15;
+/// The largest alphabet an entropy-coded field may have, as a width in bits.
+pub const MAX_SYMBOL_BITS: u32 = 12;
+
+/// A normalized frequency table over the alphabet `0..2^symbol_bits`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FreqTable {
+    /// Probability precision: frequencies sum to `1 << prob_bits`.
+    pub prob_bits: u32,
+    /// Width of the symbols in bits.
+    pub symbol_bits: u32,
+    /// `freqs[s]`, zero for symbols that never occur. Length `1 << symbol_bits`.
+    pub freqs: Vec<u32>,
+    /// `cums[s]` = sum of `freqs[t]` for `t < s`. Length `1 << symbol_bits`.
+    pub cums: Vec<u32>,
+}
+
+/// A table that could not be built or read; the caller adds the context.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TableError(pub String);
+
+fn table_error(what: impl Into<String>) -> TableError {
+    TableError(what.into())
+}
+
+impl FreqTable {
+    /// Normalizes `counts` (length `1 << symbol_bits`) to sum to `1 << prob_bits`, keeping every nonzero count
+    /// at least 1, and spending the rounding where it costs the fewest bits. Returns None when more symbols
+    /// occur than there are slots, or when nothing occurs.
+    pub fn from_counts(counts: &[u64], symbol_bits: u32, prob_bits: u32) -> Option<FreqTable> {
+        assert_eq!(counts.len(), 1 << symbol_bits);
+        assert!((1..=MAX_PROB_BITS).contains(&prob_bits));
+        let total: u64 = counts.iter().sum();
+        let used = counts.iter().filter(|&&c| c > 0).count() as u64;
+        let target = 1u64 << prob_bits;
+        if total == 0 || used > target {
+            return None;
+        }
+        let mut freqs: Vec<u32> = counts
+            .iter()
+            .map(|&c| {
+                if c == 0 {
+                    0
+                } else {
+                    ((c as u128 * target as u128 / total as u128) as u64).max(1) as u32
+                }
+            })
+            .collect();
+        let sum: u64 = freqs.iter().map(|&f| f as u64).sum();
+        // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
+        let gain = |c: u64, f: u32| c as f64 * ((f as f64 + 1.0) / f as f64).log2();
+        let loss = |c: u64, f: u32| c as f64 * (f as f64 / (f as f64 - 1.0)).log2();
+        #[derive(PartialEq, PartialOrd)]
+        struct Key(f64, usize);
+        impl Eq for Key {}
+        impl Ord for Key {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                self.partial_cmp(o).unwrap_or(std::cmp::Ordering::Equal)
+            }
+        }
+        if sum < target {
+            let mut heap: BinaryHeap<Key> = (0..freqs.len())
+                .filter(|&s| freqs[s] > 0)
+                .map(|s| Key(gain(counts[s], freqs[s]), s))
+                .collect();
+            for _ in sum..target {
+                let Key(_, s) = heap.pop().expect("a used symbol exists");
+                freqs[s] += 1;
+                heap.push(Key(gain(counts[s], freqs[s]), s));
+            }
+        } else if sum > target {
+            // Take slots where it hurts least: highest -loss first.
+            let mut heap: BinaryHeap<Key> = (0..freqs.len())
+                .filter(|&s| freqs[s] > 1)
+                .map(|s| Key(-loss(counts[s], freqs[s]), s))
+                .collect();
+            for _ in target..sum {
+                let Key(_, s) = heap.pop().expect("used <= target leaves a symbol above 1");
+                freqs[s] -= 1;
+                if freqs[s] > 1 {
+                    heap.push(Key(-loss(counts[s], freqs[s]), s));
+                }
+            }
+        }
+        let table = FreqTable::from_freqs(freqs, symbol_bits, prob_bits);
+        debug_assert!(table.is_ok());
+        table.ok()
+    }
+
+    /// Builds a table from explicit frequencies, checking that they sum to `1 << prob_bits`.
+    pub fn from_freqs(
+        freqs: Vec<u32>,
+        symbol_bits: u32,
+        prob_bits: u32,
+    ) -> Result<FreqTable, TableError> {
+        if freqs.len() != 1 << symbol_bits {
+            return Err(table_error("alphabet size does not match the field width"));
+        }
+        let mut cums = Vec::with_capacity(freqs.len());
+        let mut running = 0u64;
+        for &f in &freqs {
+            cums.push(running as u32);
+            running += f as u64;
+        }
+        if running != 1u64 << prob_bits {
+            return Err(table_error(format!(
+                "frequencies sum to {running}, expected {}",
+                1u64 << prob_bits
+            )));
+        }
+        Ok(FreqTable {
+            prob_bits,
+            symbol_bits,
+            freqs,
+            cums,
+        })
+    }
+
+    /// Bits needed to code `counts` with this table (the rANS payload, excluding the table and the flush).
+    pub fn coded_bits(&self, counts: &[u64]) -> f64 {
+        counts
+            .iter()
+            .zip(&self.freqs)
+            .filter(|(&c, _)| c > 0)
+            .map(|(&c, &f)| c as f64 * (self.prob_bits as f64 - (f as f64).log2()))
+            .sum()
+    }
+
+    /// Appends the serialized table: `prob_bits u8`, `symbol_count u16`, then a bit stream (LSB-first) of one
+    /// `(gamma(delta + 1), gamma(freq))` pair per used symbol, zero-padded to a whole byte.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.prob_bits as u8);
+        let used = self.freqs.iter().filter(|&&f| f > 0).count() as u16;
+        out.extend_from_slice(&used.to_le_bytes());
+        let mut bits = BitWriter::default();
+        let mut next = 0u32;
+        for (s, &f) in self.freqs.iter().enumerate() {
+            if f > 0 {
+                bits.gamma(s as u32 - next + 1);
+                bits.gamma(f);
+                next = s as u32 + 1;
+            }
+        }
+        out.extend_from_slice(&bits.bytes);
+    }
+
+    /// Serialized size in bytes.
+    pub fn serialized_len(&self) -> usize {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out.len()
+    }
+
+    /// Parses a table for a field of `symbol_bits` from the front of `bytes`; returns it and the bytes used.
+    pub fn parse(bytes: &[u8], symbol_bits: u32) -> Result<(FreqTable, usize), TableError> {
+        let (&prob_byte, rest) = bytes
+            .split_first()
+            .ok_or_else(|| table_error("table truncated"))?;
+        let prob_bits = prob_byte as u32;
+        if !(1..=MAX_PROB_BITS).contains(&prob_bits) {
+            return Err(table_error(format!(
+                "prob_bits {prob_bits} outside 1..={MAX_PROB_BITS}"
+            )));
+        }
+        let count_bytes = rest
+            .get(..2)
+            .ok_or_else(|| table_error("table truncated"))?;
+        let used = u16::from_le_bytes([count_bytes[0], count_bytes[1]]) as u64;
+        let alphabet = 1u64 << symbol_bits;
+        if used == 0 || used > alphabet {
+            return Err(table_error(format!(
+                "symbol_count {used} outside 1..={alphabet}"
+            )));
+        }
+        let mut freqs = vec![0u32; alphabet as usize];
+        let mut reader = BitReader {
+            bytes: &rest[2..],
+            bit: 0,
+        };
+        let mut next = 0u64;
+        for _ in 0..used {
+            let symbol = next + reader.gamma()? as u64 - 1;
+            if symbol >= alphabet {
+                return Err(table_error(format!(
+                    "symbol {symbol} outside the {symbol_bits}-bit alphabet"
+                )));
+            }
+            let freq = reader.gamma()?;
+            if freq > 1 << prob_bits {
+                return Err(table_error(format!("frequency {freq} above 2^{prob_bits}")));
+            }
+            freqs[symbol as usize] = freq;
+            next = symbol + 1;
+        }
+        let table = FreqTable::from_freqs(freqs, symbol_bits, prob_bits)?;
+        Ok((table, 3 + reader.bit.div_ceil(8)))
+    }
+}
+
+/// Longest Elias-gamma prefix accepted: values below 2^21 (frequencies are at most 2^15, deltas 2^12).
+const MAX_GAMMA_ZEROS: u32 = 20;
+
+/// LSB-first bit writer for tables.
+#[derive(Default)]
+struct BitWriter {
+    bytes: Vec<u8>,
+    bit: usize,
+}
+
+impl BitWriter {
+    fn push(&mut self, bit: u32) {
+        if self.bit % 8 == 0 {
+            self.bytes.push(0);
+        }
+        if bit != 0 {
+            *self.bytes.last_mut().expect("pushed above") |= 1 << (self.bit % 8);
+        }
+        self.bit += 1;
+    }
+
+    /// Elias gamma, LSB-first: `k` zero bits, a one bit, then the low `k` bits of `v` (LSB first), where
+    /// `k = floor(log2 v)`; `v >= 1`.
+    fn gamma(&mut self, v: u32) {
+        debug_assert!(v >= 1);
+        let k = 31 - v.leading_zeros();
+        for _ in 0..k {
+            self.push(0);
+        }
+        self.push(1);
+        for b in 0..k {
+            self.push((v >> b) & 1);
+        }
+    }
+}
+
+struct BitReader<'a> {
+    bytes: &'a [u8],
+    bit: usize,
+}
+
+impl BitReader<'_> {
+    fn next(&mut self) -> Result<u32, TableError> {
+        let byte = self
+            .bytes
+            .get(self.bit / 8)
+            .ok_or_else(|| table_error("table truncated"))?;
+        let bit = (byte >> (self.bit % 8)) & 1;
+        self.bit += 1;
+        Ok(bit as u32)
+    }
+
+    fn gamma(&mut self) -> Result<u32, TableError> {
+        let mut k = 0;
+        while self.next()? == 0 {
+            k += 1;
+            if k > MAX_GAMMA_ZEROS {
+                return Err(table_error("gamma code longer than 20 zero bits"));
+            }
+        }
+        let mut v = 1u32 << k;
+        for b in 0..k {
+            v |= self.next()? << b;
+        }
+        Ok(v)
+    }
+}
+
+/// Counts symbols into a histogram of `1 << symbol_bits` bins.
+pub fn histogram(symbols: impl Iterator<Item = u32>, symbol_bits: u32) -> Vec<u64> {
+    let mut counts = vec![0u64; 1 << symbol_bits];
+    for s in symbols {
+        counts[s as usize] += 1;
+    }
+    counts
+}
+
+/// Zero-order entropy of a histogram in bits per symbol.
+pub fn entropy_bits(counts: &[u64]) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let t = total as f64;
+    counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = c as f64 / t;
+            -p * p.log2()
+        })
+        .sum()
+}
+
+/// The decoder's view of a table: for every slot, the symbol and `(freq, slot - cum)`.
+#[derive(Clone, Debug)]
+pub struct DecodeTable {
+    pub prob_bits: u32,
+    /// Symbol for each of the `1 << prob_bits` slots.
+    pub symbol: Vec<u16>,
+    /// `freq << 16 | (slot - cum)` for each slot.
+    pub freq_bias: Vec<u32>,
+}
+
+impl DecodeTable {
+    pub fn new(table: &FreqTable) -> DecodeTable {
+        let slots = 1usize << table.prob_bits;
+        let mut symbol = Vec::with_capacity(slots);
+        let mut freq_bias = Vec::with_capacity(slots);
+        for (s, &f) in table.freqs.iter().enumerate() {
+            for bias in 0..f {
+                symbol.push(s as u16);
+                freq_bias.push((f << 16) | bias);
+            }
+        }
+        debug_assert_eq!(symbol.len(), slots);
+        DecodeTable {
+            prob_bits: table.prob_bits,
+            symbol,
+            freq_bias,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalization_sums_and_keeps_rare_symbols() {
+        let mut counts = vec![0u64; 256];
+        counts[0] = 1_000_000;
+        counts[7] = 1;
+        counts[200] = 3;
+        for bits in [2, 8, 12, 15] {
+            let t = FreqTable::from_counts(&counts, 8, bits).unwrap();
+            assert_eq!(t.freqs.iter().map(|&f| f as u64).sum::<u64>(), 1 << bits);
+            assert!(t.freqs[7] >= 1 && t.freqs[200] >= 1 && t.freqs[0] >= 1);
+            assert_eq!(t.freqs[1], 0);
+        }
+        // Three symbols do not fit a 1-bit table.
+        assert!(FreqTable::from_counts(&counts, 8, 1).is_none());
+        assert!(FreqTable::from_counts(&[0; 4], 2, 4).is_none());
+    }
+
+    #[test]
+    fn normalization_is_near_entropy_and_beats_naive_scaling() {
+        let counts: Vec<u64> = (0..1024u64).map(|s| (1u64 << 20) >> (s % 21)).collect();
+        let total: u64 = counts.iter().sum();
+        let h = entropy_bits(&counts);
+        let t = FreqTable::from_counts(&counts, 10, 15).unwrap();
+        let coded = t.coded_bits(&counts) / total as f64;
+        // Naive: scale, floor at 1, give the rounding error to the most frequent symbol.
+        let mut naive: Vec<u32> = counts.iter().map(|&c| ((c << 15) / total).max(1) as u32).collect();
+        let sum: i64 = naive.iter().map(|&f| f as i64).sum();
+        let top = (0..1024).max_by_key(|&s| counts[s]).unwrap();
+        naive[top] = (naive[top] as i64 + (1 << 15) - sum) as u32;
+        let naive = FreqTable::from_freqs(naive, 10, 15).unwrap();
+        let naive_coded = naive.coded_bits(&counts) / total as f64;
+        assert!(coded >= h - 1e-9 && coded < h + 0.03, "coded {coded} vs entropy {h}");
+        assert!(coded <= naive_coded, "{coded} > naive {naive_coded}");
+    }
+
+    #[test]
+    fn table_round_trips_through_bytes() {
+        let counts: Vec<u64> = (0..4096u64)
+            .map(|s| if s % 3 == 0 { s * s % 977 } else { 0 })
+            .collect();
+        let t = FreqTable::from_counts(&counts, 12, 14).unwrap();
+        let mut bytes = Vec::new();
+        t.write(&mut bytes);
+        bytes.push(0xAA); // trailing data is not consumed
+        let (back, used) = FreqTable::parse(&bytes, 12).unwrap();
+        assert_eq!(back, t);
+        assert_eq!(used, bytes.len() - 1);
+        assert_eq!(used, t.serialized_len());
+    }
+
+    #[test]
+    fn parse_rejects_bad_tables() {
+        // LSB-first gamma codes: gamma(1) = 1; gamma(16) = 0000 1 0000 (9 bits).
+        // One symbol (delta+1 = 1) with freq 16 = 2^4: bits 1, 0000 1 0000 -> 0b0010_0001, 0b0000_0000
+        let one_symbol = [4u8, 1, 0, 0b0010_0001, 0];
+        assert_eq!(FreqTable::parse(&one_symbol, 8).unwrap().1, 5);
+        // prob_bits 0 and 16
+        assert!(FreqTable::parse(&[0, 1, 0, 0b0010_0001, 0], 8).is_err());
+        assert!(FreqTable::parse(&[16, 1, 0, 0b0010_0001, 0], 8).is_err());
+        // freq 1 does not sum to 2^4: bits 1, 1
+        assert!(FreqTable::parse(&[4, 1, 0, 0b11], 8).is_err());
+        // symbol past a 1-bit alphabet: delta+1 = 3 (bits 0 1 1), freq 2 (bits 0 1 0)
+        assert!(FreqTable::parse(&[1, 1, 0, 0b0001_0110], 1).is_err());
+        // frequency above 2^prob_bits: freq 32 with prob_bits 4
+        assert!(FreqTable::parse(&[4, 1, 0, 0b0100_0001, 0], 8).is_err());
+        // truncated
+        assert!(FreqTable::parse(&[4, 1], 8).is_err());
+        assert!(FreqTable::parse(&[4, 1, 0], 8).is_err());
+        assert!(FreqTable::parse(&[4, 1, 0, 0b0010_0001], 8).is_err());
+        // an endless run of zero bits
+        assert!(FreqTable::parse(&[4, 1, 0, 0, 0, 0, 0], 8).is_err());
+        // zero symbols
+        assert!(FreqTable::parse(&[4, 0, 0], 8).is_err());
+    }
+}

@@ -1,0 +1,261 @@
+//! Interleaved rANS: 32 lanes, 32-bit states, one shared stream of 16-bit words (format-spec/nzt.md, "rANS bitstream").
+//!
+//! Element `i` of a block belongs to lane `i % 32`. Each element may carry several entropy-coded fields, each
+//! with its own table, all coded through the same lane state. The encoder walks backwards (elements from last to
+//! first, fields from last to first, lanes from 31 to 0) and its words are reversed at the end, so the decoder
+//! walks forwards and, at each step, lanes needing a word take the next one in ascending lane order.
+//!
+//! State invariant: between symbols every state lies in `[STATE_LOWER, 2^32)`. The encoder starts each lane at
+//! `STATE_LOWER`, so a decoder that ends anywhere else, or with words left over, has read corrupt data.
+
+use super::freq::{DecodeTable, FreqTable};
+
+pub const LANES: usize = 32;
+/// Lower bound `L` of the normalized state interval.
+pub const STATE_LOWER: u32 = 1 << 16;
+const WORD_BITS: u32 = 16;
+
+/// What the encoder produces for one block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Encoded {
+    /// The decoder's initial states (the encoder's final states).
+    pub states: [u32; LANES],
+    /// Words in decoder order.
+    pub words: Vec<u16>,
+}
+
+/// One entropy-coded field of every element: its symbols and its table.
+pub struct FieldSymbols<'a> {
+    pub symbols: &'a [u16],
+    pub table: &'a FreqTable,
+}
+
+/// Encodes `n` elements whose coded fields are `fields` (most significant first).
+/// Every symbol must have a nonzero frequency in its table.
+pub fn encode(fields: &[FieldSymbols<'_>], n: usize) -> Encoded {
+    let mut states = [STATE_LOWER; LANES];
+    let mut emitted: Vec<u16> = Vec::with_capacity(n * fields.len() / 2 + 16);
+    for step in (0..n.div_ceil(LANES)).rev() {
+        let base = step * LANES;
+        let lanes = (n - base).min(LANES);
+        for field in fields.iter().rev() {
+            let prob_bits = field.table.prob_bits;
+            let symbols = &field.symbols[base..base + lanes];
+            for lane in (0..lanes).rev() {
+                let symbol = symbols[lane] as usize;
+                let freq = field.table.freqs[symbol];
+                let cum = field.table.cums[symbol];
+                debug_assert!(freq > 0, "symbol {symbol} missing from its table");
+                let mut x = states[lane];
+                let x_max = (freq as u64) << (32 - prob_bits);
+                if x as u64 >= x_max {
+                    emitted.push(x as u16);
+                    x >>= WORD_BITS;
+                }
+                states[lane] = ((x / freq) << prob_bits) + (x % freq) + cum;
+            }
+        }
+    }
+    emitted.reverse();
+    Encoded {
+        states,
+        words: emitted,
+    }
+}
+
+/// Why a stream failed to decode.
+#[derive(Debug, PartialEq, Eq)]
+pub struct StreamError(pub &'static str);
+
+/// A field to decode into: `out[i]` receives element i's symbol.
+pub struct FieldOutput<'a> {
+    pub out: &'a mut [u16],
+    pub table: &'a DecodeTable,
+}
+
+/// Decodes `n` elements: the reference decoder, written exactly as the spec's pseudo-code.
+/// `words` holds the stream as little-endian bytes (2 per word).
+pub fn decode(
+    states: &[u32; LANES],
+    words: &[u8],
+    fields: &mut [FieldOutput<'_>],
+    n: usize,
+) -> Result<(), StreamError> {
+    if words.len() % 2 != 0 {
+        return Err(StreamError("word stream has an odd byte length"));
+    }
+    if states.iter().any(|&x| x < STATE_LOWER) {
+        return Err(StreamError("initial state below 2^16"));
+    }
+    let word_count = words.len() / 2;
+    let mut x = *states;
+    let mut pos = 0usize;
+    for step in 0..n.div_ceil(LANES) {
+        let base = step * LANES;
+        let lanes = (n - base).min(LANES);
+        for field in fields.iter_mut() {
+            let table = field.table;
+            let mask = (1u32 << table.prob_bits) - 1;
+            for lane in 0..lanes {
+                let slot = (x[lane] & mask) as usize;
+                let freq_bias = table.freq_bias[slot];
+                field.out[base + lane] = table.symbol[slot];
+                x[lane] = (freq_bias >> 16) * (x[lane] >> table.prob_bits) + (freq_bias & 0xffff);
+                if x[lane] < STATE_LOWER {
+                    if pos >= word_count {
+                        return Err(StreamError("word stream ends early"));
+                    }
+                    let word = u16::from_le_bytes([words[2 * pos], words[2 * pos + 1]]);
+                    x[lane] = (x[lane] << WORD_BITS) | word as u32;
+                    pos += 1;
+                }
+            }
+        }
+    }
+    if pos != word_count {
+        return Err(StreamError("words left over after the last element"));
+    }
+    if x.iter().any(|&s| s != STATE_LOWER) {
+        return Err(StreamError(
+            "final state is not the encoder's initial state",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::freq::histogram;
+
+    /// A small seeded generator, so failures reproduce.
+    pub(crate) fn xorshift(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    fn skewed_symbols(n: usize, bits: u32, seed: u64) -> Vec<u16> {
+        let mut s = seed | 1;
+        (0..n)
+            .map(|_| {
+                let r = xorshift(&mut s);
+                // geometric-ish: many small symbols, a few large ones
+                ((r.trailing_zeros() as u64 * 7 + (r >> 60)) % (1 << bits)) as u16
+            })
+            .collect()
+    }
+
+    fn round_trip(n: usize, field_bits: &[u32], prob_bits: u32, seed: u64) {
+        let symbols: Vec<Vec<u16>> = field_bits
+            .iter()
+            .enumerate()
+            .map(|(k, &b)| skewed_symbols(n, b, seed + k as u64))
+            .collect();
+        let tables: Vec<FreqTable> = symbols
+            .iter()
+            .zip(field_bits)
+            .map(|(s, &b)| {
+                let mut counts = histogram(s.iter().map(|&v| v as u32), b);
+                counts[0] += 1; // an empty block still needs a valid table
+                FreqTable::from_counts(&counts, b, prob_bits).unwrap_or_else(|| {
+                    FreqTable::from_counts(&counts, b, 15).expect("fits 15 bits")
+                })
+            })
+            .collect();
+        let fields: Vec<FieldSymbols> = symbols
+            .iter()
+            .zip(&tables)
+            .map(|(s, t)| FieldSymbols {
+                symbols: s,
+                table: t,
+            })
+            .collect();
+        let enc = encode(&fields, n);
+        let bytes: Vec<u8> = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let decode_tables: Vec<DecodeTable> = tables.iter().map(DecodeTable::new).collect();
+        let mut outs: Vec<Vec<u16>> = vec![vec![0xffff; n]; field_bits.len()];
+        let mut outputs: Vec<FieldOutput> = outs
+            .iter_mut()
+            .zip(&decode_tables)
+            .map(|(o, t)| FieldOutput { out: o, table: t })
+            .collect();
+        decode(&enc.states, &bytes, &mut outputs, n).unwrap();
+        assert_eq!(outs, symbols, "n={n} fields={field_bits:?}");
+    }
+
+    #[test]
+    fn round_trips_odd_sizes_and_field_counts() {
+        for n in [0, 1, 2, 31, 32, 33, 63, 64, 65, 1000, 4097] {
+            round_trip(n, &[10], 12, n as u64 + 1);
+            round_trip(n, &[8, 6, 8], 11, n as u64 + 7);
+        }
+        round_trip(70_000, &[12, 8], 15, 99);
+        round_trip(5000, &[1], 1, 5);
+    }
+
+    #[test]
+    fn single_symbol_costs_no_words() {
+        let symbols = vec![3u16; 1000];
+        let counts = histogram(symbols.iter().map(|&v| v as u32), 4);
+        let table = FreqTable::from_counts(&counts, 4, 12).unwrap();
+        let enc = encode(
+            &[FieldSymbols {
+                symbols: &symbols,
+                table: &table,
+            }],
+            1000,
+        );
+        assert!(enc.words.is_empty());
+        assert!(enc.states.iter().all(|&x| x == STATE_LOWER));
+    }
+
+    #[test]
+    fn corrupt_streams_are_detected() {
+        let n = 5000;
+        let symbols = skewed_symbols(n, 10, 42);
+        let counts = histogram(symbols.iter().map(|&v| v as u32), 10);
+        let table = FreqTable::from_counts(&counts, 10, 12).unwrap();
+        let dt = DecodeTable::new(&table);
+        let enc = encode(
+            &[FieldSymbols {
+                symbols: &symbols,
+                table: &table,
+            }],
+            n,
+        );
+        let bytes: Vec<u8> = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut out = vec![0u16; n];
+        let mut try_decode = |states: &[u32; LANES], words: &[u8]| {
+            decode(
+                states,
+                words,
+                &mut [FieldOutput {
+                    out: &mut out,
+                    table: &dt,
+                }],
+                n,
+            )
+        };
+        assert!(try_decode(&enc.states, &bytes).is_ok());
+        assert!(try_decode(&enc.states, &bytes[..bytes.len() - 2]).is_err());
+        let mut longer = bytes.clone();
+        longer.extend_from_slice(&[0, 0]);
+        assert!(try_decode(&enc.states, &longer).is_err());
+        let mut detected = 0;
+        for k in (0..bytes.len()).step_by(97) {
+            let mut flipped = bytes.clone();
+            flipped[k] ^= 0x10;
+            detected += try_decode(&enc.states, &flipped).is_err() as usize;
+        }
+        // A flip changes every later state; the end check catches nearly all of them.
+        assert!(
+            detected * 10 >= (bytes.len() / 97) * 9,
+            "only {detected} flips detected"
+        );
+        let mut states = enc.states;
+        states[5] ^= 1;
+        assert!(try_decode(&states, &bytes).is_err());
+    }
+}

@@ -1,0 +1,643 @@
+//! The lossless float codec (`float_split`): each element's bits are cut into fields, most significant first.
+//! Fields that pay for it (the sign, exponent and top mantissa bits) are rANS-coded with a per-tensor table;
+//! the rest are stored raw, bit-packed.
+//!
+//! Steps: 1. `plan` counts the top bits and each low byte over the whole tensor and picks the field layout and
+//! tables with the lowest exact cost, tables and stream flushes included; 2. `encode_block` splits a block into
+//! field values, rANS-codes the coded fields through 32 lanes and packs the raw ones; 3. `SplitDecoder` reverses it.
+
+use super::bitpack;
+use super::freq::{DecodeTable, FreqTable, TableError, MAX_SYMBOL_BITS};
+use super::rans::{self, FieldOutput, FieldSymbols, LANES};
+use crate::dtype::Dtype;
+
+/// How a field is stored. The numbers are the spec's field coding ids.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Coding {
+    Raw = 0,
+    Rans = 1,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub width: u32,
+    pub coding: Coding,
+}
+
+/// The float_split parameters of one tensor: its field layout and one table per rANS field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitParams {
+    pub fields: Vec<Field>,
+    pub tables: Vec<FreqTable>,
+}
+
+/// Most fields a layout may have.
+pub const MAX_FIELDS: usize = 8;
+/// Highest probability precision the encoder picks for a tensor's tables (the decoder accepts up to
+/// `freq::MAX_PROB_BITS`).
+pub const ENCODER_MAX_PROB_BITS: u32 = 14;
+/// Highest precision for a block's own tables: lower, because the decoder expands them once per block.
+pub const ENCODER_MAX_LOCAL_PROB_BITS: u32 = 12;
+const ENCODER_MIN_PROB_BITS: u32 = 8;
+/// Fixed bytes of a split block's rANS part: 32 states and the word count.
+pub const RANS_HEADER_BYTES: usize = LANES * 4 + 4;
+
+fn align4(x: usize) -> usize {
+    (x + 3) & !3
+}
+
+impl SplitParams {
+    /// Shift of each field within the element.
+    pub fn shifts(&self) -> Vec<u32> {
+        let mut remaining: u32 = self.fields.iter().map(|f| f.width).sum();
+        self.fields
+            .iter()
+            .map(|f| {
+                remaining -= f.width;
+                remaining
+            })
+            .collect()
+    }
+
+    pub fn has_rans(&self) -> bool {
+        !self.tables.is_empty()
+    }
+
+    /// Serialized form (spec: "float_split params").
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.fields.len() as u8);
+        for f in &self.fields {
+            out.push(f.width as u8);
+            out.push(f.coding as u8);
+        }
+        for t in &self.tables {
+            t.write(out);
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+
+    /// Parses parameters for `dtype`; all of `bytes` must be used.
+    pub fn parse(bytes: &[u8], dtype: Dtype) -> Result<SplitParams, TableError> {
+        let err = |s: String| TableError(s);
+        let count = *bytes
+            .first()
+            .ok_or_else(|| err("params are empty".into()))? as usize;
+        if count == 0 || count > MAX_FIELDS {
+            return Err(err(format!("field_count {count} outside 1..={MAX_FIELDS}")));
+        }
+        let field_bytes = bytes
+            .get(1..1 + 2 * count)
+            .ok_or_else(|| err("params truncated".into()))?;
+        let mut fields = Vec::with_capacity(count);
+        for pair in field_bytes.chunks_exact(2) {
+            let width = pair[0] as u32;
+            let coding = match pair[1] {
+                0 => Coding::Raw,
+                1 => Coding::Rans,
+                c => return Err(err(format!("unknown field coding {c}"))),
+            };
+            if width == 0 || width > 32 || (coding == Coding::Rans && width > MAX_SYMBOL_BITS) {
+                return Err(err(format!(
+                    "field width {width} not allowed for {coding:?}"
+                )));
+            }
+            fields.push(Field { width, coding });
+        }
+        let total: u32 = fields.iter().map(|f| f.width).sum();
+        if total != dtype.bits() {
+            return Err(err(format!(
+                "field widths sum to {total}, {dtype} has {} bits",
+                dtype.bits()
+            )));
+        }
+        let mut pos = 1 + 2 * count;
+        let mut tables = Vec::new();
+        for f in fields.iter().filter(|f| f.coding == Coding::Rans) {
+            let (table, used) = FreqTable::parse(&bytes[pos..], f.width)?;
+            tables.push(table);
+            pos += used;
+        }
+        if pos != bytes.len() {
+            return Err(err(format!(
+                "{} bytes left after the params",
+                bytes.len() - pos
+            )));
+        }
+        Ok(SplitParams { fields, tables })
+    }
+
+    /// Exact payload length of a split block of `n` elements with `word_count` rANS words.
+    pub fn payload_len(&self, n: usize, word_count: usize) -> usize {
+        let rans_part = if self.has_rans() {
+            align4(RANS_HEADER_BYTES + 2 * word_count)
+        } else {
+            0
+        };
+        rans_part
+            + self
+                .fields
+                .iter()
+                .filter(|f| f.coding == Coding::Raw)
+                .map(|f| align4(bitpack::packed_len(n, f.width)))
+                .sum::<usize>()
+    }
+}
+
+/// Reads element `i` of little-endian `bytes` with `width` bytes per element.
+#[inline]
+fn read_element(bytes: &[u8], width: usize, i: usize) -> u64 {
+    let mut buf = [0u8; 8];
+    buf[..width].copy_from_slice(&bytes[i * width..(i + 1) * width]);
+    u64::from_le_bytes(buf)
+}
+
+fn field_mask(width: u32) -> u64 {
+    if width >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << width) - 1
+    }
+}
+
+/// Splits a block into field values and encodes it (spec: "split block payload").
+pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+    let width = dtype
+        .byte_width()
+        .expect("float_split dtypes are whole bytes");
+    let n = block.len() / width;
+    let shifts = params.shifts();
+    let mut out = Vec::with_capacity(block.len());
+    let mut coded: Vec<Vec<u16>> = Vec::new();
+    for (f, &shift) in params.fields.iter().zip(&shifts) {
+        if f.coding == Coding::Rans {
+            let mask = field_mask(f.width);
+            coded.push(
+                (0..n)
+                    .map(|i| ((read_element(block, width, i) >> shift) & mask) as u16)
+                    .collect(),
+            );
+        }
+    }
+    if params.has_rans() {
+        let fields: Vec<FieldSymbols> = coded
+            .iter()
+            .zip(&params.tables)
+            .map(|(symbols, table)| FieldSymbols { symbols, table })
+            .collect();
+        let encoded = rans::encode(&fields, n);
+        for s in encoded.states {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        out.extend_from_slice(&(encoded.words.len() as u32).to_le_bytes());
+        for w in &encoded.words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.resize(align4(out.len()), 0);
+    }
+    for (f, &shift) in params.fields.iter().zip(&shifts) {
+        if f.coding == Coding::Raw {
+            let mask = field_mask(f.width);
+            bitpack::pack(
+                (0..n).map(|i| ((read_element(block, width, i) >> shift) & mask) as u32),
+                f.width,
+                &mut out,
+            );
+            out.resize(align4(out.len()), 0);
+        }
+    }
+    out
+}
+
+/// A tensor's parameters expanded for decoding; build once, decode many blocks.
+pub struct SplitDecoder {
+    params: SplitParams,
+    shifts: Vec<u32>,
+    tables: Vec<DecodeTable>,
+    width: usize,
+}
+
+impl SplitDecoder {
+    pub fn new(params: SplitParams, dtype: Dtype) -> SplitDecoder {
+        let tables = params.tables.iter().map(DecodeTable::new).collect();
+        let shifts = params.shifts();
+        SplitDecoder {
+            params,
+            shifts,
+            tables,
+            width: dtype
+                .byte_width()
+                .expect("float_split dtypes are whole bytes"),
+        }
+    }
+
+    pub fn params(&self) -> &SplitParams {
+        &self.params
+    }
+
+    /// Decodes a split payload of `out.len() / width` elements into `out` (little-endian elements).
+    pub fn decode_block(&self, payload: &[u8], out: &mut [u8]) -> Result<(), rans::StreamError> {
+        let n = out.len() / self.width;
+        let mut values = vec![0u64; n];
+        let mut pos = 0usize;
+        if self.params.has_rans() {
+            let header = payload
+                .get(..RANS_HEADER_BYTES)
+                .ok_or(rans::StreamError("payload shorter than the rANS header"))?;
+            let mut states = [0u32; LANES];
+            for (s, chunk) in states.iter_mut().zip(header.chunks_exact(4)) {
+                *s = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+            }
+            let word_count =
+                u32::from_le_bytes(header[LANES * 4..].try_into().expect("4 bytes")) as usize;
+            if self.params.payload_len(n, word_count) != payload.len() {
+                return Err(rans::StreamError(
+                    "payload length does not match its contents",
+                ));
+            }
+            let words = &payload[RANS_HEADER_BYTES..RANS_HEADER_BYTES + 2 * word_count];
+            let mut symbols: Vec<Vec<u16>> = vec![vec![0u16; n]; self.tables.len()];
+            let mut outputs: Vec<FieldOutput> = symbols
+                .iter_mut()
+                .zip(&self.tables)
+                .map(|(out, table)| FieldOutput { out, table })
+                .collect();
+            rans::decode(&states, words, &mut outputs, n)?;
+            let coded_shifts = self
+                .params
+                .fields
+                .iter()
+                .zip(&self.shifts)
+                .filter(|(f, _)| f.coding == Coding::Rans)
+                .map(|(_, &s)| s);
+            for (field_symbols, shift) in symbols.iter().zip(coded_shifts) {
+                for (v, &s) in values.iter_mut().zip(field_symbols) {
+                    *v |= (s as u64) << shift;
+                }
+            }
+            pos = align4(RANS_HEADER_BYTES + 2 * word_count);
+        } else if self.params.payload_len(n, 0) != payload.len() {
+            return Err(rans::StreamError(
+                "payload length does not match its contents",
+            ));
+        }
+        for (f, &shift) in self.params.fields.iter().zip(&self.shifts) {
+            if f.coding == Coding::Raw {
+                let len = bitpack::packed_len(n, f.width);
+                bitpack::unpack(&payload[pos..pos + len], f.width, n, |i, v| {
+                    values[i] |= (v as u64) << shift
+                });
+                pos += align4(len);
+            }
+        }
+        for (chunk, v) in out.chunks_exact_mut(self.width).zip(values) {
+            chunk.copy_from_slice(&v.to_le_bytes()[..self.width]);
+        }
+        Ok(())
+    }
+}
+
+/// Histograms of a float tensor from which every candidate layout's cost follows.
+pub struct FieldStats {
+    pub dtype: Dtype,
+    pub elements: u64,
+    /// Width of the top part (`min(16, bits)`), counted jointly.
+    pub top_bits: u32,
+    /// Histogram of the top `top_bits` bits.
+    pub top: Vec<u64>,
+    /// Histograms of each byte below the top part, most significant first.
+    pub low_bytes: Vec<Vec<u64>>,
+}
+
+impl FieldStats {
+    pub fn gather(dtype: Dtype, data: &[u8]) -> FieldStats {
+        let width = dtype.byte_width().expect("whole-byte dtype");
+        let bits = dtype.bits();
+        let top_bits = bits.min(16);
+        let low_count = ((bits - top_bits) / 8) as usize;
+        let mut top = vec![0u64; 1 << top_bits];
+        let mut low_bytes = vec![vec![0u64; 256]; low_count];
+        for chunk in data.chunks_exact(width) {
+            let mut buf = [0u8; 8];
+            buf[..width].copy_from_slice(chunk);
+            let v = u64::from_le_bytes(buf);
+            top[(v >> (bits - top_bits)) as usize] += 1;
+            for (k, hist) in low_bytes.iter_mut().enumerate() {
+                hist[((v >> (8 * (low_count - 1 - k))) & 0xff) as usize] += 1;
+            }
+        }
+        FieldStats {
+            dtype,
+            elements: (data.len() / width) as u64,
+            top_bits,
+            top,
+            low_bytes,
+        }
+    }
+
+    /// Histogram of the top `hi` bits.
+    fn top_field(&self, hi: u32) -> Vec<u64> {
+        let shift = self.top_bits - hi;
+        let mut h = vec![0u64; 1 << hi];
+        for (v, &c) in self.top.iter().enumerate() {
+            h[v >> shift] += c;
+        }
+        h
+    }
+
+    /// Histogram of the `top_bits - hi` bits below the top `hi`.
+    fn mid_field(&self, hi: u32) -> Vec<u64> {
+        let mid = self.top_bits - hi;
+        let mut h = vec![0u64; 1 << mid];
+        for (v, &c) in self.top.iter().enumerate() {
+            h[v & ((1 << mid) - 1)] += c;
+        }
+        h
+    }
+
+    /// The fields and their histograms for a top field of `hi` bits.
+    pub fn candidate_fields(&self, hi: u32) -> Vec<(u32, Vec<u64>)> {
+        let mut out = vec![(hi, self.top_field(hi))];
+        if hi < self.top_bits {
+            out.push((self.top_bits - hi, self.mid_field(hi)));
+        }
+        out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
+        out
+    }
+}
+
+/// The cheapest way to store one field: raw (None) or a table, and its cost in bits (table included).
+fn best_coding(
+    counts: &[u64],
+    width: u32,
+    elements: u64,
+    max_prob_bits: u32,
+) -> (f64, Option<FreqTable>) {
+    let raw = (width as u64 * elements) as f64;
+    let mut best = (raw, None);
+    if width > MAX_SYMBOL_BITS {
+        return best;
+    }
+    for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
+        if let Some(table) = FreqTable::from_counts(counts, width, prob_bits) {
+            let cost = table.coded_bits(counts) + 8.0 * table.serialized_len() as f64;
+            if cost < best.0 {
+                best = (cost, Some(table));
+            }
+        }
+    }
+    best
+}
+
+/// A chosen layout and its predicted size.
+pub struct Plan {
+    pub params: SplitParams,
+    /// Predicted bits for the whole tensor, tables and flushes included.
+    pub predicted_bits: f64,
+    /// The zero-order bound of this layout: field entropies plus raw bits, no tables or flushes.
+    pub bound_bits: f64,
+}
+
+/// Picks the layout with the lowest predicted size for a tensor split into `blocks` blocks.
+/// Returns None when no layout codes any field for less than storing it raw.
+pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
+    let n = stats.elements;
+    if n == 0 {
+        return None;
+    }
+    let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
+    let mut best: Option<Plan> = None;
+    for hi in 1..=stats.top_bits.min(MAX_SYMBOL_BITS) {
+        let mut fields = Vec::new();
+        let mut tables = Vec::new();
+        let mut cost = 0.0;
+        let mut bound = 0.0;
+        for (width, counts) in stats.candidate_fields(hi) {
+            let (c, table) = best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS);
+            cost += c;
+            match table {
+                Some(t) => {
+                    bound += super::freq::entropy_bits(&counts) * n as f64;
+                    tables.push(t);
+                    fields.push(Field {
+                        width,
+                        coding: Coding::Rans,
+                    });
+                }
+                None => {
+                    bound += (width as u64 * n) as f64;
+                    fields.push(Field {
+                        width,
+                        coding: Coding::Raw,
+                    });
+                }
+            }
+        }
+        if tables.is_empty() {
+            continue;
+        }
+        cost += flush_bits;
+        if best.as_ref().is_none_or(|b| cost < b.predicted_bits) {
+            best = Some(Plan {
+                params: SplitParams { fields, tables },
+                predicted_bits: cost,
+                bound_bits: bound,
+            });
+        }
+    }
+    best.filter(|p| p.predicted_bits < (n * stats.dtype.bits() as u64) as f64)
+}
+
+/// Histogram of every field of `fields` over a block (empty for fields too wide to code).
+pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<Vec<u64>> {
+    let width = dtype.byte_width().expect("whole-byte dtype");
+    let mut shift: u32 = fields.iter().map(|f| f.width).sum();
+    let mut counts: Vec<Vec<u64>> = Vec::with_capacity(fields.len());
+    let mut shifts = Vec::with_capacity(fields.len());
+    for f in fields {
+        shift -= f.width;
+        shifts.push(shift);
+        counts.push(if f.width <= MAX_SYMBOL_BITS {
+            vec![0; 1 << f.width]
+        } else {
+            Vec::new()
+        });
+    }
+    for i in 0..block.len() / width {
+        let v = read_element(block, width, i);
+        for ((f, &s), c) in fields.iter().zip(&shifts).zip(counts.iter_mut()) {
+            if !c.is_empty() {
+                c[((v >> s) & field_mask(f.width)) as usize] += 1;
+            }
+        }
+    }
+    counts
+}
+
+/// Predicted bits of a block coded with `params` (the tensor's tables), from the block's field counts.
+pub fn block_cost(params: &SplitParams, counts: &[Vec<u64>], n: u64) -> f64 {
+    let mut tables = params.tables.iter();
+    let mut bits = 8.0 * (RANS_HEADER_BYTES as f64 + 2.0);
+    for (f, c) in params.fields.iter().zip(counts) {
+        bits += match f.coding {
+            Coding::Raw => (f.width as u64 * n) as f64,
+            Coding::Rans => tables
+                .next()
+                .expect("one table per coded field")
+                .coded_bits(c),
+        };
+    }
+    bits
+}
+
+/// A block's own parameters: the same field widths, each field coded or raw by what is cheapest for this
+/// block, with tables fitted to it. Returns them with their predicted bits, parameters included.
+pub fn local_params(fields: &[Field], counts: &[Vec<u64>], n: u64) -> (SplitParams, f64) {
+    let mut out = SplitParams {
+        fields: Vec::with_capacity(fields.len()),
+        tables: Vec::new(),
+    };
+    let mut bits = 0.0;
+    for (f, c) in fields.iter().zip(counts) {
+        let (cost, table) = if c.is_empty() {
+            ((f.width as u64 * n) as f64, None)
+        } else {
+            best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS)
+        };
+        bits += cost;
+        let coding = if table.is_some() {
+            Coding::Rans
+        } else {
+            Coding::Raw
+        };
+        out.tables.extend(table);
+        out.fields.push(Field {
+            width: f.width,
+            coding,
+        });
+    }
+    if out.has_rans() {
+        bits += 8.0 * (RANS_HEADER_BYTES as f64 + 2.0);
+    }
+    bits += 8.0 * (4 + out.to_bytes().len()) as f64;
+    (out, bits)
+}
+
+/// A block that carries its own parameters (mode `split_local`): `params_len u32`, the params, zero padding
+/// to 4 bytes, then the split body.
+pub fn encode_local_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+    let param_bytes = params.to_bytes();
+    let mut out = Vec::with_capacity(block.len());
+    out.extend_from_slice(&(param_bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(&param_bytes);
+    out.resize(align4(out.len()), 0);
+    out.extend_from_slice(&encode_block(params, dtype, block));
+    out
+}
+
+/// Splits a `split_local` payload into its parameters and its split body.
+pub fn parse_local_block(payload: &[u8], dtype: Dtype) -> Result<(SplitParams, &[u8]), TableError> {
+    let len_bytes = payload
+        .get(..4)
+        .ok_or_else(|| TableError("local block shorter than 4 bytes".into()))?;
+    let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
+    let params_bytes = payload
+        .get(4..4usize.saturating_add(len))
+        .ok_or_else(|| TableError("local params run past the block".into()))?;
+    let params = SplitParams::parse(params_bytes, dtype)?;
+    let body = payload
+        .get(align4(4 + len)..)
+        .ok_or_else(|| TableError("local block padding missing".into()))?;
+    Ok((params, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gaussian_bf16(n: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed | 1;
+        let mut out = Vec::with_capacity(2 * n);
+        for _ in 0..n {
+            let mut u = 0.0f32;
+            for _ in 0..4 {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                u += (s >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            let bits = (u * 0.05).to_bits();
+            out.extend_from_slice(&((bits >> 16) as u16).to_le_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn plan_codes_the_top_bits_of_weights() {
+        let data = gaussian_bf16(100_000, 3);
+        let stats = FieldStats::gather(Dtype::BF16, &data);
+        let plan = plan(&stats, 2).expect("weights compress");
+        assert_eq!(plan.params.fields[0].coding, Coding::Rans);
+        let bits_per_weight = plan.predicted_bits / 100_000.0;
+        assert!(bits_per_weight < 13.0, "{bits_per_weight}");
+        assert!(plan.bound_bits <= plan.predicted_bits);
+    }
+
+    #[test]
+    fn blocks_round_trip_for_every_split_dtype() {
+        for dtype in [
+            Dtype::BF16,
+            Dtype::F16,
+            Dtype::F32,
+            Dtype::F64,
+            Dtype::F8_E4M3,
+            Dtype::F8_E5M2,
+        ] {
+            let width = dtype.byte_width().unwrap();
+            let mut data = gaussian_bf16(5000 * width, 9);
+            data.truncate(4099 * width);
+            let stats = FieldStats::gather(dtype, &data);
+            let Some(plan) = plan(&stats, 1) else {
+                continue;
+            };
+            let payload = encode_block(&plan.params, dtype, &data);
+            let params = SplitParams::parse(&plan.params.to_bytes(), dtype).unwrap();
+            assert_eq!(params, plan.params);
+            let decoder = SplitDecoder::new(params, dtype);
+            let mut out = vec![0u8; data.len()];
+            decoder.decode_block(&payload, &mut out).unwrap();
+            assert_eq!(out, data, "{dtype}");
+            let mut longer = payload.clone();
+            longer.extend_from_slice(&[0; 4]);
+            assert!(decoder.decode_block(&longer, &mut out).is_err());
+        }
+    }
+
+    #[test]
+    fn params_parse_rejects_bad_layouts() {
+        let good = SplitParams {
+            fields: vec![
+                Field {
+                    width: 10,
+                    coding: Coding::Raw,
+                },
+                Field {
+                    width: 6,
+                    coding: Coding::Raw,
+                },
+            ],
+            tables: vec![],
+        };
+        assert!(SplitParams::parse(&good.to_bytes(), Dtype::BF16).is_ok());
+        assert!(SplitParams::parse(&good.to_bytes(), Dtype::F32).is_err());
+        assert!(SplitParams::parse(&[], Dtype::BF16).is_err());
+        assert!(SplitParams::parse(&[0], Dtype::BF16).is_err());
+        assert!(SplitParams::parse(&[1, 16, 2], Dtype::BF16).is_err());
+        assert!(SplitParams::parse(&[1, 16, 1], Dtype::BF16).is_err()); // rANS field over 12 bits
+        assert!(SplitParams::parse(&[1, 16, 0, 0], Dtype::BF16).is_err()); // trailing byte
+    }
+}
