@@ -1,0 +1,97 @@
+//! The `.nzt` container: constants and ids from format-spec/nzt.md, the pure header parser and serializer,
+//! the reader (decode tensors and blocks from a mapped file) and the writer (temporary file, then rename).
+
+pub mod header;
+pub mod reader;
+pub mod writer;
+
+/// The first eight bytes of every `.nzt` file.
+pub const MAGIC: [u8; 8] = [0x89, b'N', b'Z', b'T', 0x0d, 0x0a, 0x1a, 0x0a];
+pub const VERSION_MAJOR: u16 = 1;
+pub const VERSION_MINOR: u16 = 0;
+/// Size of the fixed file header.
+pub const FILE_HEADER_LEN: usize = 48;
+/// Alignment of the data section and of each tensor's first block.
+pub const TENSOR_ALIGN: u64 = 64;
+/// Alignment of each block inside a tensor.
+pub const BLOCK_ALIGN: u64 = 16;
+/// Largest block, in bytes of decoded data, a reader accepts.
+pub const MAX_BLOCK_BYTES: u64 = 1 << 26;
+/// Largest tensor rank a reader accepts.
+pub const MAX_RANK: usize = 32;
+/// Fewest bytes a tensor entry can take; bounds the tensor count before anything is allocated.
+pub const MIN_TENSOR_ENTRY_LEN: u64 = 16;
+/// Bytes per block entry.
+pub const BLOCK_ENTRY_LEN: u64 = 16;
+
+/// Elements per block the encoder uses for float tensors.
+pub const DEFAULT_FLOAT_BLOCK_ELEMENTS: u32 = 1 << 17;
+/// Bytes per block the encoder uses for stored tensors.
+pub const DEFAULT_STORED_BLOCK_BYTES: u32 = 1 << 18;
+
+/// How a tensor is coded. The numbers are the spec's codec ids and are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// Bytes kept as they are (raw or zstd per block).
+    Stored = 0,
+    /// Lossless float codec: fields split, the top ones rANS-coded.
+    FloatSplit = 1,
+}
+
+impl Codec {
+    pub fn from_id(id: u8) -> Option<Codec> {
+        match id {
+            0 => Some(Codec::Stored),
+            1 => Some(Codec::FloatSplit),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Codec::Stored => "stored",
+            Codec::FloatSplit => "float_split",
+        }
+    }
+}
+
+/// How one block's payload is stored. The numbers are the spec's mode ids and are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BlockMode {
+    Raw = 0,
+    Zstd = 1,
+    Split = 2,
+    /// Split, with the block's own parameters in front of the body.
+    SplitLocal = 3,
+}
+
+impl BlockMode {
+    pub fn from_id(id: u8) -> Option<BlockMode> {
+        match id {
+            0 => Some(BlockMode::Raw),
+            1 => Some(BlockMode::Zstd),
+            2 => Some(BlockMode::Split),
+            3 => Some(BlockMode::SplitLocal),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            BlockMode::Raw => "raw",
+            BlockMode::Zstd => "zstd",
+            BlockMode::Split => "split",
+            BlockMode::SplitLocal => "split_local",
+        }
+    }
+}
+
+/// Rounds `x` up to a multiple of `align` (a power of two); None on overflow.
+pub fn align_up(x: u64, align: u64) -> Option<u64> {
+    Some(x.checked_add(align - 1)? & !(align - 1))
+}
+
+/// XXH3-64 with seed 0, the checksum of the header and of every block.
+pub fn checksum(bytes: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(bytes)
+}

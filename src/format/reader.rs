@@ -1,0 +1,241 @@
+//! Reading `.nzt`: map the file, parse the header, decode any tensor or block on its own into a caller's buffer.
+
+use std::io::Write;
+use std::path::Path;
+
+use rayon::prelude::*;
+
+use super::header::{self, Header, TensorEntry};
+use super::{checksum, BlockMode, Codec};
+use crate::codec::split::{parse_local_block, SplitDecoder, SplitParams};
+use crate::error::{NzError, Result};
+use crate::mmap::{map_file, Bytes};
+
+/// Decoding options.
+#[derive(Clone, Copy, Debug)]
+pub struct DecodeOptions {
+    /// Check each block's XXH3-64 before decoding it (default true).
+    pub verify_checksums: bool,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            verify_checksums: true,
+        }
+    }
+}
+
+/// An open `.nzt` file.
+pub struct NztFile {
+    bytes: Bytes,
+    header: Header,
+    options: DecodeOptions,
+}
+
+/// What one tensor needs to decode its blocks: its parameters, expanded once.
+enum TensorDecoder {
+    Stored,
+    Split(SplitDecoder),
+}
+
+impl NztFile {
+    /// Maps and parses `path`.
+    pub fn open(path: &Path) -> Result<NztFile> {
+        Self::from_bytes(map_file(path)?)
+    }
+
+    /// Parses a file held in memory.
+    pub fn from_bytes(bytes: Bytes) -> Result<NztFile> {
+        let header = header::parse(&bytes)?;
+        Ok(NztFile {
+            bytes,
+            header,
+            options: DecodeOptions::default(),
+        })
+    }
+
+    pub fn with_options(mut self, options: DecodeOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn tensors(&self) -> &[TensorEntry] {
+        &self.header.tensors
+    }
+
+    pub fn file_len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// Index of the tensor called `name`.
+    pub fn tensor_index(&self, name: &str) -> Result<usize> {
+        self.header
+            .tensors
+            .iter()
+            .position(|t| t.name == name)
+            .ok_or_else(|| NzError::NoSuchTensor {
+                name: name.to_string(),
+            })
+    }
+
+    fn decoder(&self, tensor: &TensorEntry) -> Result<TensorDecoder> {
+        Ok(match tensor.codec {
+            Codec::Stored => TensorDecoder::Stored,
+            Codec::FloatSplit => {
+                let params = SplitParams::parse(&tensor.params, tensor.dtype).map_err(|e| {
+                    NzError::malformed(format!("'{}': params: {}", tensor.name, e.0))
+                })?;
+                TensorDecoder::Split(SplitDecoder::new(params, tensor.dtype))
+            }
+        })
+    }
+
+    fn decode_block_with(
+        &self,
+        tensor: &TensorEntry,
+        decoder: &TensorDecoder,
+        k: usize,
+        out: &mut [u8],
+    ) -> Result<()> {
+        let block = &tensor.blocks[k];
+        let corrupt = |what: String| NzError::CorruptBlock {
+            tensor: tensor.name.clone(),
+            block: k,
+            what,
+        };
+        // The header parser checked that every block lies inside the file.
+        let payload =
+            &self.bytes[block.offset as usize..block.offset as usize + block.stored_len as usize];
+        if self.options.verify_checksums {
+            let computed = checksum(payload);
+            if computed != block.checksum {
+                return Err(NzError::ChecksumMismatch {
+                    what: format!("tensor '{}' block {k}", tensor.name),
+                    stored: block.checksum,
+                    computed,
+                });
+            }
+        }
+        match (block.mode, decoder) {
+            (BlockMode::Raw, _) => out.copy_from_slice(payload),
+            (BlockMode::Zstd, _) => {
+                let mut z = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
+                let written = z
+                    .decompress_to_buffer(payload, out)
+                    .map_err(|e| corrupt(format!("zstd: {e}")))?;
+                if written != out.len() {
+                    return Err(corrupt(format!(
+                        "zstd gave {written} bytes, expected {}",
+                        out.len()
+                    )));
+                }
+            }
+            (BlockMode::Split, TensorDecoder::Split(split)) => split
+                .decode_block(payload, out)
+                .map_err(|e| corrupt(e.0.to_string()))?,
+            (BlockMode::SplitLocal, TensorDecoder::Split(_)) => {
+                let (params, body) = parse_local_block(payload, tensor.dtype)
+                    .map_err(|e| corrupt(format!("local params: {}", e.0)))?;
+                SplitDecoder::new(params, tensor.dtype)
+                    .decode_block(body, out)
+                    .map_err(|e| corrupt(e.0.to_string()))?
+            }
+            (BlockMode::Split | BlockMode::SplitLocal, TensorDecoder::Stored) => {
+                return Err(corrupt("split block in a stored tensor".into()))
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes block `block` of tensor `index` into `out`, which must be exactly that block's decoded size.
+    pub fn decode_block_into(&self, index: usize, block: usize, out: &mut [u8]) -> Result<()> {
+        let tensor = self.tensor_at(index)?;
+        if block >= tensor.blocks.len() {
+            return Err(NzError::malformed(format!(
+                "tensor '{}' has {} blocks, block {block} asked for",
+                tensor.name,
+                tensor.blocks.len()
+            )));
+        }
+        let range = tensor.block_range(block);
+        check_len(tensor, range.len(), out.len())?;
+        let decoder = self.decoder(tensor)?;
+        self.decode_block_with(tensor, &decoder, block, out)
+    }
+
+    fn tensor_at(&self, index: usize) -> Result<&TensorEntry> {
+        self.header
+            .tensors
+            .get(index)
+            .ok_or_else(|| NzError::NoSuchTensor {
+                name: format!("#{index}"),
+            })
+    }
+
+    /// Decodes tensor `index` into `out` (its exact byte length), blocks in parallel.
+    pub fn decode_tensor_into(&self, index: usize, out: &mut [u8]) -> Result<()> {
+        let tensor = self.tensor_at(index)?;
+        check_len(tensor, tensor.byte_len() as usize, out.len())?;
+        let decoder = self.decoder(tensor)?;
+        let block_bytes = (tensor.block_units as u64 * tensor.unit_bytes()) as usize;
+        if tensor.blocks.is_empty() {
+            return Ok(());
+        }
+        out.par_chunks_mut(block_bytes)
+            .enumerate()
+            .try_for_each(|(k, chunk)| self.decode_block_with(tensor, &decoder, k, chunk))
+    }
+
+    /// Decodes the tensor called `name` into a new buffer.
+    pub fn decode_tensor(&self, name: &str) -> Result<Vec<u8>> {
+        let index = self.tensor_index(name)?;
+        let mut out = vec![0u8; self.header.tensors[index].byte_len() as usize];
+        self.decode_tensor_into(index, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decodes every tensor, in parallel, calling `sink` in table order with each tensor's bytes.
+    /// At most one tensor is held at a time beyond the one being decoded.
+    pub fn for_each_tensor(&self, mut sink: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
+        for index in 0..self.header.tensors.len() {
+            let mut buf = vec![0u8; self.header.tensors[index].byte_len() as usize];
+            self.decode_tensor_into(index, &mut buf)?;
+            sink(index, &buf)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the original safetensors file (byte-identical to the one converted) to `w`.
+    pub fn write_safetensors(
+        &self,
+        w: &mut impl Write,
+        mut progress: impl FnMut(u64),
+    ) -> Result<()> {
+        let io = |e| NzError::io("<output>", e);
+        let source = &self.header.source_header;
+        w.write_all(&(source.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        w.write_all(source).map_err(io)?;
+        self.for_each_tensor(|_, bytes| {
+            w.write_all(bytes).map_err(io)?;
+            progress(bytes.len() as u64);
+            Ok(())
+        })
+    }
+}
+
+fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
+    if expected != found {
+        return Err(NzError::BufferSize {
+            tensor: tensor.name.clone(),
+            expected,
+            found,
+        });
+    }
+    Ok(())
+}
