@@ -1,0 +1,618 @@
+//! Command-line interface: argument definitions, progress bars and human/JSON output. All real work is in
+//! the library.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use neuzip::analyze::analyze;
+use neuzip::convert::{
+    convert_file, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
+    SAFETENSORS_INDEX,
+};
+use neuzip::format::writer::OutputFile;
+use neuzip::format::MAGIC;
+use neuzip::inspect::report;
+use neuzip::source::SafetensorsFile;
+use neuzip::verify::verify;
+use neuzip::{DecodeOptions, NztFile};
+
+/// Make neural-network weights smaller without changing what they compute.
+///
+/// neuzip converts safetensors checkpoints to .nzt files. The default codec is lossless: each float's sign,
+/// exponent and top mantissa bits are entropy-coded with rANS and the remaining mantissa bits are stored
+/// raw, so decoding gives back the original bytes exactly (bf16 weights shrink to about 10.6 bits).
+///
+/// Typical use:
+///   neuzip analyze model.safetensors        # what the codec can reach, before converting
+///   neuzip convert model.safetensors        # writes model.nzt
+///   neuzip verify model.nzt --against model.safetensors
+///   neuzip decompress model.nzt -o restored.safetensors
+#[derive(Parser, Debug)]
+#[command(name = "neuzip", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+    /// No progress bars.
+    #[arg(long, short, global = true)]
+    quiet: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Convert a safetensors file, or a Hugging Face model directory (sharded with
+    /// model.safetensors.index.json, or holding model.safetensors), to .nzt.
+    Convert(ConvertArgs),
+    /// Rebuild the original safetensors file from a .nzt (byte-identical), or every shard of a directory
+    /// holding model.nzt.index.json.
+    Decompress(DecompressArgs),
+    /// Show each tensor's dtype, shape, codec and size before and after, with totals.
+    Inspect(InspectArgs),
+    /// Decode everything, checking every checksum; with --against, compare bit for bit with the original.
+    Verify(VerifyArgs),
+    /// Measure a safetensors file: exponent histograms, entropies, the codec's bound and predicted size.
+    Analyze(AnalyzeArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConvertArgs {
+    /// A .safetensors file or a model directory.
+    input: PathBuf,
+    /// Output file (for a file input; default: the input with .nzt) or directory (for a directory input;
+    /// default: the input directory).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Replace outputs that already exist.
+    #[arg(short, long)]
+    force: bool,
+    /// Elements per block for float tensors; each block decodes on its own.
+    #[arg(long, default_value_t = neuzip::format::DEFAULT_FLOAT_BLOCK_ELEMENTS, value_name = "N")]
+    block_elements: u32,
+    /// zstd level for non-float tensors and for blocks where zstd beats the float codec.
+    #[arg(long, default_value_t = 3, value_name = "LEVEL")]
+    zstd_level: i32,
+    /// Print a JSON summary instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct DecompressArgs {
+    /// A .nzt file, or a directory holding model.nzt.index.json.
+    input: PathBuf,
+    /// Output file or directory (default: the input with .safetensors, or the input directory).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Replace outputs that already exist.
+    #[arg(short, long)]
+    force: bool,
+    /// Skip checking block checksums (faster; corruption then shows up only as a stream error).
+    #[arg(long)]
+    no_verify_checksums: bool,
+}
+
+#[derive(Args, Debug)]
+struct InspectArgs {
+    /// A .nzt or .safetensors file.
+    file: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct VerifyArgs {
+    /// The .nzt file to check.
+    file: PathBuf,
+    /// The original safetensors file, to compare bit for bit.
+    #[arg(long, value_name = "ORIG")]
+    against: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct AnalyzeArgs {
+    /// A .safetensors file.
+    file: PathBuf,
+    /// Also list every tensor.
+    #[arg(long)]
+    tensors: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+    /// Elements per block assumed for the prediction.
+    #[arg(long, default_value_t = neuzip::format::DEFAULT_FLOAT_BLOCK_ELEMENTS, value_name = "N")]
+    block_elements: u32,
+}
+
+pub fn run() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n.max(1))
+            .build_global()
+            .context("could not start the thread pool")?;
+    }
+    let quiet = cli.quiet;
+    match cli.command {
+        Command::Convert(args) => convert_cmd(args, quiet),
+        Command::Decompress(args) => decompress_cmd(args, quiet),
+        Command::Inspect(args) => inspect_cmd(args),
+        Command::Verify(args) => verify_cmd(args, quiet),
+        Command::Analyze(args) => analyze_cmd(args),
+    }
+}
+
+/// A byte-count progress bar on stderr, hidden when stderr is not a terminal or with --quiet.
+fn progress_bar(total: u64, label: &str, quiet: bool) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if quiet || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_message(label.to_string());
+    bar
+}
+
+fn human_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.2} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.2} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.1} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn with_extension(path: &Path, ext: &str) -> PathBuf {
+    let mut out = path.to_path_buf();
+    out.set_extension(ext);
+    out
+}
+
+fn convert_one(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    quiet: bool,
+) -> Result<ConvertSummary> {
+    let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    let bar = progress_bar(size, &format!("convert {}", input.display()), quiet);
+    let summary = convert_file(input, output, opts, &|n| bar.inc(n))
+        .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
+    bar.finish_and_clear();
+    Ok(summary)
+}
+
+fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
+    if args.block_elements == 0 || args.block_elements as u64 * 8 > neuzip::format::MAX_BLOCK_BYTES
+    {
+        bail!(
+            "--block-elements must be between 1 and {}",
+            neuzip::format::MAX_BLOCK_BYTES / 8
+        );
+    }
+    let opts = ConvertOptions {
+        float_block_elements: args.block_elements,
+        zstd_level: args.zstd_level,
+        replace: args.force,
+        ..ConvertOptions::default()
+    };
+    let started = Instant::now();
+    let input = &args.input;
+    let mut summaries = Vec::new();
+    if input.is_dir() {
+        let out_dir = args.output.clone().unwrap_or_else(|| input.clone());
+        if !out_dir.is_dir() {
+            bail!("output directory {} does not exist", out_dir.display());
+        }
+        if input.join(SAFETENSORS_INDEX).exists() {
+            let (shards, index) = read_shard_index(input)
+                .with_context(|| format!("reading the index in {}", input.display()))?;
+            for shard in &shards {
+                summaries.push(convert_one(
+                    &input.join(shard),
+                    &out_dir.join(nzt_name(shard)),
+                    &opts,
+                    quiet,
+                )?);
+            }
+            let index_path = out_dir.join(NZT_INDEX);
+            let mut out = OutputFile::create(&index_path, args.force, &[])
+                .with_context(|| format!("writing {}", index_path.display()))?;
+            serde_json::to_writer_pretty(out.file(), &index)?;
+            out.commit()
+                .with_context(|| format!("writing {}", index_path.display()))?;
+        } else if input.join("model.safetensors").exists() {
+            let file = input.join("model.safetensors");
+            summaries.push(convert_one(
+                &file,
+                &out_dir.join("model.nzt"),
+                &opts,
+                quiet,
+            )?);
+        } else {
+            bail!(
+                "{} holds neither {SAFETENSORS_INDEX} nor model.safetensors",
+                input.display()
+            );
+        }
+    } else {
+        let output = args
+            .output
+            .clone()
+            .unwrap_or_else(|| with_extension(input, "nzt"));
+        summaries.push(convert_one(input, &output, &opts, quiet)?);
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    if args.json {
+        let rows: Vec<_> = summaries
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "input": s.input, "output": s.output, "input_bytes": s.input_bytes,
+                    "output_bytes": s.output_bytes, "tensors": s.tensors,
+                    "ratio": s.input_bytes as f64 / s.output_bytes.max(1) as f64,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "files": rows, "seconds": seconds })
+        );
+    } else {
+        for s in &summaries {
+            println!(
+                "{} -> {}: {} -> {} ({:.3}x, {} tensors)",
+                s.input.display(),
+                s.output.display(),
+                human_bytes(s.input_bytes),
+                human_bytes(s.output_bytes),
+                s.input_bytes as f64 / s.output_bytes.max(1) as f64,
+                s.tensors
+            );
+        }
+        if summaries.len() > 1 {
+            let (i, o): (u64, u64) = summaries
+                .iter()
+                .fold((0, 0), |a, s| (a.0 + s.input_bytes, a.1 + s.output_bytes));
+            println!(
+                "total: {} -> {} ({:.3}x) in {seconds:.2} s",
+                human_bytes(i),
+                human_bytes(o),
+                i as f64 / o.max(1) as f64
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn open_nzt(path: &Path, verify_checksums: bool) -> Result<NztFile> {
+    Ok(NztFile::open(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .with_options(DecodeOptions { verify_checksums }))
+}
+
+fn decompress_one(
+    input: &Path,
+    output: &Path,
+    force: bool,
+    verify_checksums: bool,
+    quiet: bool,
+) -> Result<()> {
+    let file = open_nzt(input, verify_checksums)?;
+    let mut out = OutputFile::create(output, force, &[input])
+        .with_context(|| format!("writing {}", output.display()))?;
+    let total: u64 = file.tensors().iter().map(|t| t.byte_len()).sum();
+    let bar = progress_bar(total, &format!("decompress {}", input.display()), quiet);
+    {
+        let mut writer = BufWriter::with_capacity(1 << 20, out.file());
+        file.write_safetensors(&mut writer, |n| bar.inc(n))
+            .with_context(|| format!("decompressing {}", input.display()))?;
+        writer
+            .flush()
+            .with_context(|| format!("writing {}", output.display()))?;
+    }
+    out.commit()
+        .with_context(|| format!("writing {}", output.display()))?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
+fn decompress_cmd(args: DecompressArgs, quiet: bool) -> Result<ExitCode> {
+    let verify = !args.no_verify_checksums;
+    let input = &args.input;
+    if input.is_dir() {
+        let index_path = input.join(NZT_INDEX);
+        let text = std::fs::read(&index_path)
+            .with_context(|| format!("reading {}", index_path.display()))?;
+        let mut index: serde_json::Value = serde_json::from_slice(&text)
+            .with_context(|| format!("parsing {}", index_path.display()))?;
+        let out_dir = args.output.clone().unwrap_or_else(|| input.clone());
+        let map = index
+            .get_mut("weight_map")
+            .and_then(|m| m.as_object_mut())
+            .with_context(|| format!("{} has no weight_map", index_path.display()))?;
+        let mut shards: Vec<String> = Vec::new();
+        for value in map.values_mut() {
+            let shard = value
+                .as_str()
+                .context("weight_map values must be file names")?
+                .to_string();
+            if shard.contains('/') || shard.contains('\\') {
+                bail!(
+                    "shard name '{shard}' in {} is not a plain file name",
+                    index_path.display()
+                );
+            }
+            let restored =
+                shard.strip_suffix(".nzt").unwrap_or(&shard).to_string() + ".safetensors";
+            *value = serde_json::Value::String(restored);
+            if !shards.contains(&shard) {
+                shards.push(shard);
+            }
+        }
+        for shard in &shards {
+            let restored = shard.strip_suffix(".nzt").unwrap_or(shard).to_string() + ".safetensors";
+            decompress_one(
+                &input.join(shard),
+                &out_dir.join(restored),
+                args.force,
+                verify,
+                quiet,
+            )?;
+        }
+        let out_index = out_dir.join(SAFETENSORS_INDEX);
+        let mut out = OutputFile::create(&out_index, args.force, &[])?;
+        serde_json::to_writer_pretty(out.file(), &index)?;
+        out.commit()?;
+    } else {
+        let output = args
+            .output
+            .clone()
+            .unwrap_or_else(|| with_extension(input, "safetensors"));
+        decompress_one(input, &output, args.force, verify, quiet)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_cmd(args: InspectArgs) -> Result<ExitCode> {
+    let head = {
+        use std::io::Read;
+        let mut buf = [0u8; 8];
+        let mut f = std::fs::File::open(&args.file)
+            .with_context(|| format!("opening {}", args.file.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", args.file.display()))?;
+        buf[..n].to_vec()
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if head != MAGIC {
+        let st = SafetensorsFile::open(&args.file).with_context(|| {
+            format!(
+                "{} is neither a .nzt nor a safetensors file",
+                args.file.display()
+            )
+        })?;
+        if args.json {
+            let rows: Vec<_> = st
+                .tensors
+                .iter()
+                .map(|t| serde_json::json!({"name": t.name, "dtype": t.dtype.name(), "shape": t.shape, "bytes": t.end - t.start}))
+                .collect();
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({"format": "safetensors", "tensors": rows, "file_bytes": st.file_len()})
+            )?;
+        } else {
+            writeln!(
+                out,
+                "{:<60} {:>8} {:>18} {:>12}",
+                "tensor (safetensors)", "dtype", "shape", "bytes"
+            )?;
+            for t in &st.tensors {
+                writeln!(
+                    out,
+                    "{:<60} {:>8} {:>18} {:>12}",
+                    t.name,
+                    t.dtype.name(),
+                    format!("{:?}", t.shape),
+                    t.end - t.start
+                )?;
+            }
+            writeln!(out, "{} tensors, {} bytes", st.tensors.len(), st.file_len())?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let file = open_nzt(&args.file, true)?;
+    let r = report(&file);
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &r)?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(
+        out,
+        "{:<52} {:>5} {:>14} {:>11} {:>11} {:>11} {:>11} {:>7}",
+        "tensor", "dtype", "shape", "codec", "blocks t/l/z/r", "original", "stored", "bits/w"
+    )?;
+    for t in &r.tensors {
+        writeln!(
+            out,
+            "{:<52} {:>5} {:>14} {:>11} {:>11} {:>11} {:>11} {:>7.3}",
+            t.name,
+            t.dtype,
+            format!("{:?}", t.shape),
+            t.codec,
+            format!(
+                "{}/{}/{}/{}",
+                t.blocks[2], t.blocks[3], t.blocks[1], t.blocks[0]
+            ),
+            t.original_bytes,
+            t.stored_bytes,
+            t.bits_per_weight
+        )?;
+    }
+    writeln!(
+        out,
+        "total: {} tensors, {} weights, {} -> {} ({:.3}x), {:.4} bits/weight (whole file: header, tables and padding included), format {}",
+        r.tensors.len(),
+        r.elements,
+        human_bytes(r.original_bytes),
+        human_bytes(r.file_bytes),
+        r.ratio,
+        r.bits_per_weight,
+        r.version
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn verify_cmd(args: VerifyArgs, quiet: bool) -> Result<ExitCode> {
+    let file = open_nzt(&args.file, true)?;
+    let original = match &args.against {
+        Some(p) => {
+            Some(SafetensorsFile::open(p).with_context(|| format!("reading {}", p.display()))?)
+        }
+        None => None,
+    };
+    let total: u64 = file.tensors().iter().map(|t| t.byte_len()).sum();
+    let bar = progress_bar(total, &format!("verify {}", args.file.display()), quiet);
+    let result = verify(&file, original.as_ref(), |n| bar.inc(n))
+        .with_context(|| format!("verifying {}", args.file.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        for t in result.tensors.iter().filter(|t| t.identical == Some(false)) {
+            println!(
+                "MISMATCH {}: {} elements differ",
+                t.name, t.mismatched_elements
+            );
+        }
+        if result.header_identical == Some(false) {
+            println!("MISMATCH: the safetensors header differs from the original");
+        }
+        match result.all_identical {
+            None => println!(
+                "OK: {} tensors, {} decoded, every checksum and stream end verified",
+                result.tensors.len(),
+                human_bytes(result.decoded_bytes)
+            ),
+            Some(true) => println!(
+                "OK: {} tensors, {} decoded, bit-exact against {}",
+                result.tensors.len(),
+                human_bytes(result.decoded_bytes),
+                args.against
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            ),
+            Some(false) => {}
+        }
+    }
+    if result.all_identical == Some(false) {
+        bail!(
+            "{} does not match {}",
+            args.file.display(),
+            args.against.unwrap_or_default().display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn analyze_cmd(args: AnalyzeArgs) -> Result<ExitCode> {
+    let source = SafetensorsFile::open(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let opts = ConvertOptions {
+        float_block_elements: args.block_elements.max(1),
+        ..ConvertOptions::default()
+    };
+    let a =
+        analyze(&source, &opts).with_context(|| format!("analyzing {}", args.file.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&a)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for d in &a.dtypes {
+        writeln!(
+            out,
+            "{}: {} weights, exponent entropy {:.3} bits, codec bound {:.4} bits/weight",
+            d.dtype, d.elements, d.exponent_entropy, d.bound_bits_per_weight
+        )?;
+        let max = d.exponent_histogram.values().copied().max().unwrap_or(1);
+        for (e, c) in &d.exponent_histogram {
+            let share = *c as f64 / d.elements.max(1) as f64;
+            if share < 1e-4 {
+                continue;
+            }
+            let bar = "#".repeat(((*c as f64 / max as f64) * 40.0).ceil() as usize);
+            writeln!(
+                out,
+                "  exponent {e:>4}  {share:>7.3}%  {bar}",
+                share = 100.0 * share
+            )?;
+        }
+        let rare = d
+            .exponent_histogram
+            .values()
+            .filter(|&&c| (c as f64) < 1e-4 * d.elements as f64)
+            .count();
+        if rare > 0 {
+            writeln!(out, "  ({rare} more exponent values, each under 0.01%)")?;
+        }
+    }
+    if args.tensors {
+        writeln!(
+            out,
+            "{:<52} {:>5} {:>12} {:>14} {:>8} {:>9}",
+            "tensor", "dtype", "weights", "layout", "bound", "predicted"
+        )?;
+        for t in &a.tensors {
+            writeln!(
+                out,
+                "{:<52} {:>5} {:>12} {:>14} {:>8.3} {:>9.3}",
+                t.name,
+                t.dtype,
+                t.elements,
+                t.layout,
+                t.bound_bits_per_weight,
+                t.predicted_bits_per_weight
+            )?;
+        }
+    }
+    writeln!(
+        out,
+        "total: {} weights, {} in; bound {:.4} bits/weight (zero-order, tables excluded); predicted .nzt {} = {:.4} bits/weight ({:.3}x)",
+        a.elements,
+        human_bytes(a.input_bytes),
+        a.bound_bits_per_weight,
+        human_bytes(a.predicted_bytes),
+        a.predicted_bits_per_weight,
+        a.input_bytes as f64 / a.predicted_bytes.max(1) as f64
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
