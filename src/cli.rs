@@ -149,7 +149,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Decompress(args) => decompress_cmd(args, quiet),
         Command::Inspect(args) => inspect_cmd(args),
         Command::Verify(args) => verify_cmd(args, quiet),
-        Command::Analyze(args) => analyze_cmd(args),
+        Command::Analyze(args) => analyze_cmd(args, quiet),
     }
 }
 
@@ -477,13 +477,14 @@ fn inspect_cmd(args: InspectArgs) -> Result<ExitCode> {
     }
     writeln!(
         out,
-        "total: {} tensors, {} weights, {} -> {} ({:.3}x), {:.4} bits/weight (whole file: header, tables and padding included), format {}",
+        "total: {} tensors, {} weights, {} -> {} ({:.3}x), {:.4} bits/weight for the whole file, {:.4} for the block payloads alone, format {}",
         r.tensors.len(),
         r.elements,
         human_bytes(r.original_bytes),
         human_bytes(r.file_bytes),
         r.ratio,
         r.bits_per_weight,
+        r.payload_bits_per_weight,
         r.version
     )?;
     Ok(ExitCode::SUCCESS)
@@ -542,15 +543,21 @@ fn verify_cmd(args: VerifyArgs, quiet: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn analyze_cmd(args: AnalyzeArgs) -> Result<ExitCode> {
+fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
     let source = SafetensorsFile::open(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let opts = ConvertOptions {
         float_block_elements: args.block_elements.max(1),
         ..ConvertOptions::default()
     };
-    let a =
-        analyze(&source, &opts).with_context(|| format!("analyzing {}", args.file.display()))?;
+    let bar = progress_bar(
+        source.file_len(),
+        &format!("analyze {}", args.file.display()),
+        quiet,
+    );
+    let a = analyze(&source, &opts, &|n| bar.inc(n))
+        .with_context(|| format!("analyzing {}", args.file.display()))?;
+    bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&a)?);
         return Ok(ExitCode::SUCCESS);
@@ -600,16 +607,17 @@ fn analyze_cmd(args: AnalyzeArgs) -> Result<ExitCode> {
                 t.elements,
                 t.layout,
                 t.bound_bits_per_weight,
-                t.predicted_bits_per_weight
+                t.coded_bits_per_weight
             )?;
         }
     }
     writeln!(
         out,
-        "total: {} weights, {} in; bound {:.4} bits/weight (zero-order, tables excluded); predicted .nzt {} = {:.4} bits/weight ({:.3}x)",
+        "total: {} weights, {} in; bound {:.4} bits/weight (zero-order, per-block choice, tables excluded); block payloads {:.4}; whole .nzt {} = {:.4} bits/weight ({:.3}x)",
         a.elements,
         human_bytes(a.input_bytes),
         a.bound_bits_per_weight,
+        a.predicted_payload_bits_per_weight,
         human_bytes(a.predicted_bytes),
         a.predicted_bits_per_weight,
         a.input_bytes as f64 / a.predicted_bytes.max(1) as f64

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use crate::codec::split::{
-    block_cost, block_field_counts, encode_block, encode_local_block, local_params, plan,
-    FieldStats, SplitParams,
+    block_bound_bits, block_cost, block_field_counts, choose_block_coding, encode_block,
+    encode_local_block, plan, FieldStats, SplitParams,
 };
 use crate::error::{NzError, Result};
 use crate::format::header::{self, BlockEntry, TensorEntry};
@@ -55,29 +55,32 @@ pub struct ConvertSummary {
 }
 
 /// A tensor's codec decision, made before any block is encoded.
-struct TensorPlan {
-    entry: TensorEntry,
+pub struct TensorPlan {
+    pub entry: TensorEntry,
     split: Option<SplitParams>,
+    /// The tensor's histogram of each split field, for the per-block bound.
+    field_counts: Vec<Vec<u64>>,
 }
 
-fn plan_tensor(source: &SafetensorsFile, t: &SourceTensor, opts: &ConvertOptions) -> TensorPlan {
+/// Chooses a tensor's codec and parameters from its whole-tensor statistics.
+pub fn plan_tensor(
+    source: &SafetensorsFile,
+    t: &SourceTensor,
+    opts: &ConvertOptions,
+) -> TensorPlan {
     let data = source.data(t);
     let elements = t.shape.iter().product::<u64>();
-    let stored = |data_len: u64| {
+    let stored = || {
         let block_units = opts.stored_block_bytes.max(1);
+        let blocks = (data.len() as u64).div_ceil(block_units as u64);
         TensorPlan {
-            entry: entry(
-                t,
-                Codec::Stored,
-                block_units,
-                Vec::new(),
-                data_len.div_ceil(block_units as u64),
-            ),
+            entry: entry(t, Codec::Stored, block_units, Vec::new(), blocks),
             split: None,
+            field_counts: Vec::new(),
         }
     };
     if !t.dtype.is_splittable_float() || elements == 0 {
-        return stored(data.len() as u64);
+        return stored();
     }
     let block_units = opts.float_block_elements.max(1);
     let blocks = elements.div_ceil(block_units as u64);
@@ -92,8 +95,9 @@ fn plan_tensor(source: &SafetensorsFile, t: &SourceTensor, opts: &ConvertOptions
                 blocks,
             ),
             split: Some(p.params),
+            field_counts: p.field_counts,
         },
-        None => stored(data.len() as u64),
+        None => stored(),
     }
 }
 
@@ -104,6 +108,12 @@ fn entry(
     params: Vec<u8>,
     blocks: u64,
 ) -> TensorEntry {
+    let empty = BlockEntry {
+        stored_len: 0,
+        mode: BlockMode::Raw,
+        checksum: 0,
+        offset: 0,
+    };
     TensorEntry {
         name: t.name.clone(),
         dtype: t.dtype,
@@ -111,38 +121,52 @@ fn entry(
         shape: t.shape.clone(),
         block_units,
         params,
-        blocks: vec![
-            BlockEntry {
-                stored_len: 0,
-                mode: BlockMode::Raw,
-                checksum: 0,
-                offset: 0
-            };
-            blocks as usize
-        ],
+        blocks: vec![empty; blocks as usize],
     }
 }
 
-/// Encodes one block, keeping the smallest of split (when planned), zstd and raw.
-fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<(BlockMode, Vec<u8>)> {
-    let mut best = (BlockMode::Raw, None::<Vec<u8>>);
+/// One encoded block.
+pub struct EncodedBlock {
+    pub mode: BlockMode,
+    pub payload: Vec<u8>,
+    /// Zero-order bound of the block under the codec's scheme (tables excluded); for zstd and raw blocks,
+    /// their stored size.
+    pub bound_bits: f64,
+}
+
+/// Encodes one block, keeping the smallest of split with the tensor's tables, split with the block's own
+/// tables (whichever predicts smaller), zstd and raw.
+fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedBlock> {
+    let mut best = EncodedBlock {
+        mode: BlockMode::Raw,
+        payload: Vec::new(),
+        bound_bits: 8.0 * raw.len() as f64,
+    };
     let mut best_len = raw.len();
     if let Some(params) = &plan.split {
         let dtype = plan.entry.dtype;
         let n = (raw.len() / dtype.byte_width().unwrap_or(1)) as u64;
         let counts = block_field_counts(&params.fields, dtype, raw);
-        let (local, local_bits) = local_params(&params.fields, &counts, n);
-        let payload = if local_bits < block_cost(params, &counts, n) {
-            (
-                BlockMode::SplitLocal,
-                encode_local_block(&local, dtype, raw),
-            )
-        } else {
-            (BlockMode::Split, encode_block(params, dtype, raw))
-        };
-        if payload.1.len() < best_len {
-            best_len = payload.1.len();
-            best = (payload.0, Some(payload.1));
+        let choice = choose_block_coding(params, &counts, n);
+        let params_bits = 8.0 * (4 + choice.to_bytes().len() + 3) as f64;
+        let tensor_bits = block_cost(params, &counts, n);
+        let (mode, payload) =
+            if choice.is_tensor_layout(params) || choice.bits + params_bits >= tensor_bits {
+                (BlockMode::Split, encode_block(params, dtype, raw))
+            } else {
+                (
+                    BlockMode::SplitLocal,
+                    encode_local_block(&choice, dtype, raw),
+                )
+            };
+        if payload.len() < best_len {
+            best_len = payload.len();
+            let bound_bits = block_bound_bits(&params.fields, &plan.field_counts, &counts, n);
+            best = EncodedBlock {
+                mode,
+                payload,
+                bound_bits,
+            };
         }
     }
     let z = zstd::bulk::compress(raw, zstd_level).map_err(|e| NzError::Zstd {
@@ -150,12 +174,82 @@ fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<(BlockMo
         message: e.to_string(),
     })?;
     if z.len() < best_len {
-        best = (BlockMode::Zstd, Some(z));
+        best = EncodedBlock {
+            mode: BlockMode::Zstd,
+            bound_bits: 8.0 * z.len() as f64,
+            payload: z,
+        };
     }
-    Ok(match best {
-        (mode, Some(payload)) => (mode, payload),
-        (mode, None) => (mode, raw.to_vec()),
-    })
+    if best.mode == BlockMode::Raw {
+        best.payload = raw.to_vec();
+    }
+    Ok(best)
+}
+
+/// Plans every tensor of `source` (in parallel).
+pub fn plan_all(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<TensorPlan> {
+    source
+        .tensors
+        .par_iter()
+        .map(|t| plan_tensor(source, t, opts))
+        .collect()
+}
+
+/// Encodes every block of every planned tensor in bounded parallel batches, calling `sink` in file order.
+/// Memory stays at a few blocks per thread whatever the model size.
+pub fn encode_blocks(
+    source: &SafetensorsFile,
+    plans: &[TensorPlan],
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+    mut sink: impl FnMut(usize, usize, EncodedBlock) -> Result<()>,
+) -> Result<()> {
+    let jobs: Vec<(usize, usize)> = plans
+        .iter()
+        .enumerate()
+        .flat_map(|(ti, p)| (0..p.entry.blocks.len()).map(move |k| (ti, k)))
+        .collect();
+    let batch = (rayon::current_num_threads() * 4).max(8);
+    for chunk in jobs.chunks(batch) {
+        let encoded: Vec<Result<EncodedBlock>> = chunk
+            .par_iter()
+            .map(|&(ti, k)| {
+                let plan = &plans[ti];
+                let raw = &source.data(&source.tensors[ti])[plan.entry.block_range(k)];
+                let result = encode_one(plan, raw, opts.zstd_level);
+                progress(raw.len() as u64);
+                result
+            })
+            .collect();
+        for (&(ti, k), result) in chunk.iter().zip(encoded) {
+            sink(ti, k, result?)?;
+        }
+    }
+    Ok(())
+}
+
+/// Tracks where the next block goes in the data section (spec: "Data-section placement").
+#[derive(Default)]
+pub struct Placement {
+    /// End of the last block, relative to the data section.
+    pub end: u64,
+    previous_tensor: Option<usize>,
+}
+
+impl Placement {
+    /// Start offset of a block of tensor `ti` of `len` bytes; records it and returns the padding before it.
+    pub fn place(&mut self, ti: usize, len: u64) -> u64 {
+        let align = if self.previous_tensor == Some(ti) {
+            BLOCK_ALIGN
+        } else {
+            TENSOR_ALIGN
+        };
+        self.previous_tensor = Some(ti);
+        let start = align_up(self.end, align).expect("offsets fit u64");
+        let padding = start - self.end;
+        self.end = start + len;
+        padding
+    }
 }
 
 /// Converts one safetensors file. `progress` is called with the number of input bytes just encoded.
@@ -167,12 +261,7 @@ pub fn convert_file(
 ) -> Result<ConvertSummary> {
     let source = SafetensorsFile::open(input)?;
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
-
-    let mut plans: Vec<TensorPlan> = source
-        .tensors
-        .par_iter()
-        .map(|t| plan_tensor(&source, t, opts))
-        .collect();
+    let mut plans = plan_all(&source, opts);
     let header_json = source.header_json();
     let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
     let section_len = header::section_len(header_json, &entries);
@@ -183,52 +272,35 @@ pub fn convert_file(
     let io = |e| NzError::io(output, e);
     file.seek(SeekFrom::Start(data_offset)).map_err(io)?;
     let mut writer = BufWriter::with_capacity(1 << 20, &mut *file);
-    let jobs: Vec<(usize, usize)> = plans
-        .iter()
-        .enumerate()
-        .flat_map(|(ti, p)| (0..p.entry.blocks.len()).map(move |k| (ti, k)))
-        .collect();
-    let batch = (rayon::current_num_threads() * 4).max(8);
-    let mut written = 0u64; // bytes written after data_offset
-    let mut previous_tensor = None;
-    for chunk in jobs.chunks(batch) {
-        let encoded: Vec<Result<(BlockMode, Vec<u8>)>> = chunk
-            .par_iter()
-            .map(|&(ti, k)| {
-                let plan = &plans[ti];
-                let range = plan.entry.block_range(k);
-                let raw = &source.data(&source.tensors[ti])[range];
-                let result = encode_one(plan, raw, opts.zstd_level);
-                progress(raw.len() as u64);
-                result
-            })
-            .collect();
-        for (&(ti, k), result) in chunk.iter().zip(encoded) {
-            let (mode, payload) = result?;
-            let align = if previous_tensor == Some(ti) {
-                BLOCK_ALIGN
-            } else {
-                TENSOR_ALIGN
-            };
-            previous_tensor = Some(ti);
-            let start = align_up(written, align).expect("offsets fit u64");
-            writer
-                .write_all(&vec![0u8; (start - written) as usize])
-                .map_err(io)?;
-            writer.write_all(&payload).map_err(io)?;
-            written = start + payload.len() as u64;
-            let block = &mut plans[ti].entry.blocks[k];
-            block.stored_len = u32::try_from(payload.len()).expect("blocks are at most 64 MiB");
-            block.mode = mode;
-            block.checksum = checksum(&payload);
-        }
-    }
+    let mut placement = Placement::default();
+    let mut records = Vec::new();
+    encode_blocks(&source, &plans, opts, progress, |ti, k, block| {
+        let padding = placement.place(ti, block.payload.len() as u64);
+        writer
+            .write_all(&[0u8; 64][..padding as usize])
+            .map_err(io)?;
+        writer.write_all(&block.payload).map_err(io)?;
+        records.push((
+            ti,
+            k,
+            block.mode,
+            block.payload.len(),
+            checksum(&block.payload),
+        ));
+        Ok(())
+    })?;
     writer.flush().map_err(io)?;
     drop(writer);
+    for (ti, k, mode, len, sum) in records {
+        let b = &mut plans[ti].entry.blocks[k];
+        b.stored_len = u32::try_from(len).expect("blocks are at most 64 MiB");
+        b.mode = mode;
+        b.checksum = sum;
+    }
 
     let mut entries: Vec<TensorEntry> = plans.into_iter().map(|p| p.entry).collect();
     let data_len = header::assign_offsets(&mut entries, data_offset)?;
-    debug_assert_eq!(data_len, written);
+    debug_assert_eq!(data_len, placement.end);
     let section = header::write_section(header_json, &entries);
     debug_assert_eq!(section.len() as u64, section_len);
     file.seek(SeekFrom::Start(0)).map_err(io)?;

@@ -28,6 +28,10 @@ pub struct Report {
     pub file_bytes: u64,
     /// `8 * file_bytes / elements`.
     pub bits_per_weight: f64,
+    /// Bytes of block payloads alone (no header, index, tables of the header, or alignment padding).
+    pub payload_bytes: u64,
+    /// `8 * payload_bytes / elements`: the figure to hold against `analyze`'s bound.
+    pub payload_bits_per_weight: f64,
     pub ratio: f64,
 }
 
@@ -68,6 +72,7 @@ pub fn report(file: &NztFile) -> Report {
     }
     let source_len = 8 + file.header().source_header.len() as u64;
     let file_bytes = file.file_len();
+    let payload_bytes: u64 = file.tensors().iter().map(|t| t.stored_len()).sum();
     Report {
         version: format!("1.{}", file.header().version_minor),
         tensors: rows,
@@ -75,6 +80,8 @@ pub fn report(file: &NztFile) -> Report {
         original_bytes: original + source_len,
         file_bytes,
         bits_per_weight: bits_per(file_bytes, elements),
+        payload_bytes,
+        payload_bits_per_weight: bits_per(payload_bytes, elements),
         ratio: (original + source_len) as f64 / file_bytes.max(1) as f64,
     }
 }

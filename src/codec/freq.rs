@@ -60,12 +60,22 @@ impl FreqTable {
         // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
         let gain = |c: u64, f: u32| c as f64 * ((f as f64 + 1.0) / f as f64).log2();
         let loss = |c: u64, f: u32| c as f64 * (f as f64 / (f as f64 - 1.0)).log2();
-        #[derive(PartialEq, PartialOrd)]
+        /// A heap entry ordered by its cost (total order on f64), then by symbol.
         struct Key(f64, usize);
+        impl PartialEq for Key {
+            fn eq(&self, o: &Self) -> bool {
+                self.cmp(o) == std::cmp::Ordering::Equal
+            }
+        }
         impl Eq for Key {}
+        impl PartialOrd for Key {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
         impl Ord for Key {
             fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-                self.partial_cmp(o).unwrap_or(std::cmp::Ordering::Equal)
+                self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
             }
         }
         if sum < target {
@@ -360,13 +370,19 @@ mod tests {
         let t = FreqTable::from_counts(&counts, 10, 15).unwrap();
         let coded = t.coded_bits(&counts) / total as f64;
         // Naive: scale, floor at 1, give the rounding error to the most frequent symbol.
-        let mut naive: Vec<u32> = counts.iter().map(|&c| ((c << 15) / total).max(1) as u32).collect();
+        let mut naive: Vec<u32> = counts
+            .iter()
+            .map(|&c| ((c << 15) / total).max(1) as u32)
+            .collect();
         let sum: i64 = naive.iter().map(|&f| f as i64).sum();
         let top = (0..1024).max_by_key(|&s| counts[s]).unwrap();
         naive[top] = (naive[top] as i64 + (1 << 15) - sum) as u32;
         let naive = FreqTable::from_freqs(naive, 10, 15).unwrap();
         let naive_coded = naive.coded_bits(&counts) / total as f64;
-        assert!(coded >= h - 1e-9 && coded < h + 0.03, "coded {coded} vs entropy {h}");
+        assert!(
+            coded >= h - 1e-9 && coded < h + 0.03,
+            "coded {coded} vs entropy {h}"
+        );
         assert!(coded <= naive_coded, "{coded} > naive {naive_coded}");
     }
 

@@ -90,6 +90,8 @@ pub fn decode(
     let word_count = words.len() / 2;
     let mut x = *states;
     let mut pos = 0usize;
+    #[allow(clippy::needless_range_loop)]
+    // the lane index is the spec's `j`: kept to mirror its pseudo-code
     for step in 0..n.div_ceil(LANES) {
         let base = step * LANES;
         let lanes = (n - base).min(LANES);

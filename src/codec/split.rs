@@ -10,6 +10,7 @@ use super::bitpack;
 use super::freq::{DecodeTable, FreqTable, TableError, MAX_SYMBOL_BITS};
 use super::rans::{self, FieldOutput, FieldSymbols, LANES};
 use crate::dtype::Dtype;
+use std::sync::Arc;
 
 /// How a field is stored. The numbers are the spec's field coding ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -17,6 +18,9 @@ pub enum Coding {
     Raw = 0,
     Rans = 1,
 }
+
+/// Field coding id, in a block's own params, for "rANS with the tensor's table for this field".
+pub const CODING_TENSOR_TABLE: u8 = 2;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Field {
@@ -81,8 +85,26 @@ impl SplitParams {
         out
     }
 
-    /// Parses parameters for `dtype`; all of `bytes` must be used.
+    /// Parses a tensor's parameters for `dtype`; all of `bytes` must be used.
     pub fn parse(bytes: &[u8], dtype: Dtype) -> Result<SplitParams, TableError> {
+        Ok(Self::parse_with(bytes, dtype, None)?.0)
+    }
+
+    /// Parses a block's own parameters, where a field may borrow the tensor's table (coding id 2). Returns the
+    /// resolved parameters and, per coded field, whether its table is the tensor's.
+    pub fn parse_local(
+        bytes: &[u8],
+        dtype: Dtype,
+        tensor: &SplitParams,
+    ) -> Result<(SplitParams, Vec<bool>), TableError> {
+        Self::parse_with(bytes, dtype, Some(tensor))
+    }
+
+    fn parse_with(
+        bytes: &[u8],
+        dtype: Dtype,
+        tensor: Option<&SplitParams>,
+    ) -> Result<(SplitParams, Vec<bool>), TableError> {
         let err = |s: String| TableError(s);
         let count = *bytes
             .first()
@@ -94,13 +116,31 @@ impl SplitParams {
             .get(1..1 + 2 * count)
             .ok_or_else(|| err("params truncated".into()))?;
         let mut fields = Vec::with_capacity(count);
-        for pair in field_bytes.chunks_exact(2) {
+        let mut borrowed = Vec::with_capacity(count);
+        for (index, pair) in field_bytes.chunks_exact(2).enumerate() {
             let width = pair[0] as u32;
-            let coding = match pair[1] {
-                0 => Coding::Raw,
-                1 => Coding::Rans,
-                c => return Err(err(format!("unknown field coding {c}"))),
+            let coding = match (pair[1], tensor) {
+                (0, _) => Coding::Raw,
+                (1, _) => Coding::Rans,
+                (CODING_TENSOR_TABLE, Some(t)) => {
+                    if t.fields.get(index)
+                        != Some(&Field {
+                            width,
+                            coding: Coding::Rans,
+                        })
+                    {
+                        return Err(err(format!(
+                            "field {index} borrows the tensor's table, but the tensor's field {index} is not a \
+                             {width}-bit rANS field"
+                        )));
+                    }
+                    Coding::Rans
+                }
+                (c, _) => return Err(err(format!("unknown field coding {c}"))),
             };
+            if coding == Coding::Rans {
+                borrowed.push(pair[1] == CODING_TENSOR_TABLE);
+            }
             if width == 0 || width > 32 || (coding == Coding::Rans && width > MAX_SYMBOL_BITS) {
                 return Err(err(format!(
                     "field width {width} not allowed for {coding:?}"
@@ -117,10 +157,19 @@ impl SplitParams {
         }
         let mut pos = 1 + 2 * count;
         let mut tables = Vec::new();
-        for f in fields.iter().filter(|f| f.coding == Coding::Rans) {
-            let (table, used) = FreqTable::parse(&bytes[pos..], f.width)?;
-            tables.push(table);
-            pos += used;
+        let coded = fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.coding == Coding::Rans);
+        for ((index, f), &is_borrowed) in coded.zip(&borrowed) {
+            if is_borrowed {
+                let tensor = tensor.expect("borrowing needs a tensor");
+                tables.push(tensor.table_of_field(index).expect("checked above").clone());
+            } else {
+                let (table, used) = FreqTable::parse(&bytes[pos..], f.width)?;
+                tables.push(table);
+                pos += used;
+            }
         }
         if pos != bytes.len() {
             return Err(err(format!(
@@ -128,7 +177,19 @@ impl SplitParams {
                 bytes.len() - pos
             )));
         }
-        Ok(SplitParams { fields, tables })
+        Ok((SplitParams { fields, tables }, borrowed))
+    }
+
+    /// The table of field `index`, if that field is rANS-coded.
+    pub fn table_of_field(&self, index: usize) -> Option<&FreqTable> {
+        if self.fields.get(index)?.coding != Coding::Rans {
+            return None;
+        }
+        let table_index = self.fields[..index]
+            .iter()
+            .filter(|f| f.coding == Coding::Rans)
+            .count();
+        self.tables.get(table_index)
     }
 
     /// Exact payload length of a split block of `n` elements with `word_count` rANS words.
@@ -217,13 +278,50 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
 pub struct SplitDecoder {
     params: SplitParams,
     shifts: Vec<u32>,
-    tables: Vec<DecodeTable>,
+    tables: Vec<Arc<DecodeTable>>,
     width: usize,
 }
 
 impl SplitDecoder {
     pub fn new(params: SplitParams, dtype: Dtype) -> SplitDecoder {
-        let tables = params.tables.iter().map(DecodeTable::new).collect();
+        let tables = params
+            .tables
+            .iter()
+            .map(|t| Arc::new(DecodeTable::new(t)))
+            .collect();
+        Self::with_tables(params, tables, dtype)
+    }
+
+    /// A decoder for a block's own params, reusing this (tensor) decoder's expanded tables where borrowed.
+    pub fn local(&self, params: SplitParams, borrowed: &[bool], dtype: Dtype) -> SplitDecoder {
+        let coded = params
+            .fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| f.coding == Coding::Rans);
+        let tables = coded
+            .zip(&params.tables)
+            .zip(borrowed)
+            .map(|(((index, _), table), &is_borrowed)| {
+                if is_borrowed {
+                    let tensor_index = self.params.fields[..index]
+                        .iter()
+                        .filter(|f| f.coding == Coding::Rans)
+                        .count();
+                    Arc::clone(&self.tables[tensor_index])
+                } else {
+                    Arc::new(DecodeTable::new(table))
+                }
+            })
+            .collect();
+        Self::with_tables(params, tables, dtype)
+    }
+
+    fn with_tables(
+        params: SplitParams,
+        tables: Vec<Arc<DecodeTable>>,
+        dtype: Dtype,
+    ) -> SplitDecoder {
         let shifts = params.shifts();
         SplitDecoder {
             params,
@@ -264,7 +362,10 @@ impl SplitDecoder {
             let mut outputs: Vec<FieldOutput> = symbols
                 .iter_mut()
                 .zip(&self.tables)
-                .map(|(out, table)| FieldOutput { out, table })
+                .map(|(out, table)| FieldOutput {
+                    out,
+                    table: table.as_ref(),
+                })
                 .collect();
             rans::decode(&states, words, &mut outputs, n)?;
             let coded_shifts = self
@@ -400,6 +501,8 @@ pub struct Plan {
     pub predicted_bits: f64,
     /// The zero-order bound of this layout: field entropies plus raw bits, no tables or flushes.
     pub bound_bits: f64,
+    /// The tensor's histogram of each field (empty for fields wider than `MAX_SYMBOL_BITS`).
+    pub field_counts: Vec<Vec<u64>>,
 }
 
 /// Picks the layout with the lowest predicted size for a tensor split into `blocks` blocks.
@@ -416,6 +519,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut tables = Vec::new();
         let mut cost = 0.0;
         let mut bound = 0.0;
+        let mut field_counts = Vec::new();
         for (width, counts) in stats.candidate_fields(hi) {
             let (c, table) = best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS);
             cost += c;
@@ -436,6 +540,11 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                     });
                 }
             }
+            field_counts.push(if width <= MAX_SYMBOL_BITS {
+                counts
+            } else {
+                Vec::new()
+            });
         }
         if tables.is_empty() {
             continue;
@@ -446,6 +555,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 params: SplitParams { fields, tables },
                 predicted_bits: cost,
                 bound_bits: bound,
+                field_counts,
             });
         }
     }
@@ -494,61 +604,150 @@ pub fn block_cost(params: &SplitParams, counts: &[Vec<u64>], n: u64) -> f64 {
     bits
 }
 
-/// A block's own parameters: the same field widths, each field coded or raw by what is cheapest for this
-/// block, with tables fitted to it. Returns them with their predicted bits, parameters included.
-pub fn local_params(fields: &[Field], counts: &[Vec<u64>], n: u64) -> (SplitParams, f64) {
-    let mut out = SplitParams {
-        fields: Vec::with_capacity(fields.len()),
+/// Zero-order bound of a block under the scheme: each field costs the least of its cross-entropy under the
+/// tensor's statistics (for fields the tensor codes), its own entropy, and its raw width. Tables and flushes
+/// are not counted.
+pub fn block_bound_bits(
+    fields: &[Field],
+    tensor_counts: &[Vec<u64>],
+    counts: &[Vec<u64>],
+    n: u64,
+) -> f64 {
+    let mut bits = 0.0;
+    for ((f, tc), c) in fields.iter().zip(tensor_counts).zip(counts) {
+        let raw = (f.width as u64 * n) as f64;
+        if c.is_empty() {
+            bits += raw;
+            continue;
+        }
+        let own = super::freq::entropy_bits(c) * n as f64;
+        let cross = if f.coding == Coding::Rans && !tc.is_empty() {
+            let log_total = (tc.iter().sum::<u64>() as f64).log2();
+            c.iter()
+                .zip(tc)
+                .filter(|(&k, _)| k > 0)
+                .map(|(&k, &t)| k as f64 * (log_total - (t as f64).log2()))
+                .sum()
+        } else {
+            f64::INFINITY
+        };
+        bits += raw.min(own).min(cross);
+    }
+    bits
+}
+
+/// A block's coding choice: per field, raw, a table of its own, or the tensor's table.
+pub struct LocalChoice {
+    /// Resolved parameters (borrowed tables copied in).
+    pub params: SplitParams,
+    /// Per coded field, whether its table is the tensor's.
+    pub borrowed: Vec<bool>,
+    /// Predicted bits, tables, flush and the params' own bytes included.
+    pub bits: f64,
+}
+
+impl LocalChoice {
+    /// True when every field is coded as the tensor codes it: the block needs no params of its own.
+    pub fn is_tensor_layout(&self, tensor: &SplitParams) -> bool {
+        self.params.fields == tensor.fields && self.borrowed.iter().all(|&b| b)
+    }
+
+    /// Serialized params (coding id 2 for borrowed tables, which are not written).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = vec![self.params.fields.len() as u8];
+        let mut borrowed = self.borrowed.iter();
+        let mut is_borrowed = Vec::new();
+        for f in &self.params.fields {
+            out.push(f.width as u8);
+            let b = f.coding == Coding::Rans && *borrowed.next().expect("one flag per coded field");
+            out.push(if b {
+                CODING_TENSOR_TABLE
+            } else {
+                f.coding as u8
+            });
+            if f.coding == Coding::Rans {
+                is_borrowed.push(b);
+            }
+        }
+        for (t, b) in self.params.tables.iter().zip(is_borrowed) {
+            if !b {
+                t.write(&mut out);
+            }
+        }
+        out
+    }
+}
+
+/// Chooses, for each field of a block, the cheapest of raw, its own table, and the tensor's table.
+pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) -> LocalChoice {
+    let mut params = SplitParams {
+        fields: Vec::with_capacity(tensor.fields.len()),
         tables: Vec::new(),
     };
+    let mut borrowed = Vec::new();
     let mut bits = 0.0;
-    for (f, c) in fields.iter().zip(counts) {
-        let (cost, table) = if c.is_empty() {
+    for (index, (f, c)) in tensor.fields.iter().zip(counts).enumerate() {
+        let (mut cost, mut table) = if c.is_empty() {
             ((f.width as u64 * n) as f64, None)
         } else {
-            best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS)
+            let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
+            (cost, table)
         };
+        let mut is_borrowed = false;
+        if let Some(shared) = tensor.table_of_field(index) {
+            let shared_cost = shared.coded_bits(c);
+            if shared_cost <= cost {
+                cost = shared_cost;
+                table = Some(shared.clone());
+                is_borrowed = true;
+            }
+        }
         bits += cost;
         let coding = if table.is_some() {
             Coding::Rans
         } else {
             Coding::Raw
         };
-        out.tables.extend(table);
-        out.fields.push(Field {
+        if let Some(t) = table {
+            params.tables.push(t);
+            borrowed.push(is_borrowed);
+        }
+        params.fields.push(Field {
             width: f.width,
             coding,
         });
     }
-    if out.has_rans() {
+    if params.has_rans() {
         bits += 8.0 * (RANS_HEADER_BYTES as f64 + 2.0);
     }
-    bits += 8.0 * (4 + out.to_bytes().len()) as f64;
-    (out, bits)
+    LocalChoice {
+        params,
+        borrowed,
+        bits,
+    }
 }
 
 /// A block that carries its own parameters (mode `split_local`): `params_len u32`, the params, zero padding
 /// to 4 bytes, then the split body.
-pub fn encode_local_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8> {
-    let param_bytes = params.to_bytes();
+pub fn encode_local_block(choice: &LocalChoice, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+    let param_bytes = choice.to_bytes();
     let mut out = Vec::with_capacity(block.len());
     out.extend_from_slice(&(param_bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&param_bytes);
     out.resize(align4(out.len()), 0);
-    out.extend_from_slice(&encode_block(params, dtype, block));
+    out.extend_from_slice(&encode_block(&choice.params, dtype, block));
     out
 }
 
-/// Splits a `split_local` payload into its parameters and its split body.
-pub fn parse_local_block(payload: &[u8], dtype: Dtype) -> Result<(SplitParams, &[u8]), TableError> {
+/// Splits a `split_local` payload into its parameters bytes and its split body.
+pub fn split_local_payload(payload: &[u8]) -> Result<(&[u8], &[u8]), TableError> {
     let len_bytes = payload
         .get(..4)
         .ok_or_else(|| TableError("local block shorter than 4 bytes".into()))?;
     let len = u32::from_le_bytes(len_bytes.try_into().expect("4 bytes")) as usize;
-    let params_bytes = payload
+    let params = payload
         .get(4..4usize.saturating_add(len))
         .ok_or_else(|| TableError("local params run past the block".into()))?;
-    let params = SplitParams::parse(params_bytes, dtype)?;
     let body = payload
         .get(align4(4 + len)..)
         .ok_or_else(|| TableError("local block padding missing".into()))?;
@@ -639,5 +838,57 @@ mod tests {
         assert!(SplitParams::parse(&[1, 16, 2], Dtype::BF16).is_err());
         assert!(SplitParams::parse(&[1, 16, 1], Dtype::BF16).is_err()); // rANS field over 12 bits
         assert!(SplitParams::parse(&[1, 16, 0, 0], Dtype::BF16).is_err()); // trailing byte
+    }
+
+    #[test]
+    fn local_blocks_borrow_or_own_tables_and_round_trip() {
+        let tensor_data = gaussian_bf16(50_000, 1);
+        let stats = FieldStats::gather(Dtype::F32, &tensor_data);
+        let tensor = plan(&stats, 1).unwrap().params;
+        let decoder = SplitDecoder::new(tensor.clone(), Dtype::F32);
+        // A block like the tensor borrows; a block with a different distribution (all low bytes zero) gets
+        // tables of its own.
+        let same = tensor_data[..40_000].to_vec();
+        let mut zeros_low = same.clone();
+        for chunk in zeros_low.chunks_exact_mut(4) {
+            chunk[0] = 0;
+            chunk[1] = 0;
+        }
+        for (block, expect_all_borrowed) in [(same, true), (zeros_low, false)] {
+            let n = (block.len() / 4) as u64;
+            let counts = block_field_counts(&tensor.fields, Dtype::F32, &block);
+            let choice = choose_block_coding(&tensor, &counts, n);
+            assert_eq!(choice.borrowed.iter().all(|&b| b), expect_all_borrowed);
+            let payload = encode_local_block(&choice, Dtype::F32, &block);
+            let (param_bytes, body) = split_local_payload(&payload).unwrap();
+            let (params, borrowed) =
+                SplitParams::parse_local(param_bytes, Dtype::F32, &tensor).unwrap();
+            assert_eq!(params, choice.params);
+            assert_eq!(borrowed, choice.borrowed);
+            let mut out = vec![0u8; block.len()];
+            decoder
+                .local(params, &borrowed, Dtype::F32)
+                .decode_block(body, &mut out)
+                .unwrap();
+            assert_eq!(out, block);
+        }
+    }
+
+    #[test]
+    fn borrowing_needs_a_matching_tensor_field() {
+        let tensor = SplitParams {
+            fields: vec![Field {
+                width: 16,
+                coding: Coding::Raw,
+            }],
+            tables: vec![],
+        };
+        // One 16-bit field that claims the tensor's table: the tensor's field is raw.
+        assert!(
+            SplitParams::parse_local(&[1, 16, CODING_TENSOR_TABLE], Dtype::BF16, &tensor).is_err()
+        );
+        // Coding 2 is not allowed in a tensor's own params.
+        assert!(SplitParams::parse(&[1, 16, CODING_TENSOR_TABLE], Dtype::BF16).is_err());
+        assert!(split_local_payload(&[9, 0, 0, 0, 1]).is_err());
     }
 }

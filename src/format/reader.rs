@@ -7,7 +7,8 @@ use rayon::prelude::*;
 
 use super::header::{self, Header, TensorEntry};
 use super::{checksum, BlockMode, Codec};
-use crate::codec::split::{parse_local_block, SplitDecoder, SplitParams};
+use crate::codec::freq::TableError;
+use crate::codec::split::{split_local_payload, SplitDecoder, SplitParams};
 use crate::error::{NzError, Result};
 use crate::mmap::{map_file, Bytes};
 
@@ -124,6 +125,11 @@ impl NztFile {
         match (block.mode, decoder) {
             (BlockMode::Raw, _) => out.copy_from_slice(payload),
             (BlockMode::Zstd, _) => {
+                // Exactly one frame that ends where the payload ends (spec: block modes).
+                match zstd::zstd_safe::find_frame_compressed_size(payload) {
+                    Ok(len) if len == payload.len() => {}
+                    _ => return Err(corrupt("zstd payload is not exactly one frame".into())),
+                }
                 let mut z = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
                 let written = z
                     .decompress_to_buffer(payload, out)
@@ -138,10 +144,14 @@ impl NztFile {
             (BlockMode::Split, TensorDecoder::Split(split)) => split
                 .decode_block(payload, out)
                 .map_err(|e| corrupt(e.0.to_string()))?,
-            (BlockMode::SplitLocal, TensorDecoder::Split(_)) => {
-                let (params, body) = parse_local_block(payload, tensor.dtype)
-                    .map_err(|e| corrupt(format!("local params: {}", e.0)))?;
-                SplitDecoder::new(params, tensor.dtype)
+            (BlockMode::SplitLocal, TensorDecoder::Split(split)) => {
+                let local_error = |e: TableError| corrupt(format!("block params: {}", e.0));
+                let (param_bytes, body) = split_local_payload(payload).map_err(local_error)?;
+                let (params, borrowed) =
+                    SplitParams::parse_local(param_bytes, tensor.dtype, split.params())
+                        .map_err(local_error)?;
+                split
+                    .local(params, &borrowed, tensor.dtype)
                     .decode_block(body, out)
                     .map_err(|e| corrupt(e.0.to_string()))?
             }
