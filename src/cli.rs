@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use neuzip::analyze::analyze;
 use neuzip::convert::{
-    convert_file, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
+    convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
     SAFETENSORS_INDEX,
 };
 use neuzip::format::writer::OutputFile;
@@ -194,13 +194,13 @@ fn convert_one(
     output: &Path,
     opts: &ConvertOptions,
     quiet: bool,
-) -> Result<ConvertSummary> {
+) -> Result<(OutputFile, ConvertSummary)> {
     let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
     let bar = progress_bar(size, &format!("convert {}", input.display()), quiet);
-    let summary = convert_file(input, output, opts, &|n| bar.inc(n))
+    let converted = convert_uncommitted(input, output, opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
     bar.finish_and_clear();
-    Ok(summary)
+    Ok(converted)
 }
 
 fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
@@ -219,7 +219,15 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
     };
     let started = Instant::now();
     let input = &args.input;
+    // Every output is committed only once all are written: a failure leaves none behind.
+    let mut pending: Vec<OutputFile> = Vec::new();
     let mut summaries = Vec::new();
+    let mut convert = |input: &Path, output: &Path| -> Result<()> {
+        let (out, summary) = convert_one(input, output, &opts, quiet)?;
+        pending.push(out);
+        summaries.push(summary);
+        Ok(())
+    };
     if input.is_dir() {
         let out_dir = args.output.clone().unwrap_or_else(|| input.clone());
         if !out_dir.is_dir() {
@@ -229,27 +237,16 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
             let (shards, index) = read_shard_index(input)
                 .with_context(|| format!("reading the index in {}", input.display()))?;
             for shard in &shards {
-                summaries.push(convert_one(
-                    &input.join(shard),
-                    &out_dir.join(nzt_name(shard)),
-                    &opts,
-                    quiet,
-                )?);
+                convert(&input.join(shard), &out_dir.join(nzt_name(shard)))?;
             }
             let index_path = out_dir.join(NZT_INDEX);
             let mut out = OutputFile::create(&index_path, args.force, &[])
                 .with_context(|| format!("writing {}", index_path.display()))?;
             serde_json::to_writer_pretty(out.file(), &index)?;
-            out.commit()
-                .with_context(|| format!("writing {}", index_path.display()))?;
+            pending.push(out);
         } else if input.join("model.safetensors").exists() {
             let file = input.join("model.safetensors");
-            summaries.push(convert_one(
-                &file,
-                &out_dir.join("model.nzt"),
-                &opts,
-                quiet,
-            )?);
+            convert(&file, &out_dir.join("model.nzt"))?;
         } else {
             bail!(
                 "{} holds neither {SAFETENSORS_INDEX} nor model.safetensors",
@@ -261,7 +258,12 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
             .output
             .clone()
             .unwrap_or_else(|| with_extension(input, "nzt"));
-        summaries.push(convert_one(input, &output, &opts, quiet)?);
+        convert(input, &output)?;
+    }
+    for out in pending {
+        let path = out.path().to_path_buf();
+        out.commit()
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     let seconds = started.elapsed().as_secs_f64();
     if args.json {

@@ -259,6 +259,19 @@ pub fn convert_file(
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<ConvertSummary> {
+    let (out, summary) = convert_uncommitted(input, output, opts, progress)?;
+    out.commit()?;
+    Ok(summary)
+}
+
+/// Converts one safetensors file into a temporary file that becomes `output` only when committed, so that
+/// several outputs (the shards of a checkpoint) can appear together or not at all.
+pub fn convert_uncommitted(
+    input: &Path,
+    output: &Path,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(OutputFile, ConvertSummary)> {
     let source = SafetensorsFile::open(input)?;
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
     let mut plans = plan_all(&source, opts);
@@ -309,14 +322,14 @@ pub fn convert_file(
     file.write_all(&section).map_err(io)?;
     let output_bytes = data_offset + data_len;
     file.set_len(output_bytes).map_err(io)?;
-    out.commit()?;
-    Ok(ConvertSummary {
+    let summary = ConvertSummary {
         input: input.to_path_buf(),
         output: output.to_path_buf(),
         input_bytes: source.file_len(),
         output_bytes,
         tensors: entries.len(),
-    })
+    };
+    Ok((out, summary))
 }
 
 /// The index file of a sharded Hugging Face checkpoint.
