@@ -19,8 +19,17 @@ fn golden_dir() -> PathBuf {
 fn encode(name: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join(format!("{name}.nzt"));
-    let opts = ConvertOptions { float_block_elements: BLOCK_ELEMENTS, ..ConvertOptions::default() };
-    convert_file(&golden_dir().join(format!("{name}.safetensors")), &out, &opts, &|_| {}).unwrap();
+    let opts = ConvertOptions {
+        float_block_elements: BLOCK_ELEMENTS,
+        ..ConvertOptions::default()
+    };
+    convert_file(
+        &golden_dir().join(format!("{name}.safetensors")),
+        &out,
+        &opts,
+        &|_| {},
+    )
+    .unwrap();
     std::fs::read(out).unwrap()
 }
 
@@ -33,8 +42,15 @@ fn encoder_reproduces_golden_files() {
             std::fs::write(&golden_path, &encoded).unwrap();
         }
         let golden = std::fs::read(&golden_path).unwrap();
-        println!("{name}.nzt: {} bytes, xxh3-64 {:016x}", golden.len(), neuzip::format::checksum(&golden));
-        assert!(encoded == golden, "{name}: encoder output differs from the golden file");
+        println!(
+            "{name}.nzt: {} bytes, xxh3-64 {:016x}",
+            golden.len(),
+            neuzip::format::checksum(&golden)
+        );
+        assert!(
+            encoded == golden,
+            "{name}: encoder output differs from the golden file"
+        );
     }
 }
 
@@ -46,7 +62,10 @@ fn golden_files_decode_to_their_sources() {
         let file = NztFile::from_bytes(Bytes::Owned(golden)).unwrap();
         let mut restored = Vec::new();
         file.write_safetensors(&mut restored, |_| {}).unwrap();
-        assert!(restored == source, "{name}: decoded file differs from its source");
+        assert!(
+            restored == source,
+            "{name}: decoded file differs from its source"
+        );
     }
 }
 
@@ -54,8 +73,17 @@ fn golden_files_decode_to_their_sources() {
 fn modes_vector_covers_every_block_mode() {
     let golden = std::fs::read(golden_dir().join("modes.nzt")).unwrap();
     let file = NztFile::from_bytes(Bytes::Owned(golden)).unwrap();
-    let modes: Vec<BlockMode> = file.tensors().iter().flat_map(|t| t.blocks.iter().map(|b| b.mode)).collect();
-    for mode in [BlockMode::Raw, BlockMode::Zstd, BlockMode::Split, BlockMode::SplitLocal] {
+    let modes: Vec<BlockMode> = file
+        .tensors()
+        .iter()
+        .flat_map(|t| t.blocks.iter().map(|b| b.mode))
+        .collect();
+    for mode in [
+        BlockMode::Raw,
+        BlockMode::Zstd,
+        BlockMode::Split,
+        BlockMode::SplitLocal,
+    ] {
         assert!(modes.contains(&mode), "no {mode:?} block in modes.nzt");
     }
 }
