@@ -24,6 +24,9 @@ fn invalid(what: impl Into<String>) -> NzError {
 /// Parses a safetensors JSON header. Tensors come back in data order (ties, which only empty tensors can
 /// have, broken by name), and their offsets are checked to be contiguous from 0 with the right lengths.
 pub fn parse_header_json(json: &[u8]) -> Result<Vec<SourceTensor>> {
+    if let Some(key) = duplicate_top_level_key(json) {
+        return Err(invalid(format!("header has the key '{key}' twice")));
+    }
     let metadata: safetensors::tensor::Metadata =
         serde_json::from_slice(json).map_err(|e| invalid(format!("header: {e}")))?;
     let mut tensors = Vec::new();
@@ -89,5 +92,45 @@ impl SafetensorsFile {
 
     pub fn file_len(&self) -> u64 {
         self.bytes.len() as u64
+    }
+}
+
+/// The first top-level key of a JSON object that appears twice (safetensors would silently keep the last).
+fn duplicate_top_level_key(json: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    impl<'de> serde::de::Visitor<'de> for &mut Keys {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if self.0.is_none() && !seen.insert(key.clone()) {
+                    self.0 = Some(key);
+                }
+            }
+            Ok(())
+        }
+    }
+    let mut keys = Keys(None);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::Deserializer::deserialize_map(&mut de, &mut keys).ok()?;
+    keys.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duplicate_keys_are_rejected() {
+        let t = r#""a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}"#;
+        let once = format!("{{{t}}}");
+        let twice = format!("{{{t},{t}}}");
+        assert!(parse_header_json(once.as_bytes()).is_ok());
+        let err = parse_header_json(twice.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("'a' twice"), "{err}");
     }
 }
