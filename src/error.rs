@@ -5,12 +5,12 @@ use std::path::PathBuf;
 /// Everything that can go wrong reading, writing or decoding a `.nzt` or safetensors file.
 #[derive(Debug, thiserror::Error)]
 pub enum NzError {
-    /// An operating-system error on a named file.
-    #[error("{path}: {source}")]
+    /// An operating-system error on a named file. (The cause is part of the message, not a separate
+    /// `source`, so that error chains print it once.)
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 
     /// The file does not start with the `.nzt` magic bytes.
@@ -94,10 +94,10 @@ pub enum NzError {
 pub type Result<T, E = NzError> = std::result::Result<T, E>;
 
 impl NzError {
-    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub(crate) fn io(path: impl Into<PathBuf>, cause: std::io::Error) -> Self {
         NzError::Io {
             path: path.into(),
-            source,
+            cause,
         }
     }
 

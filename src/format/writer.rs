@@ -1,21 +1,34 @@
-//! Safe output: write to a temporary file beside the destination, fsync, then rename into place. An output
-//! that exists is replaced only when asked; an output that is one of the inputs is never written.
+//! Safe output. On Linux the output is an anonymous file (`O_TMPFILE`) in the destination's directory: it has
+//! no name until it is complete and fsynced, so a crash, a kill or a full disk leaves nothing behind. It is then
+//! linked into place (failing if the destination appeared meanwhile) or, with `replace`, linked under a
+//! temporary name and renamed over the destination. Where `O_TMPFILE` is unsupported, a named temporary file
+//! is used instead (removed on error, but not on SIGKILL). An output that is one of the inputs is never written.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{AtFlags, Mode, OFlags, CWD};
+
 use crate::error::{NzError, Result};
 
-/// An output file under construction. Dropping it without `commit` removes the temporary file.
+enum Temp {
+    /// An unnamed file; it vanishes if the process dies before `commit`.
+    Anonymous(File),
+    /// Fallback: a hidden named file, deleted on drop.
+    Named(tempfile::NamedTempFile),
+}
+
+/// An output file under construction. Dropping it without `commit` leaves no file.
 pub struct OutputFile {
-    temp: tempfile::NamedTempFile,
+    temp: Temp,
+    dir: PathBuf,
     dest: PathBuf,
     replace: bool,
 }
 
 impl OutputFile {
-    /// Starts writing `dest`. Fails if `dest` exists (unless `replace`), if it is one of `inputs`,
-    /// or if its directory does not exist.
+    /// Starts writing `dest`. Fails if `dest` exists (unless `replace`), if it is one of `inputs`, or if its
+    /// directory does not exist.
     pub fn create(dest: &Path, replace: bool, inputs: &[&Path]) -> Result<OutputFile> {
         for input in inputs {
             if same_file(dest, input) {
@@ -33,48 +46,101 @@ impl OutputFile {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        let file_name = dest
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{file_name}."))
-            .suffix(".tmp")
-            .tempfile_in(&dir)
-            .map_err(|e| NzError::io(&dir, e))?;
+        let flags = OFlags::TMPFILE | OFlags::RDWR | OFlags::CLOEXEC;
+        let temp = match rustix::fs::openat(CWD, &dir, flags, Mode::from_raw_mode(0o644)) {
+            Ok(fd) => Temp::Anonymous(File::from(fd)),
+            Err(rustix::io::Errno::NOENT) | Err(rustix::io::Errno::NOTDIR) => {
+                return Err(NzError::io(
+                    &dir,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "output directory does not exist",
+                    ),
+                ))
+            }
+            Err(_) => Temp::Named(named_temp(&dir, dest)?),
+        };
         Ok(OutputFile {
             temp,
+            dir,
             dest: dest.to_path_buf(),
             replace,
         })
     }
 
     pub fn file(&mut self) -> &mut File {
-        self.temp.as_file_mut()
+        match &mut self.temp {
+            Temp::Anonymous(f) => f,
+            Temp::Named(t) => t.as_file_mut(),
+        }
     }
 
     pub fn path(&self) -> &Path {
         &self.dest
     }
 
-    /// Flushes to disk and renames into place.
-    pub fn commit(self) -> Result<()> {
-        self.temp
-            .as_file()
-            .sync_all()
-            .map_err(|e| NzError::io(&self.dest, e))?;
-        let dest = self.dest;
-        if self.replace {
-            self.temp
-                .persist(&dest)
-                .map_err(|e| NzError::io(&dest, e.error))?;
-        } else {
-            self.temp
-                .persist_noclobber(&dest)
-                .map_err(|e| NzError::io(&dest, e.error))?;
+    /// Flushes to disk and gives the file its name.
+    pub fn commit(mut self) -> Result<()> {
+        let dest = self.dest.clone();
+        let io = |e: std::io::Error| NzError::io(&dest, e);
+        self.file().sync_all().map_err(io)?;
+        match self.temp {
+            Temp::Anonymous(file) => {
+                let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file));
+                let link = |to: &Path| {
+                    rustix::fs::linkat(CWD, proc_path.as_str(), CWD, to, AtFlags::SYMLINK_FOLLOW)
+                };
+                if self.replace {
+                    let staged = staging_name(&self.dir, &dest);
+                    link(&staged).map_err(|e| io(e.into()))?;
+                    if let Err(e) = std::fs::rename(&staged, &dest) {
+                        let _ = std::fs::remove_file(&staged);
+                        return Err(io(e));
+                    }
+                } else {
+                    link(&dest).map_err(|e| match e {
+                        rustix::io::Errno::EXIST => NzError::OutputExists { path: dest.clone() },
+                        other => io(other.into()),
+                    })?;
+                }
+            }
+            Temp::Named(temp) => {
+                if self.replace {
+                    temp.persist(&dest).map_err(|e| io(e.error))?;
+                } else {
+                    temp.persist_noclobber(&dest).map_err(|e| io(e.error))?;
+                }
+            }
+        }
+        // Make the new name itself durable.
+        if let Ok(dir) = File::open(&self.dir) {
+            let _ = dir.sync_all();
         }
         Ok(())
     }
+}
+
+fn named_temp(dir: &Path, dest: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(&format!(".{}.", file_name(dest)))
+        .suffix(".tmp")
+        .tempfile_in(dir)
+        .map_err(|e| NzError::io(dir, e))
+}
+
+fn file_name(dest: &Path) -> String {
+    dest.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// A name beside `dest` that does not exist yet, for the link-then-rename of a replacement.
+fn staging_name(dir: &Path, dest: &Path) -> PathBuf {
+    let base = file_name(dest);
+    (0u32..)
+        .map(|i| dir.join(format!(".{base}.{}.{i}.tmp", std::process::id())))
+        .find(|p| !p.exists())
+        .expect("some name is free")
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
