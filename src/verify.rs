@@ -32,40 +32,51 @@ pub fn verify(
     original: Option<&SafetensorsFile>,
     mut progress: impl FnMut(u64),
 ) -> Result<VerifyReport> {
-    let mut tensors = Vec::new();
+    // The original's tensor for each table entry, when names, dtypes and sizes agree.
+    let counterpart: Vec<Option<&[u8]>> = file
+        .tensors()
+        .iter()
+        .map(|t| {
+            let orig = original?;
+            let s = orig.tensors.iter().find(|s| s.name == t.name)?;
+            (s.dtype == t.dtype && s.end - s.start == t.byte_len()).then(|| orig.data(s))
+        })
+        .collect();
+    let mut mismatched = vec![0u64; file.tensors().len()];
     let mut decoded = 0u64;
-    file.for_each_tensor(|index, bytes| {
-        let t = &file.tensors()[index];
+    file.for_each_block(|index, block, bytes| {
         decoded += bytes.len() as u64;
         progress(bytes.len() as u64);
-        let (identical, mismatched) = match original {
-            None => (None, 0),
-            Some(orig) => match orig.tensors.iter().find(|s| s.name == t.name) {
-                None => (Some(false), t.elements().unwrap_or(0)),
-                Some(s) => {
-                    let want = orig.data(s);
-                    if want.len() != bytes.len() {
-                        (Some(false), t.elements().unwrap_or(0))
-                    } else {
-                        let width = t.dtype.byte_width().unwrap_or(1);
-                        let bad = want
-                            .chunks(width)
-                            .zip(bytes.chunks(width))
-                            .filter(|(a, b)| a != b)
-                            .count() as u64;
-                        (Some(bad == 0), bad)
-                    }
-                }
-            },
-        };
-        tensors.push(TensorCheck {
-            name: t.name.clone(),
-            bytes: bytes.len() as u64,
-            identical,
-            mismatched_elements: mismatched,
-        });
+        if let Some(want) = counterpart[index] {
+            let t = &file.tensors()[index];
+            let want = &want[t.block_range(block)];
+            let width = t.dtype.byte_width().unwrap_or(1);
+            mismatched[index] += want
+                .chunks(width)
+                .zip(bytes.chunks(width))
+                .filter(|(a, b)| a != b)
+                .count() as u64;
+        }
         Ok(())
     })?;
+    let tensors: Vec<TensorCheck> = file
+        .tensors()
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (identical, bad) = match (original, counterpart[i]) {
+                (None, _) => (None, 0),
+                (Some(_), None) => (Some(false), t.elements().unwrap_or(0)),
+                (Some(_), Some(_)) => (Some(mismatched[i] == 0), mismatched[i]),
+            };
+            TensorCheck {
+                name: t.name.clone(),
+                bytes: t.byte_len(),
+                identical,
+                mismatched_elements: bad,
+            }
+        })
+        .collect();
     let header_identical =
         original.map(|o| o.header_json() == file.header().source_header.as_slice());
     let all_identical = original.map(|o| {

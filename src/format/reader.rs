@@ -209,18 +209,47 @@ impl NztFile {
         Ok(out)
     }
 
-    /// Decodes every tensor, in parallel, calling `sink` in table order with each tensor's bytes.
-    /// At most one tensor is held at a time beyond the one being decoded.
-    pub fn for_each_tensor(&self, mut sink: impl FnMut(usize, &[u8]) -> Result<()>) -> Result<()> {
-        for index in 0..self.header.tensors.len() {
-            let mut buf = vec![0u8; self.header.tensors[index].byte_len() as usize];
-            self.decode_tensor_into(index, &mut buf)?;
-            sink(index, &buf)?;
+    /// Decodes every block of every tensor, in file order, calling `sink(tensor, block, bytes)` in that
+    /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block), so memory
+    /// stays bounded whatever the model or a hostile header declares.
+    pub fn for_each_block(
+        &self,
+        mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()>,
+    ) -> Result<()> {
+        for (index, tensor) in self.header.tensors.iter().enumerate() {
+            if tensor.blocks.is_empty() {
+                continue;
+            }
+            let decoder = self.decoder(tensor)?;
+            let mut first = 0;
+            while first < tensor.blocks.len() {
+                let mut end = first;
+                let mut batch_bytes = 0u64;
+                while end < tensor.blocks.len()
+                    && (end == first
+                        || batch_bytes + tensor.block_range(end).len() as u64 <= DECODE_BATCH_BYTES)
+                {
+                    batch_bytes += tensor.block_range(end).len() as u64;
+                    end += 1;
+                }
+                let decoded: Vec<Result<Vec<u8>>> = (first..end)
+                    .into_par_iter()
+                    .map(|k| {
+                        let mut buf = vec![0u8; tensor.block_range(k).len()];
+                        self.decode_block_with(tensor, &decoder, k, &mut buf)?;
+                        Ok(buf)
+                    })
+                    .collect();
+                for (k, block) in (first..end).zip(decoded) {
+                    sink(index, k, &block?)?;
+                }
+                first = end;
+            }
         }
         Ok(())
     }
 
-    /// Writes the original safetensors file (byte-identical to the one converted) to `w`.
+    /// Writes the original safetensors file (byte-identical to the one converted) to `w`, streaming.
     pub fn write_safetensors(
         &self,
         w: &mut impl Write,
@@ -231,13 +260,16 @@ impl NztFile {
         w.write_all(&(source.len() as u64).to_le_bytes())
             .map_err(io)?;
         w.write_all(source).map_err(io)?;
-        self.for_each_tensor(|_, bytes| {
+        self.for_each_block(|_, _, bytes| {
             w.write_all(bytes).map_err(io)?;
             progress(bytes.len() as u64);
             Ok(())
         })
     }
 }
+
+/// Most decoded bytes `for_each_block` holds at once (a single larger block is still decoded alone).
+pub const DECODE_BATCH_BYTES: u64 = 32 << 20;
 
 fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
     if expected != found {
