@@ -306,7 +306,7 @@ pub fn convert_uncommitted(
     drop(writer);
     for (ti, k, mode, len, sum) in records {
         let b = &mut plans[ti].entry.blocks[k];
-        b.stored_len = u32::try_from(len).expect("blocks are at most 64 MiB");
+        b.stored_len = u32::try_from(len).expect("blocks are at most 16 MiB");
         b.mode = mode;
         b.checksum = sum;
     }

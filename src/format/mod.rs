@@ -16,7 +16,7 @@ pub const TENSOR_ALIGN: u64 = 64;
 /// Alignment of each block inside a tensor.
 pub const BLOCK_ALIGN: u64 = 16;
 /// Largest block, in bytes of decoded data, a reader accepts.
-pub const MAX_BLOCK_BYTES: u64 = 1 << 26;
+pub const MAX_BLOCK_BYTES: u64 = 1 << 24;
 /// Largest tensor rank a reader accepts.
 pub const MAX_RANK: usize = 32;
 /// Fewest bytes a tensor entry can take; bounds the tensor count before anything is allocated.

@@ -269,7 +269,7 @@ impl NztFile {
 }
 
 /// Most decoded bytes `for_each_block` holds at once (a single larger block is still decoded alone).
-pub const DECODE_BATCH_BYTES: u64 = 32 << 20;
+pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
 
 fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
     if expected != found {
