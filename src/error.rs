@@ -18,7 +18,7 @@ pub enum NzError {
     BadMagic { found: Vec<u8> },
 
     /// A major version this build cannot read, or flag bits it does not know.
-    #[error("unsupported .nzt version {major}.{minor} (flags {flags:#x}); this build reads 1.x with no flags")]
+    #[error("unsupported .nzt version {major}.{minor} (flags {flags:#x}); this build reads 1.0 with no flags")]
     UnsupportedVersion { major: u16, minor: u16, flags: u32 },
 
     /// The file ends before a structure it declares.

@@ -172,7 +172,7 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     let major = c.u16("version")?;
     let minor = c.u16("version")?;
     let flags = c.u32("flags")?;
-    if major != VERSION_MAJOR || flags != 0 {
+    if major != VERSION_MAJOR || minor > VERSION_MINOR || flags != 0 {
         return Err(NzError::UnsupportedVersion {
             major,
             minor,
