@@ -60,6 +60,21 @@ enum Command {
     Verify(VerifyArgs),
     /// Measure a safetensors file: exponent histograms, entropies, the codec's bound and predicted size.
     Analyze(AnalyzeArgs),
+    /// Ratio and encode/decode throughput on a safetensors file, on 1 thread and on all, beside an
+    /// in-process zstd -3 and a memory copy measured in the same run (medians after a warm-up).
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct BenchArgs {
+    /// A .safetensors file.
+    file: PathBuf,
+    /// Timed runs per figure (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -150,6 +165,7 @@ pub fn run() -> Result<ExitCode> {
         Command::Inspect(args) => inspect_cmd(args),
         Command::Verify(args) => verify_cmd(args, quiet),
         Command::Analyze(args) => analyze_cmd(args, quiet),
+        Command::Bench(args) => bench_cmd(args, cli.threads),
     }
 }
 
@@ -624,5 +640,49 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
         a.predicted_bits_per_weight,
         a.input_bytes as f64 / a.predicted_bytes.max(1) as f64
     )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_cmd(args: BenchArgs, threads: Option<usize>) -> Result<ExitCode> {
+    let source = SafetensorsFile::open(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let nzt_path = dir.path().join("bench.nzt");
+    let opts = ConvertOptions::default();
+    let (out, converted) = convert_uncommitted(&args.file, &nzt_path, &opts, &|_| {})?;
+    out.commit()?;
+    let nzt = open_nzt(&nzt_path, true)?;
+    let all =
+        threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let counts: Vec<usize> = if all > 1 { vec![1, all] } else { vec![1] };
+    let report = neuzip::bench::bench(&source, &nzt, &converted, &opts, &counts, args.runs.max(1))
+        .with_context(|| format!("benchmarking {}", args.file.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let fmt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    println!(
+        "{}: {} of tensors, {} weights, median of {} runs",
+        report.file,
+        human_bytes(report.tensor_bytes),
+        report.elements,
+        report.runs
+    );
+    println!(
+        "{:<26} {:>7} {:>7} {:>9} {:>12} {:>12}",
+        "", "threads", "ratio", "bits/w", "encode GB/s", "decode GB/s"
+    );
+    for r in &report.rows {
+        println!(
+            "{:<26} {:>7} {:>7} {:>9} {:>12} {:>12}",
+            r.name,
+            r.threads,
+            fmt(r.ratio, 3),
+            fmt(r.bits_per_weight, 4),
+            fmt(r.encode_gbps, 3),
+            fmt(r.decode_gbps, 3)
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -5,6 +5,7 @@
 //! maps the file, [`format::header::parse`] validates the header, and any tensor or block decodes on its own.
 
 pub mod analyze;
+pub mod bench;
 pub mod codec;
 pub mod convert;
 pub mod dtype;
