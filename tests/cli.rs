@@ -695,3 +695,57 @@ fn help_for_every_subcommand() {
     neuzip().assert().failure().code(2);
     neuzip().arg("frobnicate").assert().failure().code(2);
 }
+
+#[test]
+fn bench_reports_codec_and_reference_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = copy_fixture(
+        "minilm_slice_bf16.safetensors",
+        dir.path(),
+        "in.safetensors",
+    );
+    let nzt = convert_into(dir.path(), "minilm_slice_bf16.safetensors");
+    let inspect = json_stdout(
+        &neuzip()
+            .args(["inspect", "--json"])
+            .arg(&nzt)
+            .output()
+            .unwrap(),
+    );
+    let out = neuzip()
+        .args(["bench", "--runs", "1", "--json", "--threads", "2"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    let report = json_stdout(&out);
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for name in [
+        "neuzip",
+        "neuzip (no checksums)",
+        "zstd -3 (256 KiB chunks)",
+        "memcpy",
+    ] {
+        assert_eq!(
+            names.iter().filter(|&&n| n == name).count(),
+            2,
+            "{name}: one row per thread count"
+        );
+    }
+    let ours = &rows[0];
+    let bits = ours["bits_per_weight"].as_f64().unwrap();
+    let expected = inspect["bits_per_weight"].as_f64().unwrap();
+    assert!(
+        (bits - expected).abs() < 1e-9,
+        "bench {bits} vs inspect {expected}"
+    );
+    for r in rows {
+        if let Some(g) = r["decode_gbps"].as_f64() {
+            assert!(g.is_finite() && g > 0.0, "{r}");
+        }
+    }
+    assert!(
+        !dir_entries(dir.path()).iter().any(|n| n.contains("bench")),
+        "bench left a scratch file"
+    );
+}
