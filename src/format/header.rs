@@ -496,3 +496,190 @@ pub fn file_header(section: &[u8], data_offset: u64, data_len: u64) -> [u8; FILE
     out[40..48].copy_from_slice(&data_len.to_le_bytes());
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One tensor entry written field by field, so that any field can hold a value the types would forbid.
+    struct RawEntry {
+        name: Vec<u8>,
+        dtype: u8,
+        codec: u8,
+        shape: Vec<u64>,
+        block_units: u32,
+        blocks: Vec<(u32, u8)>,
+    }
+
+    fn u8_tensor(name: &str, n: u64) -> RawEntry {
+        RawEntry {
+            name: name.into(),
+            dtype: 1,
+            codec: 0,
+            shape: vec![n],
+            block_units: 4,
+            blocks: blocks_for(n, 4),
+        }
+    }
+
+    fn blocks_for(n: u64, per: u64) -> Vec<(u32, u8)> {
+        (0..n.div_ceil(per))
+            .map(|k| ((per.min(n - k * per)) as u32, 0))
+            .collect()
+    }
+
+    fn source_for(entries: &[(&str, u64)]) -> String {
+        let mut offset = 0;
+        let parts: Vec<String> = entries
+            .iter()
+            .map(|(name, n)| {
+                let s = format!(
+                    r#""{name}":{{"dtype":"U8","shape":[{n}],"data_offsets":[{offset},{}]}}"#,
+                    offset + n
+                );
+                offset += n;
+                s
+            })
+            .collect();
+        format!("{{{}}}", parts.join(","))
+    }
+
+    /// A whole file: fixed header (checksum correct), header section, and raw blocks of 0xAB bytes.
+    fn file(source: &str, entries: &[RawEntry], tensor_count: Option<u32>) -> Vec<u8> {
+        let mut s = Vec::new();
+        s.extend_from_slice(&(source.len() as u64).to_le_bytes());
+        s.extend_from_slice(source.as_bytes());
+        s.extend_from_slice(&tensor_count.unwrap_or(entries.len() as u32).to_le_bytes());
+        let mut data = Vec::new();
+        for e in entries {
+            s.extend_from_slice(&(e.name.len() as u16).to_le_bytes());
+            s.extend_from_slice(&e.name);
+            s.extend_from_slice(&[e.dtype, e.codec, e.shape.len() as u8]);
+            for d in &e.shape {
+                s.extend_from_slice(&d.to_le_bytes());
+            }
+            s.extend_from_slice(&e.block_units.to_le_bytes());
+            s.extend_from_slice(&0u32.to_le_bytes());
+            s.extend_from_slice(&(e.blocks.len() as u32).to_le_bytes());
+            if !e.blocks.is_empty() {
+                data.resize(
+                    align_up(data.len() as u64, TENSOR_ALIGN).unwrap() as usize,
+                    0,
+                );
+            }
+            for (k, &(len, mode)) in e.blocks.iter().enumerate() {
+                if k > 0 {
+                    data.resize(
+                        align_up(data.len() as u64, BLOCK_ALIGN).unwrap() as usize,
+                        0,
+                    );
+                }
+                let payload = vec![0xAB; len as usize];
+                s.extend_from_slice(&len.to_le_bytes());
+                s.extend_from_slice(&[mode, 0, 0, 0]);
+                s.extend_from_slice(&checksum(&payload).to_le_bytes());
+                data.extend_from_slice(&payload);
+            }
+        }
+        let data_offset = align_up((FILE_HEADER_LEN + s.len()) as u64, TENSOR_ALIGN).unwrap();
+        let mut out = file_header(&s, data_offset, data.len() as u64).to_vec();
+        out.extend_from_slice(&s);
+        out.resize(data_offset as usize, 0);
+        out.extend_from_slice(&data);
+        out
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        match parse(bytes) {
+            Ok(_) => panic!("parsed"),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_file_parses_with_derived_offsets() {
+        let f = file(
+            &source_for(&[("a", 10), ("b", 3)]),
+            &[u8_tensor("a", 10), u8_tensor("b", 3)],
+            None,
+        );
+        let h = parse(&f).unwrap();
+        assert_eq!(h.tensors.len(), 2);
+        let offsets: Vec<u64> = h
+            .tensors
+            .iter()
+            .flat_map(|t| t.blocks.iter().map(|b| b.offset - h.data_offset))
+            .collect();
+        assert_eq!(offsets, vec![0, 16, 32, 64]);
+    }
+
+    #[test]
+    fn fixed_header_errors() {
+        let good = file(&source_for(&[("a", 10)]), &[u8_tensor("a", 10)], None);
+        assert!(
+            err(&good[..20]).starts_with("BadMagic") || err(&good[..20]).starts_with("Truncated")
+        );
+        assert!(err(b"GGUF\0\0\0\0 more bytes than the magic").starts_with("BadMagic"));
+        for (pos, value) in [(8, 2u8), (10, 1), (12, 1)] {
+            let mut f = good.clone();
+            f[pos] = value;
+            assert!(err(&f).starts_with("UnsupportedVersion"), "byte {pos}");
+        }
+        let mut f = good.clone();
+        f[24] ^= 1; // header checksum
+        assert!(err(&f).starts_with("ChecksumMismatch"));
+        let mut f = good.clone();
+        f[16..24].copy_from_slice(&u64::MAX.to_le_bytes()); // header_len past the end
+        assert!(err(&f).starts_with("Truncated"));
+        let mut f = good.clone();
+        f.push(0); // data_len no longer reaches the end
+        assert!(err(&f).starts_with("Truncated"));
+    }
+
+    #[test]
+    fn hostile_counts_are_refused_before_allocating() {
+        let src = source_for(&[("a", 10)]);
+        assert!(
+            err(&file(&src, &[u8_tensor("a", 10)], Some(u32::MAX))).starts_with("LimitExceeded")
+        );
+        let mut deep = u8_tensor("a", 10);
+        deep.shape = vec![1; 33];
+        assert!(err(&file(&src, &[deep], None)).starts_with("LimitExceeded"));
+        let mut huge = u8_tensor("a", 10);
+        huge.shape = vec![u64::MAX, 3];
+        assert!(err(&file(&src, &[huge], None)).starts_with("LimitExceeded"));
+        let mut big_block = u8_tensor("a", 10);
+        big_block.block_units = (MAX_BLOCK_BYTES + 1) as u32;
+        assert!(err(&file(&src, &[big_block], None)).starts_with("LimitExceeded"));
+        let mut many = u8_tensor("a", 10);
+        many.shape = vec![1 << 40];
+        many.blocks = vec![];
+        // 2^38 blocks declared by the shape, none present: refused as a count mismatch, nothing allocated.
+        assert!(err(&file(&src, &[many], None)).contains("blocks"));
+    }
+
+    #[test]
+    fn bad_ids_names_and_counts() {
+        let src = source_for(&[("a", 10)]);
+        let with = |f: &dyn Fn(&mut RawEntry)| {
+            let mut e = u8_tensor("a", 10);
+            f(&mut e);
+            err(&file(&src, &[e], None))
+        };
+        assert!(with(&|e| e.dtype = 200).starts_with("UnknownDtype"));
+        assert!(with(&|e| e.codec = 9).contains("unknown codec"));
+        assert!(with(&|e| e.blocks[0].1 = 7).contains("unknown mode"));
+        assert!(with(&|e| e.blocks[0].1 = 2).contains("split block in a stored tensor"));
+        assert!(with(&|e| e.name = vec![0xff, 0xfe]).contains("not UTF-8"));
+        assert!(with(&|e| e.block_units = 0).contains("block_units is 0"));
+        assert!(with(&|e| {
+            e.blocks.pop();
+        })
+        .contains("blocks"));
+        assert!(with(&|e| e.blocks[0].0 = 3).contains("raw block of 3 bytes"));
+        assert!(with(&|e| e.name = b"b".to_vec()).contains("does not match the source header"));
+        let dup = source_for(&[("a", 10), ("b", 3)]);
+        let e = err(&file(&dup, &[u8_tensor("a", 10), u8_tensor("a", 3)], None));
+        assert!(e.contains("duplicate tensor name"), "{e}");
+    }
+}
