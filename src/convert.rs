@@ -125,6 +125,9 @@ fn entry(
     }
 }
 
+/// Bytes of a float block that zstd compresses first, to decide whether compressing the whole block is worth it.
+const ZSTD_SAMPLE_BYTES: usize = 8 << 10;
+
 /// One encoded block.
 pub struct EncodedBlock {
     pub mode: BlockMode,
@@ -169,10 +172,21 @@ fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedB
             };
         }
     }
-    let z = zstd::bulk::compress(raw, zstd_level).map_err(|e| NzError::Zstd {
-        what: format!("tensor '{}'", plan.entry.name),
-        message: e.to_string(),
-    })?;
+    let zstd = |bytes: &[u8]| {
+        zstd::bulk::compress(bytes, zstd_level).map_err(|e| NzError::Zstd {
+            what: format!("tensor '{}'", plan.entry.name),
+            message: e.to_string(),
+        })
+    };
+    // zstd beats the float codec only on repetitive blocks; a sample tells them apart cheaply.
+    let sample = &raw[..raw.len().min(ZSTD_SAMPLE_BYTES)];
+    if plan.split.is_some()
+        && raw.len() > ZSTD_SAMPLE_BYTES
+        && zstd(sample)?.len() as f64 / sample.len() as f64 >= best_len as f64 / raw.len() as f64
+    {
+        return Ok(finish(best, raw));
+    }
+    let z = zstd(raw)?;
     if z.len() < best_len {
         best = EncodedBlock {
             mode: BlockMode::Zstd,
@@ -180,10 +194,15 @@ fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedB
             payload: z,
         };
     }
+    Ok(finish(best, raw))
+}
+
+/// The raw payload is copied only when raw wins.
+fn finish(mut best: EncodedBlock, raw: &[u8]) -> EncodedBlock {
     if best.mode == BlockMode::Raw {
         best.payload = raw.to_vec();
     }
-    Ok(best)
+    best
 }
 
 /// Plans every tensor of `source` (in parallel).

@@ -77,7 +77,7 @@ impl Dtype {
     /// Bytes per element, for whole-byte types.
     pub fn byte_width(self) -> Option<usize> {
         let bits = self.bits();
-        (bits % 8 == 0).then_some(bits as usize / 8)
+        bits.is_multiple_of(8).then_some(bits as usize / 8)
     }
 
     /// Exponent width in bits, for the float types (used by `analyze`).

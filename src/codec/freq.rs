@@ -229,7 +229,7 @@ struct BitWriter {
 
 impl BitWriter {
     fn push(&mut self, bit: u32) {
-        if self.bit % 8 == 0 {
+        if self.bit.is_multiple_of(8) {
             self.bytes.push(0);
         }
         if bit != 0 {
@@ -311,32 +311,24 @@ pub fn entropy_bits(counts: &[u64]) -> f64 {
         .sum()
 }
 
-/// The decoder's view of a table: for every slot, the symbol and `(freq, slot - cum)`.
+/// The decoder's view of a table: one entry per slot, `symbol << 32 | freq << 16 | (slot - cum)`, so a
+/// decode step is a single load. (`freq <= 2^15` and `slot - cum < freq` fit 16 bits each.)
 #[derive(Clone, Debug)]
 pub struct DecodeTable {
     pub prob_bits: u32,
-    /// Symbol for each of the `1 << prob_bits` slots.
-    pub symbol: Vec<u16>,
-    /// `freq << 16 | (slot - cum)` for each slot.
-    pub freq_bias: Vec<u32>,
+    pub entries: Vec<u64>,
 }
 
 impl DecodeTable {
     pub fn new(table: &FreqTable) -> DecodeTable {
-        let slots = 1usize << table.prob_bits;
-        let mut symbol = Vec::with_capacity(slots);
-        let mut freq_bias = Vec::with_capacity(slots);
+        let mut entries = Vec::with_capacity(1usize << table.prob_bits);
         for (s, &f) in table.freqs.iter().enumerate() {
-            for bias in 0..f {
-                symbol.push(s as u16);
-                freq_bias.push((f << 16) | bias);
-            }
+            entries.extend((0..f).map(|bias| (s as u64) << 32 | (f as u64) << 16 | bias as u64));
         }
-        debug_assert_eq!(symbol.len(), slots);
+        debug_assert_eq!(entries.len(), 1 << table.prob_bits);
         DecodeTable {
             prob_bits: table.prob_bits,
-            symbol,
-            freq_bias,
+            entries,
         }
     }
 }

@@ -81,38 +81,45 @@ pub fn decode(
     fields: &mut [FieldOutput<'_>],
     n: usize,
 ) -> Result<(), StreamError> {
-    if words.len() % 2 != 0 {
+    if !words.len().is_multiple_of(2) {
         return Err(StreamError("word stream has an odd byte length"));
     }
     if states.iter().any(|&x| x < STATE_LOWER) {
         return Err(StreamError("initial state below 2^16"));
     }
-    let word_count = words.len() / 2;
+    let (words, _) = words.as_chunks::<2>();
+    let word_count = words.len();
     let mut x = *states;
     let mut pos = 0usize;
-    #[allow(clippy::needless_range_loop)]
-    // the lane index is the spec's `j`: kept to mirror its pseudo-code
+    // Renormalization is branchless: every lane reads the next word (0 past the end) and keeps it only if its
+    // state fell below L. Reading past the end is remembered and reported once the block is done.
+    let mut overrun = false;
     for step in 0..n.div_ceil(LANES) {
         let base = step * LANES;
         let lanes = (n - base).min(LANES);
         for field in fields.iter_mut() {
             let table = field.table;
             let mask = (1u32 << table.prob_bits) - 1;
-            for lane in 0..lanes {
-                let slot = (x[lane] & mask) as usize;
-                let freq_bias = table.freq_bias[slot];
-                field.out[base + lane] = table.symbol[slot];
-                x[lane] = (freq_bias >> 16) * (x[lane] >> table.prob_bits) + (freq_bias & 0xffff);
-                if x[lane] < STATE_LOWER {
-                    if pos >= word_count {
-                        return Err(StreamError("word stream ends early"));
-                    }
-                    let word = u16::from_le_bytes([words[2 * pos], words[2 * pos + 1]]);
-                    x[lane] = (x[lane] << WORD_BITS) | word as u32;
-                    pos += 1;
-                }
+            let out = &mut field.out[base..base + lanes];
+            for (state, symbol) in x[..lanes].iter_mut().zip(out) {
+                let entry = table.entries[(*state & mask) as usize];
+                *symbol = (entry >> 32) as u16;
+                let decoded = ((entry >> 16) & 0xffff) as u32 * (*state >> table.prob_bits)
+                    + (entry & 0xffff) as u32;
+                let need = decoded < STATE_LOWER;
+                let word = words.get(pos).map_or(0, |w| u16::from_le_bytes(*w));
+                overrun |= need & (pos >= word_count);
+                *state = if need {
+                    (decoded << WORD_BITS) | word as u32
+                } else {
+                    decoded
+                };
+                pos += need as usize;
             }
         }
+    }
+    if overrun {
+        return Err(StreamError("word stream ends early"));
     }
     if pos != word_count {
         return Err(StreamError("words left over after the last element"));

@@ -211,10 +211,24 @@ impl SplitParams {
 
 /// Reads element `i` of little-endian `bytes` with `width` bytes per element.
 #[inline]
-fn read_element(bytes: &[u8], width: usize, i: usize) -> u64 {
-    let mut buf = [0u8; 8];
-    buf[..width].copy_from_slice(&bytes[i * width..(i + 1) * width]);
-    u64::from_le_bytes(buf)
+/// The little-endian elements of `bytes` (`width` bytes each) as integers, one pass per width.
+pub fn element_values(bytes: &[u8], width: usize) -> Vec<u64> {
+    match width {
+        1 => bytes.iter().map(|&b| b as u64).collect(),
+        2 => bytes
+            .chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]) as u64)
+            .collect(),
+        4 => bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4")) as u64)
+            .collect(),
+        8 => bytes
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().expect("8")))
+            .collect(),
+        _ => unreachable!("element widths are 1, 2, 4 or 8 bytes"),
+    }
 }
 
 fn field_mask(width: u32) -> u64 {
@@ -230,7 +244,8 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
     let width = dtype
         .byte_width()
         .expect("float_split dtypes are whole bytes");
-    let n = block.len() / width;
+    let values = element_values(block, width);
+    let n = values.len();
     let shifts = params.shifts();
     let mut out = Vec::with_capacity(block.len());
     let mut coded: Vec<Vec<u16>> = Vec::new();
@@ -238,8 +253,9 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
         if f.coding == Coding::Rans {
             let mask = field_mask(f.width);
             coded.push(
-                (0..n)
-                    .map(|i| ((read_element(block, width, i) >> shift) & mask) as u16)
+                values
+                    .iter()
+                    .map(|&v| ((v >> shift) & mask) as u16)
                     .collect(),
             );
         }
@@ -264,7 +280,7 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
         if f.coding == Coding::Raw {
             let mask = field_mask(f.width);
             bitpack::pack(
-                (0..n).map(|i| ((read_element(block, width, i) >> shift) & mask) as u32),
+                values.iter().map(|&v| ((v >> shift) & mask) as u32),
                 f.width,
                 &mut out,
             );
@@ -422,13 +438,15 @@ impl FieldStats {
         let low_count = ((bits - top_bits) / 8) as usize;
         let mut top = vec![0u64; 1 << top_bits];
         let mut low_bytes = vec![vec![0u64; 256]; low_count];
-        for chunk in data.chunks_exact(width) {
-            let mut buf = [0u8; 8];
-            buf[..width].copy_from_slice(chunk);
-            let v = u64::from_le_bytes(buf);
-            top[(v >> (bits - top_bits)) as usize] += 1;
+        for chunk in data.chunks(width << 16) {
+            let values = element_values(&chunk[..chunk.len() / width * width], width);
+            for &v in &values {
+                top[(v >> (bits - top_bits)) as usize] += 1;
+            }
             for (k, hist) in low_bytes.iter_mut().enumerate() {
-                hist[((v >> (8 * (low_count - 1 - k))) & 0xff) as usize] += 1;
+                for &v in &values {
+                    hist[((v >> (8 * (low_count - 1 - k))) & 0xff) as usize] += 1;
+                }
             }
         }
         FieldStats {
@@ -577,11 +595,12 @@ pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<V
             Vec::new()
         });
     }
-    for i in 0..block.len() / width {
-        let v = read_element(block, width, i);
-        for ((f, &s), c) in fields.iter().zip(&shifts).zip(counts.iter_mut()) {
-            if !c.is_empty() {
-                c[((v >> s) & field_mask(f.width)) as usize] += 1;
+    let values = element_values(block, width);
+    for ((f, &s), c) in fields.iter().zip(&shifts).zip(counts.iter_mut()) {
+        if !c.is_empty() {
+            let mask = field_mask(f.width);
+            for &v in &values {
+                c[((v >> s) & mask) as usize] += 1;
             }
         }
     }
