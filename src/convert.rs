@@ -283,6 +283,91 @@ pub fn convert_file(
     Ok(summary)
 }
 
+/// The start of a `.nzt` whose data section has been streamed out by `NztPlan::encode`.
+pub struct NztHead {
+    /// The fixed file header and the header section; zero padding follows up to `data_offset`.
+    pub header: Vec<u8>,
+    pub data_offset: u64,
+    pub data_len: u64,
+    pub tensors: usize,
+}
+
+/// Every tensor's plan, and where the data section will start (the header's size is known before any block
+/// is encoded, so a file writer can stream the data first and write the header last).
+pub struct NztPlan {
+    plans: Vec<TensorPlan>,
+    pub data_offset: u64,
+}
+
+impl NztPlan {
+    pub fn new(source: &SafetensorsFile, opts: &ConvertOptions) -> NztPlan {
+        let plans = plan_all(source, opts);
+        let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
+        let section_len = header::section_len(source.header_json(), &entries);
+        let data_offset =
+            align_up(FILE_HEADER_LEN as u64 + section_len, TENSOR_ALIGN).expect("header fits u64");
+        NztPlan { plans, data_offset }
+    }
+
+    /// Encodes every block, passing the data section to `write_data` in order (alignment padding included),
+    /// then returns the header that goes in front of it.
+    pub fn encode(
+        mut self,
+        source: &SafetensorsFile,
+        opts: &ConvertOptions,
+        progress: &(dyn Fn(u64) + Sync),
+        mut write_data: impl FnMut(&[u8]) -> Result<()>,
+    ) -> Result<NztHead> {
+        let mut placement = Placement::default();
+        let mut records = Vec::new();
+        encode_blocks(source, &self.plans, opts, progress, |ti, k, block| {
+            let padding = placement.place(ti, block.payload.len() as u64);
+            write_data(&[0u8; 64][..padding as usize])?;
+            write_data(&block.payload)?;
+            records.push((
+                ti,
+                k,
+                block.mode,
+                block.payload.len(),
+                checksum(&block.payload),
+            ));
+            Ok(())
+        })?;
+        for (ti, k, mode, len, sum) in records {
+            let b = &mut self.plans[ti].entry.blocks[k];
+            b.stored_len = u32::try_from(len).expect("blocks are at most 16 MiB");
+            b.mode = mode;
+            b.checksum = sum;
+        }
+        let mut entries: Vec<TensorEntry> = self.plans.into_iter().map(|p| p.entry).collect();
+        let data_len = header::assign_offsets(&mut entries, self.data_offset)?;
+        debug_assert_eq!(data_len, placement.end);
+        let section = header::write_section(source.header_json(), &entries);
+        let mut head = header::file_header(&section, self.data_offset, data_len).to_vec();
+        head.extend_from_slice(&section);
+        debug_assert!(head.len() as u64 <= self.data_offset);
+        Ok(NztHead {
+            header: head,
+            data_offset: self.data_offset,
+            data_len,
+            tensors: entries.len(),
+        })
+    }
+}
+
+/// Encodes `source` into a `.nzt` held in memory (for tests, fuzzing and small files).
+pub fn convert_to_vec(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    let head = NztPlan::new(source, opts).encode(source, opts, &|_| {}, |bytes| {
+        data.extend_from_slice(bytes);
+        Ok(())
+    })?;
+    let mut file = head.header;
+    file.resize(head.data_offset as usize, 0);
+    file.extend_from_slice(&data);
+    Ok(file)
+}
+
 /// Converts one safetensors file into a temporary file that becomes `output` only when committed, so that
 /// several outputs (the shards of a checkpoint) can appear together or not at all.
 pub fn convert_uncommitted(
@@ -293,60 +378,28 @@ pub fn convert_uncommitted(
 ) -> Result<(OutputFile, ConvertSummary)> {
     let source = SafetensorsFile::open(input)?;
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
-    let mut plans = plan_all(&source, opts);
-    let header_json = source.header_json();
-    let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
-    let section_len = header::section_len(header_json, &entries);
-    let data_offset =
-        align_up(FILE_HEADER_LEN as u64 + section_len, TENSOR_ALIGN).expect("header fits u64");
-
     let file = out.file();
     let io = |e| NzError::io(output, e);
+    let plan = NztPlan::new(&source, opts);
+    let data_offset = plan.data_offset;
     file.seek(SeekFrom::Start(data_offset)).map_err(io)?;
     let mut writer = BufWriter::with_capacity(1 << 20, &mut *file);
-    let mut placement = Placement::default();
-    let mut records = Vec::new();
-    encode_blocks(&source, &plans, opts, progress, |ti, k, block| {
-        let padding = placement.place(ti, block.payload.len() as u64);
-        writer
-            .write_all(&[0u8; 64][..padding as usize])
-            .map_err(io)?;
-        writer.write_all(&block.payload).map_err(io)?;
-        records.push((
-            ti,
-            k,
-            block.mode,
-            block.payload.len(),
-            checksum(&block.payload),
-        ));
-        Ok(())
+    let head = plan.encode(&source, opts, progress, |bytes| {
+        writer.write_all(bytes).map_err(io)
     })?;
     writer.flush().map_err(io)?;
     drop(writer);
-    for (ti, k, mode, len, sum) in records {
-        let b = &mut plans[ti].entry.blocks[k];
-        b.stored_len = u32::try_from(len).expect("blocks are at most 16 MiB");
-        b.mode = mode;
-        b.checksum = sum;
-    }
-
-    let mut entries: Vec<TensorEntry> = plans.into_iter().map(|p| p.entry).collect();
-    let data_len = header::assign_offsets(&mut entries, data_offset)?;
-    debug_assert_eq!(data_len, placement.end);
-    let section = header::write_section(header_json, &entries);
-    debug_assert_eq!(section.len() as u64, section_len);
+    debug_assert_eq!(head.data_offset, data_offset);
     file.seek(SeekFrom::Start(0)).map_err(io)?;
-    file.write_all(&header::file_header(&section, data_offset, data_len))
-        .map_err(io)?;
-    file.write_all(&section).map_err(io)?;
-    let output_bytes = data_offset + data_len;
+    file.write_all(&head.header).map_err(io)?;
+    let output_bytes = head.data_offset + head.data_len;
     file.set_len(output_bytes).map_err(io)?;
     let summary = ConvertSummary {
         input: input.to_path_buf(),
         output: output.to_path_buf(),
         input_bytes: source.file_len(),
         output_bytes,
-        tensors: entries.len(),
+        tensors: head.tensors,
     };
     Ok((out, summary))
 }

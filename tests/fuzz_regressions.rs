@@ -12,9 +12,9 @@ use neuzip::codec::split::{
     block_field_counts, choose_block_coding, encode_block, encode_local_block, plan,
     split_local_payload, FieldStats, SplitDecoder, SplitParams,
 };
-use neuzip::convert::{encode_blocks, plan_all, ConvertOptions, Placement};
-use neuzip::format::header::{self, TensorEntry};
-use neuzip::format::{align_up, checksum, FILE_HEADER_LEN, TENSOR_ALIGN};
+use neuzip::convert::{convert_to_vec, ConvertOptions};
+use neuzip::format::header;
+use neuzip::format::{checksum, FILE_HEADER_LEN};
 use neuzip::mmap::Bytes;
 use neuzip::source::{parse_header_json, SafetensorsFile};
 use neuzip::{DecodeOptions, Dtype, NztFile};
@@ -127,7 +127,7 @@ fn safetensors(data: &[u8]) {
     }
 }
 
-/// In-memory convert (as `convert::convert_uncommitted` writes files), then decode: must give `data` back.
+/// In-memory convert (`convert::convert_to_vec`), then decode: must give `data` back.
 fn convert_roundtrip(data: &[u8]) {
     let Ok(source) = SafetensorsFile::from_bytes(Bytes::Owned(data.to_vec())) else {
         return;
@@ -138,44 +138,7 @@ fn convert_roundtrip(data: &[u8]) {
         zstd_level: 1,
         replace: false,
     };
-    let mut plans = plan_all(&source, &opts);
-    let header_json = source.header_json();
-    let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
-    let data_offset = align_up(
-        FILE_HEADER_LEN as u64 + header::section_len(header_json, &entries),
-        TENSOR_ALIGN,
-    )
-    .unwrap();
-    let mut body = Vec::new();
-    let mut placement = Placement::default();
-    let mut records = Vec::new();
-    encode_blocks(&source, &plans, &opts, &|_| {}, |ti, k, block| {
-        let padding = placement.place(ti, block.payload.len() as u64);
-        body.resize(body.len() + padding as usize, 0);
-        body.extend_from_slice(&block.payload);
-        records.push((
-            ti,
-            k,
-            block.mode,
-            block.payload.len(),
-            checksum(&block.payload),
-        ));
-        Ok(())
-    })
-    .expect("encode");
-    for (ti, k, mode, len, sum) in records {
-        let b = &mut plans[ti].entry.blocks[k];
-        b.stored_len = len as u32;
-        b.mode = mode;
-        b.checksum = sum;
-    }
-    let mut entries: Vec<TensorEntry> = plans.into_iter().map(|p| p.entry).collect();
-    let data_len = header::assign_offsets(&mut entries, data_offset).unwrap();
-    let section = header::write_section(header_json, &entries);
-    let mut file = header::file_header(&section, data_offset, data_len).to_vec();
-    file.extend_from_slice(&section);
-    file.resize(data_offset as usize, 0);
-    file.extend_from_slice(&body);
+    let file = convert_to_vec(&source, &opts).expect("encode");
     let nzt = NztFile::from_bytes(Bytes::Owned(file)).expect("the encoder's file opens");
     let mut out = Vec::new();
     nzt.write_safetensors(&mut out, |_| {})
