@@ -48,6 +48,23 @@ pub fn unpack(bytes: &[u8], width: u32, n: usize, mut sink: impl FnMut(usize, u3
     }
 }
 
+/// The packed bits of values `8 * group .. 8 * group + 8` (width at most 8), LSB first; values past the end
+/// of `bytes` read as zero.
+#[inline]
+pub fn group_of_8(bytes: &[u8], width: u32, group: usize) -> u64 {
+    debug_assert!(width <= 8);
+    let start = group * width as usize;
+    match bytes.get(start..start + 8) {
+        Some(eight) => u64::from_le_bytes(eight.try_into().expect("8 bytes")),
+        None => {
+            let mut padded = [0u8; 8];
+            let tail = bytes.get(start..).unwrap_or(&[]);
+            padded[..tail.len()].copy_from_slice(tail);
+            u64::from_le_bytes(padded)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,24 +311,73 @@ pub fn entropy_bits(counts: &[u64]) -> f64 {
         .sum()
 }
 
-/// The decoder's view of a table: one entry per slot, `symbol << 32 | freq << 16 | (slot - cum)`, so a
-/// decode step is a single load. (`freq <= 2^15` and `slot - cum < freq` fit 16 bits each.)
+/// The decoder's view of a table, two arrays indexed by slot: `freq << 16 | (slot - cum)` and the symbol.
+/// (`freq <= 2^15` and `slot - cum < freq` fit 16 bits each.)
 #[derive(Clone, Debug)]
 pub struct DecodeTable {
     pub prob_bits: u32,
-    pub entries: Vec<u64>,
+    /// Per slot: `freq << 16 | bias`.
+    pub freq_bias: Vec<u32>,
+    /// Per slot: the symbol.
+    pub symbols: Vec<u16>,
+    /// The same table packed for the SIMD decoders, when it fits.
+    pub packed: Option<PackedTable>,
+}
+
+/// A decode table packed into one `u32` per slot, so a SIMD decoder needs one gather per symbol:
+/// `rank << 24 | (freq - 1) << 12 | (slot - cum)`, where `rank` indexes `alphabet`, the symbols that occur in
+/// ascending order. It exists for tables of at most 12 probability bits and 256 symbols, which covers the
+/// tables the encoder writes for real weights.
+#[derive(Clone, Debug)]
+pub struct PackedTable {
+    pub prob_bits: u32,
+    pub entries: Vec<u32>,
+    pub alphabet: Vec<u16>,
+}
+
+/// Most probability bits a packed table can have.
+pub const PACKED_MAX_PROB_BITS: u32 = 12;
+/// Most symbols a packed table can have.
+pub const PACKED_MAX_SYMBOLS: usize = 256;
+
+impl PackedTable {
+    pub fn new(table: &FreqTable) -> Option<PackedTable> {
+        if table.prob_bits > PACKED_MAX_PROB_BITS {
+            return None;
+        }
+        let mut entries = Vec::with_capacity(1 << table.prob_bits);
+        let mut alphabet = Vec::new();
+        for (s, &f) in table.freqs.iter().enumerate().filter(|(_, &f)| f > 0) {
+            if alphabet.len() == PACKED_MAX_SYMBOLS {
+                return None;
+            }
+            let rank = alphabet.len() as u32;
+            alphabet.push(s as u16);
+            entries.extend((0..f).map(|bias| rank << 24 | (f - 1) << 12 | bias));
+        }
+        Some(PackedTable {
+            prob_bits: table.prob_bits,
+            entries,
+            alphabet,
+        })
+    }
 }
 
 impl DecodeTable {
     pub fn new(table: &FreqTable) -> DecodeTable {
-        let mut entries = Vec::with_capacity(1usize << table.prob_bits);
+        let slots = 1usize << table.prob_bits;
+        let mut freq_bias = Vec::with_capacity(slots);
+        let mut symbols = Vec::with_capacity(slots);
         for (s, &f) in table.freqs.iter().enumerate() {
-            entries.extend((0..f).map(|bias| (s as u64) << 32 | (f as u64) << 16 | bias as u64));
+            freq_bias.extend((0..f).map(|bias| f << 16 | bias));
+            symbols.extend(std::iter::repeat_n(s as u16, f as usize));
         }
-        debug_assert_eq!(entries.len(), 1 << table.prob_bits);
+        debug_assert_eq!(freq_bias.len(), slots);
         DecodeTable {
             prob_bits: table.prob_bits,
-            entries,
+            freq_bias,
+            symbols,
+            packed: PackedTable::new(table),
         }
     }
 }

@@ -4,4 +4,5 @@
 pub mod bitpack;
 pub mod freq;
 pub mod rans;
+pub mod simd;
 pub mod split;

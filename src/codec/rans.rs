@@ -8,7 +8,7 @@
 //! State invariant: between symbols every state lies in `[STATE_LOWER, 2^32)`. The encoder starts each lane at
 //! `STATE_LOWER`, so a decoder that ends anywhere else, or with words left over, has read corrupt data.
 
-use super::freq::{DecodeTable, FreqTable};
+use super::freq::{DecodeTable, FreqTable, PackedTable};
 
 pub const LANES: usize = 32;
 /// Lower bound `L` of the normalized state interval.
@@ -81,55 +81,140 @@ pub fn decode(
     fields: &mut [FieldOutput<'_>],
     n: usize,
 ) -> Result<(), StreamError> {
-    if !words.len().is_multiple_of(2) {
-        return Err(StreamError("word stream has an odd byte length"));
+    let mut cursor = Cursor::start(states, words)?;
+    cursor.scalar_steps(words, fields, 0, n);
+    cursor.finish(words)
+}
+
+/// Decodes the elements of a single coded field as ranks into the packed table's alphabet (`ranks.len()`
+/// elements): the fast path. It accepts and rejects exactly what `decode` does and gives the same symbols.
+/// Full steps run in a SIMD kernel when the CPU has one (AVX-512 or AVX2, detected at run time) while at least
+/// 32 words remain, so no vector load leaves the stream; a scalar loop with the same arithmetic finishes.
+pub fn decode_ranks(
+    states: &[u32; LANES],
+    words: &[u8],
+    table: &PackedTable,
+    ranks: &mut [u8],
+) -> Result<(), StreamError> {
+    decode_ranks_with(super::simd::Kernel::selected(), states, words, table, ranks)
+}
+
+/// `decode_ranks` with a chosen kernel (one the CPU lacks runs scalar).
+pub fn decode_ranks_with(
+    kernel: super::simd::Kernel,
+    states: &[u32; LANES],
+    words: &[u8],
+    table: &PackedTable,
+    ranks: &mut [u8],
+) -> Result<(), StreamError> {
+    let mut cursor = Cursor::start(states, words)?;
+    let done =
+        super::simd::decode_steps_with(kernel, &mut cursor.x, &mut cursor.pos, words, table, ranks);
+    cursor.packed_steps(words, table, ranks, done * LANES);
+    cursor.finish(words)
+}
+/// Decoder state between steps: the lane states, the next word and whether a lane read past the end.
+struct Cursor {
+    x: [u32; LANES],
+    pos: usize,
+    overrun: bool,
+}
+
+impl Cursor {
+    fn start(states: &[u32; LANES], words: &[u8]) -> Result<Cursor, StreamError> {
+        if !words.len().is_multiple_of(2) {
+            return Err(StreamError("word stream has an odd byte length"));
+        }
+        if states.iter().any(|&x| x < STATE_LOWER) {
+            return Err(StreamError("initial state below 2^16"));
+        }
+        Ok(Cursor {
+            x: *states,
+            pos: 0,
+            overrun: false,
+        })
     }
-    if states.iter().any(|&x| x < STATE_LOWER) {
-        return Err(StreamError("initial state below 2^16"));
+
+    /// Decodes elements `from..n` (`from` a multiple of 32).
+    fn scalar_steps(
+        &mut self,
+        words: &[u8],
+        fields: &mut [FieldOutput<'_>],
+        from: usize,
+        n: usize,
+    ) {
+        let (words, _) = words.as_chunks::<2>();
+        let word_count = words.len();
+        let Cursor { x, pos, overrun } = self;
+        // Renormalization is branchless: every lane reads the next word (0 past the end) and keeps it only if
+        // its state fell below L. Reading past the end is remembered and reported once the block is done.
+        for base in (from..n).step_by(LANES) {
+            let lanes = (n - base).min(LANES);
+            for field in fields.iter_mut() {
+                let table = field.table;
+                let mask = (1u32 << table.prob_bits) - 1;
+                let out = &mut field.out[base..base + lanes];
+                for (state, symbol) in x[..lanes].iter_mut().zip(out) {
+                    let slot = (*state & mask) as usize;
+                    let entry = table.freq_bias[slot];
+                    *symbol = table.symbols[slot];
+                    let decoded = (entry >> 16) * (*state >> table.prob_bits) + (entry & 0xffff);
+                    let need = decoded < STATE_LOWER;
+                    let word = words.get(*pos).map_or(0, |w| u16::from_le_bytes(*w));
+                    *overrun |= need & (*pos >= word_count);
+                    *state = if need {
+                        (decoded << WORD_BITS) | word as u32
+                    } else {
+                        decoded
+                    };
+                    *pos += need as usize;
+                }
+            }
+        }
     }
-    let (words, _) = words.as_chunks::<2>();
-    let word_count = words.len();
-    let mut x = *states;
-    let mut pos = 0usize;
-    // Renormalization is branchless: every lane reads the next word (0 past the end) and keeps it only if its
-    // state fell below L. Reading past the end is remembered and reported once the block is done.
-    let mut overrun = false;
-    for step in 0..n.div_ceil(LANES) {
-        let base = step * LANES;
-        let lanes = (n - base).min(LANES);
-        for field in fields.iter_mut() {
-            let table = field.table;
-            let mask = (1u32 << table.prob_bits) - 1;
-            let out = &mut field.out[base..base + lanes];
-            for (state, symbol) in x[..lanes].iter_mut().zip(out) {
+
+    /// `scalar_steps` for one field through a packed table, writing ranks: elements `from..ranks.len()`.
+    fn packed_steps(&mut self, words: &[u8], table: &PackedTable, ranks: &mut [u8], from: usize) {
+        let (words, _) = words.as_chunks::<2>();
+        let mask = (1u32 << table.prob_bits) - 1;
+        for base in (from..ranks.len()).step_by(LANES) {
+            let lanes = (ranks.len() - base).min(LANES);
+            for (state, rank) in self.x[..lanes]
+                .iter_mut()
+                .zip(&mut ranks[base..base + lanes])
+            {
                 let entry = table.entries[(*state & mask) as usize];
-                *symbol = (entry >> 32) as u16;
-                let decoded = ((entry >> 16) & 0xffff) as u32 * (*state >> table.prob_bits)
-                    + (entry & 0xffff) as u32;
+                *rank = (entry >> 24) as u8;
+                let freq = ((entry >> 12) & 0xfff) + 1;
+                let decoded = freq * (*state >> table.prob_bits) + (entry & 0xfff);
                 let need = decoded < STATE_LOWER;
-                let word = words.get(pos).map_or(0, |w| u16::from_le_bytes(*w));
-                overrun |= need & (pos >= word_count);
+                let word = words.get(self.pos).map_or(0, |w| u16::from_le_bytes(*w));
+                self.overrun |= need & (self.pos >= words.len());
                 *state = if need {
                     (decoded << WORD_BITS) | word as u32
                 } else {
                     decoded
                 };
-                pos += need as usize;
+                self.pos += need as usize;
             }
         }
     }
-    if overrun {
-        return Err(StreamError("word stream ends early"));
+
+    /// The end checks: no read past the end, no word left over, every lane back at the encoder's start.
+    fn finish(self, words: &[u8]) -> Result<(), StreamError> {
+        if self.overrun {
+            return Err(StreamError("word stream ends early"));
+        }
+        if self.pos != words.len() / 2 {
+            return Err(StreamError("words left over after the last element"));
+        }
+        if self.x.iter().any(|&s| s != STATE_LOWER) {
+            return Err(StreamError(
+                "final state is not the encoder's initial state",
+            ));
+        }
+        Ok(())
     }
-    if pos != word_count {
-        return Err(StreamError("words left over after the last element"));
-    }
-    if x.iter().any(|&s| s != STATE_LOWER) {
-        return Err(StreamError(
-            "final state is not the encoder's initial state",
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -202,6 +287,80 @@ mod tests {
         }
         round_trip(70_000, &[12, 8], 15, 99);
         round_trip(5000, &[1], 1, 5);
+    }
+
+    /// Every kernel the CPU has, against the reference: same symbols on valid streams, same verdict (and
+    /// message) on damaged ones.
+    #[test]
+    fn fast_kernels_match_the_reference() {
+        use crate::codec::freq::PackedTable;
+        use crate::codec::simd::Kernel;
+        let kernels = Kernel::available();
+        let mut seed = 7u64;
+        for (n, bits, prob_bits) in [
+            (0, 4, 4),
+            (31, 6, 12),
+            (32, 8, 1),
+            (1000, 10, 12),
+            (4097, 11, 9),
+            (70_000, 8, 12),
+            (131_072, 11, 12),
+        ] {
+            let symbols = skewed_symbols(n, bits, n as u64 + bits as u64);
+            let mut counts = histogram(symbols.iter().map(|&v| v as u32), bits);
+            counts[0] += 1;
+            let Some(table) = FreqTable::from_counts(&counts, bits, prob_bits) else {
+                continue;
+            };
+            let packed = PackedTable::new(&table).expect("small alphabet packs");
+            let dt = DecodeTable::new(&table);
+            let enc = encode(
+                &[FieldSymbols {
+                    symbols: &symbols,
+                    table: &table,
+                }],
+                n,
+            );
+            let bytes: Vec<u8> = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let mut cases = vec![(enc.states, bytes.clone())];
+            for _ in 0..6 {
+                let mut damaged = bytes.clone();
+                if !damaged.is_empty() {
+                    let at = (xorshift(&mut seed) as usize) % damaged.len();
+                    damaged[at] ^= 1 << (xorshift(&mut seed) % 8);
+                }
+                cases.push((enc.states, damaged));
+            }
+            cases.push((enc.states, bytes[..bytes.len().saturating_sub(2)].to_vec()));
+            for (states, words) in &cases {
+                let mut expected = vec![0u16; n];
+                let reference = decode(
+                    states,
+                    words,
+                    &mut [FieldOutput {
+                        out: &mut expected,
+                        table: &dt,
+                    }],
+                    n,
+                );
+                for &kernel in &kernels {
+                    let mut ranks = vec![0u8; n];
+                    let fast = decode_ranks_with(kernel, states, words, &packed, &mut ranks);
+                    assert_eq!(
+                        fast, reference,
+                        "{kernel:?} n={n} bits={bits} prob_bits={prob_bits}"
+                    );
+                    if reference.is_ok() {
+                        let got: Vec<u16> =
+                            ranks.iter().map(|&r| packed.alphabet[r as usize]).collect();
+                        assert_eq!(
+                            got, expected,
+                            "{kernel:?} n={n} bits={bits} prob_bits={prob_bits}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

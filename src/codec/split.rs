@@ -7,7 +7,7 @@
 //! field values, rANS-codes the coded fields through 32 lanes and packs the raw ones; 3. `SplitDecoder` reverses it.
 
 use super::bitpack;
-use super::freq::{DecodeTable, FreqTable, TableError, MAX_SYMBOL_BITS};
+use super::freq::{DecodeTable, FreqTable, PackedTable, TableError, MAX_SYMBOL_BITS};
 use super::rans::{self, FieldOutput, FieldSymbols, LANES};
 use crate::dtype::Dtype;
 use std::sync::Arc;
@@ -38,10 +38,13 @@ pub struct SplitParams {
 /// Most fields a layout may have.
 pub const MAX_FIELDS: usize = 8;
 /// Highest probability precision the encoder picks for a tensor's tables (the decoder accepts up to
-/// `freq::MAX_PROB_BITS`).
-pub const ENCODER_MAX_PROB_BITS: u32 = 14;
-/// Highest precision for a block's own tables: lower, because the decoder expands them once per block.
+/// `freq::MAX_PROB_BITS`): 12 bits keep the fast decoder's tables inside a core's L1 cache.
+pub const ENCODER_MAX_PROB_BITS: u32 = 12;
+/// Highest precision for a block's own tables, which the decoder expands once per block.
 pub const ENCODER_MAX_LOCAL_PROB_BITS: u32 = 12;
+/// Fewest bits per element a field below the first coded one must save to be coded too: every coded field
+/// costs the decoder a table lookup per element, about as much as the first one.
+pub const MIN_SECONDARY_GAIN_BITS: f64 = 0.2;
 const ENCODER_MIN_PROB_BITS: u32 = 8;
 /// Fixed bytes of a split block's rANS part: 32 states and the word count.
 pub const RANS_HEADER_BYTES: usize = LANES * 4 + 4;
@@ -354,27 +357,46 @@ impl SplitDecoder {
     }
 
     /// Decodes a split payload of `out.len() / width` elements into `out` (little-endian elements).
+    /// Takes the fast path (one coded field through a packed table, SIMD where the CPU has it) when the layout
+    /// allows, the reference path otherwise; both give the same bytes and the same errors.
     pub fn decode_block(&self, payload: &[u8], out: &mut [u8]) -> Result<(), rans::StreamError> {
+        self.decode_block_with(payload, out, true)
+    }
+
+    /// `decode_block` on the reference path only: the oracle the fast path is tested against.
+    pub fn decode_block_reference(
+        &self,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), rans::StreamError> {
+        self.decode_block_with(payload, out, false)
+    }
+
+    fn decode_block_with(
+        &self,
+        payload: &[u8],
+        out: &mut [u8],
+        fast: bool,
+    ) -> Result<(), rans::StreamError> {
         let n = out.len() / self.width;
+        let coded = self.tables.len();
+        let (rans_part, raw_start) = self.rans_part(payload, n)?;
+        let packed = self.fast_table().filter(|_| fast);
+        if let (Some((states, words)), Some(packed)) = (rans_part, packed) {
+            return SCRATCH.with_borrow_mut(|ranks| {
+                ranks.clear();
+                ranks.resize(n, 0);
+                rans::decode_ranks(&states, words, packed, ranks)?;
+                match self.width {
+                    2 => self.merge::<2>(ranks, &packed.alphabet, &payload[raw_start..], out),
+                    _ => self.merge::<4>(ranks, &packed.alphabet, &payload[raw_start..], out),
+                }
+                Ok(())
+            });
+        }
         let mut values = vec![0u64; n];
-        let mut pos = 0usize;
-        if self.params.has_rans() {
-            let header = payload
-                .get(..RANS_HEADER_BYTES)
-                .ok_or(rans::StreamError("payload shorter than the rANS header"))?;
-            let mut states = [0u32; LANES];
-            for (s, chunk) in states.iter_mut().zip(header.chunks_exact(4)) {
-                *s = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
-            }
-            let word_count =
-                u32::from_le_bytes(header[LANES * 4..].try_into().expect("4 bytes")) as usize;
-            if self.params.payload_len(n, word_count) != payload.len() {
-                return Err(rans::StreamError(
-                    "payload length does not match its contents",
-                ));
-            }
-            let words = &payload[RANS_HEADER_BYTES..RANS_HEADER_BYTES + 2 * word_count];
-            let mut symbols: Vec<Vec<u16>> = vec![vec![0u16; n]; self.tables.len()];
+        if let Some((states, words)) = rans_part {
+            let mut symbols: Vec<Vec<u16>> = vec![vec![0u16; n]; coded];
             let mut outputs: Vec<FieldOutput> = symbols
                 .iter_mut()
                 .zip(&self.tables)
@@ -384,24 +406,13 @@ impl SplitDecoder {
                 })
                 .collect();
             rans::decode(&states, words, &mut outputs, n)?;
-            let coded_shifts = self
-                .params
-                .fields
-                .iter()
-                .zip(&self.shifts)
-                .filter(|(f, _)| f.coding == Coding::Rans)
-                .map(|(_, &s)| s);
-            for (field_symbols, shift) in symbols.iter().zip(coded_shifts) {
+            for (field_symbols, shift) in symbols.iter().zip(self.coded_shifts()) {
                 for (v, &s) in values.iter_mut().zip(field_symbols) {
                     *v |= (s as u64) << shift;
                 }
             }
-            pos = align4(RANS_HEADER_BYTES + 2 * word_count);
-        } else if self.params.payload_len(n, 0) != payload.len() {
-            return Err(rans::StreamError(
-                "payload length does not match its contents",
-            ));
         }
+        let mut pos = raw_start;
         for (f, &shift) in self.params.fields.iter().zip(&self.shifts) {
             if f.coding == Coding::Raw {
                 let len = bitpack::packed_len(n, f.width);
@@ -416,6 +427,186 @@ impl SplitDecoder {
         }
         Ok(())
     }
+
+    /// Checks the payload length and splits off the rANS part: (states, words) if any field is coded, and the
+    /// offset of the first raw field.
+    #[allow(clippy::type_complexity)]
+    fn rans_part<'p>(
+        &self,
+        payload: &'p [u8],
+        n: usize,
+    ) -> Result<(Option<([u32; LANES], &'p [u8])>, usize), rans::StreamError> {
+        if !self.params.has_rans() {
+            if self.params.payload_len(n, 0) != payload.len() {
+                return Err(rans::StreamError(
+                    "payload length does not match its contents",
+                ));
+            }
+            return Ok((None, 0));
+        }
+        let header = payload
+            .get(..RANS_HEADER_BYTES)
+            .ok_or(rans::StreamError("payload shorter than the rANS header"))?;
+        let mut states = [0u32; LANES];
+        for (s, chunk) in states.iter_mut().zip(header.chunks_exact(4)) {
+            *s = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+        }
+        let word_count =
+            u32::from_le_bytes(header[LANES * 4..].try_into().expect("4 bytes")) as usize;
+        if self.params.payload_len(n, word_count) != payload.len() {
+            return Err(rans::StreamError(
+                "payload length does not match its contents",
+            ));
+        }
+        let words = &payload[RANS_HEADER_BYTES..RANS_HEADER_BYTES + 2 * word_count];
+        Ok((
+            Some((states, words)),
+            align4(RANS_HEADER_BYTES + 2 * word_count),
+        ))
+    }
+
+    fn coded_shifts(&self) -> impl Iterator<Item = u32> + '_ {
+        self.params
+            .fields
+            .iter()
+            .zip(&self.shifts)
+            .filter(|(f, _)| f.coding == Coding::Rans)
+            .map(|(_, &s)| s)
+    }
+
+    /// The packed table of the fast path: one coded field with a packed table, 2- or 4-byte elements, and raw
+    /// fields at most 8 bits wide (the fused merge's limits). The common layouts of real weights qualify.
+    fn fast_table(&self) -> Option<&PackedTable> {
+        let fits = self.tables.len() == 1
+            && matches!(self.width, 2 | 4)
+            && self
+                .params
+                .fields
+                .iter()
+                .all(|f| f.coding == Coding::Rans || f.width <= 8);
+        self.tables[..].first().filter(|_| fits)?.packed.as_ref()
+    }
+
+    /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each).
+    fn merge<const W: usize>(&self, ranks: &[u8], alphabet: &[u16], raw: &[u8], out: &mut [u8]) {
+        let coded_shift = self.coded_shifts().next().expect("one coded field");
+        let mut raw_fields: Vec<RawField> = Vec::new();
+        let mut pos = 0;
+        for (f, &shift) in self.params.fields.iter().zip(&self.shifts) {
+            if f.coding == Coding::Raw {
+                let len = bitpack::packed_len(ranks.len(), f.width);
+                raw_fields.push(RawField {
+                    bytes: &raw[pos..pos + len],
+                    width: f.width,
+                    shift,
+                });
+                pos += align4(len);
+            }
+        }
+        let mut symbols = [0u32; 256];
+        for (s, &a) in symbols.iter_mut().zip(alphabet) {
+            *s = (a as u32) << coded_shift;
+        }
+        let mut first_group = 0;
+        if W == 2 && raw_fields.len() <= 1 {
+            let symbols16: [u16; 256] = std::array::from_fn(|k| symbols[k] as u16);
+            let raw = raw_fields.first().map(|f| (f.bytes, f.width, f.shift));
+            first_group = super::simd::merge16(ranks, &symbols16, raw, out) / 8;
+            if first_group * 8 == ranks.len() {
+                return;
+            }
+        }
+        let (ranks, out) = (&ranks[first_group * 8..], &mut out[first_group * 8 * W..]);
+        for f in &mut raw_fields {
+            f.bytes = &f.bytes[first_group * f.width as usize..];
+        }
+        match raw_fields[..] {
+            [] => merge_fields::<W, 0>(ranks, &symbols, [], out),
+            [a] => merge_fields::<W, 1>(ranks, &symbols, [a], out),
+            [a, b] => merge_fields::<W, 2>(ranks, &symbols, [a, b], out),
+            [a, b, c] => merge_fields::<W, 3>(ranks, &symbols, [a, b, c], out),
+            _ => merge_fields_any::<W>(ranks, &symbols, &raw_fields, out),
+        }
+    }
+}
+
+/// A raw field of a block: its packed bytes, width (at most 8) and shift in the element.
+#[derive(Clone, Copy)]
+struct RawField<'a> {
+    bytes: &'a [u8],
+    width: u32,
+    shift: u32,
+}
+
+/// The fused merge for `R` raw fields, eight elements per raw-field load.
+fn merge_fields<const W: usize, const R: usize>(
+    ranks: &[u8],
+    symbols: &[u32; 256],
+    fields: [RawField<'_>; R],
+    out: &mut [u8],
+) {
+    let full = ranks.len() / 8;
+    let (out_full, out_tail) = out.split_at_mut(full * 8 * W);
+    for (g, (out8, ranks8)) in out_full
+        .chunks_exact_mut(8 * W)
+        .zip(ranks.chunks_exact(8))
+        .enumerate()
+    {
+        let mut values = [0u32; 8];
+        for (v, &r) in values.iter_mut().zip(ranks8) {
+            *v = symbols[r as usize];
+        }
+        for f in &fields {
+            let bits = bitpack::group_of_8(f.bytes, f.width, g);
+            let mask = (1u64 << f.width) - 1;
+            for (k, v) in values.iter_mut().enumerate() {
+                *v |= (((bits >> (k as u32 * f.width)) & mask) as u32) << f.shift;
+            }
+        }
+        for (chunk, v) in out8.chunks_exact_mut(W).zip(values) {
+            chunk.copy_from_slice(&v.to_le_bytes()[..W]);
+        }
+    }
+    merge_tail::<W>(ranks, symbols, &fields, full, out_tail);
+}
+
+/// The merge for any number of raw fields.
+fn merge_fields_any<const W: usize>(
+    ranks: &[u8],
+    symbols: &[u32; 256],
+    fields: &[RawField<'_>],
+    out: &mut [u8],
+) {
+    merge_tail::<W>(ranks, symbols, fields, 0, out);
+}
+
+/// Merges groups `first_group..` of eight elements one by one.
+fn merge_tail<const W: usize>(
+    ranks: &[u8],
+    symbols: &[u32; 256],
+    fields: &[RawField<'_>],
+    first_group: usize,
+    out: &mut [u8],
+) {
+    let groups = out
+        .chunks_mut(8 * W)
+        .zip(ranks[first_group * 8..].chunks(8));
+    for (g, (out8, ranks8)) in groups.enumerate() {
+        let g = g + first_group;
+        for (k, (chunk, &r)) in out8.chunks_exact_mut(W).zip(ranks8).enumerate() {
+            let mut v = symbols[r as usize];
+            for f in fields {
+                let bits = bitpack::group_of_8(f.bytes, f.width, g);
+                v |= (((bits >> (k as u32 * f.width)) & ((1u64 << f.width) - 1)) as u32) << f.shift;
+            }
+            chunk.copy_from_slice(&v.to_le_bytes()[..W]);
+        }
+    }
+}
+
+thread_local! {
+    /// Per-thread rank buffer of the fast decode path, so blocks do not allocate.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Histograms of a float tensor from which every candidate layout's cost follows.
@@ -512,6 +703,22 @@ fn best_coding(
     best
 }
 
+/// Keeps a secondary field raw unless coding it saves `MIN_SECONDARY_GAIN_BITS` per element.
+fn charge_secondary(
+    cost: f64,
+    table: Option<FreqTable>,
+    width: u32,
+    elements: u64,
+    secondary: bool,
+) -> (f64, Option<FreqTable>) {
+    let raw = (width as u64 * elements) as f64;
+    if secondary && table.is_some() && raw - cost < MIN_SECONDARY_GAIN_BITS * elements as f64 {
+        (raw, None)
+    } else {
+        (cost, table)
+    }
+}
+
 /// A chosen layout and its predicted size.
 pub struct Plan {
     pub params: SplitParams,
@@ -540,6 +747,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut field_counts = Vec::new();
         for (width, counts) in stats.candidate_fields(hi) {
             let (c, table) = best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS);
+            let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
             cost += c;
             match table {
                 Some(t) => {
@@ -710,7 +918,8 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
             ((f.width as u64 * n) as f64, None)
         } else {
             let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
-            (cost, table)
+            let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
+            charge_secondary(cost, table, f.width, n, secondary)
         };
         let mut is_borrowed = false;
         if let Some(shared) = tensor.table_of_field(index) {
@@ -832,6 +1041,57 @@ mod tests {
             let mut longer = payload.clone();
             longer.extend_from_slice(&[0; 4]);
             assert!(decoder.decode_block(&longer, &mut out).is_err());
+        }
+    }
+
+    /// The fast path (packed table, SIMD rANS and merge) against the reference path, for every top-field width
+    /// with the rest raw, on 2- and 4-byte dtypes, block sizes with and without a tail, intact and damaged.
+    #[test]
+    fn fast_path_matches_the_reference() {
+        for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+            let width = dtype.byte_width().unwrap();
+            for elements in [4099usize, 70_001] {
+                let data = gaussian_bf16(elements * width, elements as u64);
+                let stats = FieldStats::gather(dtype, &data);
+                for hi in 1..=12 {
+                    let fields: Vec<(u32, Vec<u64>)> = stats.candidate_fields(hi);
+                    let counts = &fields[0].1;
+                    let Some(table) = FreqTable::from_counts(counts, hi, 12.min(hi + 4)) else {
+                        continue;
+                    };
+                    let params = SplitParams {
+                        fields: fields
+                            .iter()
+                            .enumerate()
+                            .map(|(k, (w, _))| Field {
+                                width: *w,
+                                coding: if k == 0 { Coding::Rans } else { Coding::Raw },
+                            })
+                            .collect(),
+                        tables: vec![table],
+                    };
+                    let decoder = SplitDecoder::new(params.clone(), dtype);
+                    let payload = encode_block(&params, dtype, &data);
+                    let mut fast = vec![0u8; data.len()];
+                    let mut reference = vec![0u8; data.len()];
+                    decoder.decode_block(&payload, &mut fast).unwrap();
+                    decoder
+                        .decode_block_reference(&payload, &mut reference)
+                        .unwrap();
+                    assert_eq!(reference, data, "{dtype} hi={hi}");
+                    assert!(fast == data, "{dtype} hi={hi} n={elements}");
+                    let mut damaged = payload.clone();
+                    let at = RANS_HEADER_BYTES
+                        + (hi as usize * 131) % (payload.len() - RANS_HEADER_BYTES);
+                    damaged[at] ^= 0x20;
+                    let a = decoder.decode_block(&damaged, &mut fast);
+                    let b = decoder.decode_block_reference(&damaged, &mut reference);
+                    assert_eq!(a, b, "{dtype} hi={hi}");
+                    if a.is_ok() {
+                        assert!(fast == reference, "{dtype} hi={hi} damaged");
+                    }
+                }
+            }
         }
     }
 

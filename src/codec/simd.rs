@@ -1,0 +1,351 @@
+//! SIMD kernels of the fast decode path.
+//!
+//! 1. Single-field rANS (`rans::decode_ranks`): the 32 lane states live in vector registers, each lane's packed
+//!    table entry is fetched with one gather, and the shared word stream is handed out with a compare mask, a
+//!    popcount and an expand (AVX-512) or a permute from a small index table (AVX2).
+//! 2. The merge of 2-byte elements (`merge16`): ranks become symbols through a 256-entry table held in
+//!    registers, and the raw low field is unpacked with a byte permute and per-lane shifts (AVX-512 VBMI).
+//!
+//! A kernel only runs full 32-element steps, and only while 32 words remain after the current one, so every
+//! vector load stays inside the stream; the scalar reference finishes the block and does the end checks.
+//! This is the crate's second `unsafe` boundary (the first is `mmap`): target-feature calls and raw-pointer
+//! loads, each justified below. Tests compare every kernel the CPU has with the scalar reference.
+
+use super::freq::PackedTable;
+use super::rans::LANES;
+use std::sync::OnceLock;
+
+/// A decode kernel. `Scalar` runs no bulk steps and leaves everything to the reference loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Kernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Scalar => "scalar",
+            Kernel::Avx2 => "avx2",
+            Kernel::Avx512 => "avx512",
+        }
+    }
+
+    /// Kernels this CPU can run, slowest first.
+    pub fn available() -> Vec<Kernel> {
+        let mut kernels = vec![Kernel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if x86::has_avx2() {
+                kernels.push(Kernel::Avx2);
+            }
+            if x86::has_avx512() {
+                kernels.push(Kernel::Avx512);
+            }
+        }
+        kernels
+    }
+
+    /// The fastest available kernel, or the one `NEUZIP_KERNEL` (scalar, avx2, avx512) names if available.
+    pub fn selected() -> Kernel {
+        static SELECTED: OnceLock<Kernel> = OnceLock::new();
+        *SELECTED.get_or_init(|| {
+            let available = Kernel::available();
+            let wanted = std::env::var("NEUZIP_KERNEL").ok();
+            wanted
+                .and_then(|w| available.iter().copied().find(|k| k.name() == w))
+                .unwrap_or(*available.last().expect("scalar is always there"))
+        })
+    }
+}
+
+/// Runs as many full steps as the selected kernel can from the start of the block; returns the step count.
+pub fn decode_steps(
+    x: &mut [u32; LANES],
+    pos: &mut usize,
+    words: &[u8],
+    table: &PackedTable,
+    ranks: &mut [u8],
+) -> usize {
+    decode_steps_with(Kernel::selected(), x, pos, words, table, ranks)
+}
+
+/// `decode_steps` with a chosen kernel; one this CPU lacks runs no steps.
+pub fn decode_steps_with(
+    kernel: Kernel,
+    x: &mut [u32; LANES],
+    pos: &mut usize,
+    words: &[u8],
+    table: &PackedTable,
+    ranks: &mut [u8],
+) -> usize {
+    if table.entries.len() != 1 << table.prob_bits || !Kernel::available().contains(&kernel) {
+        return 0;
+    }
+    match kernel {
+        Kernel::Scalar => 0,
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
+        Kernel::Avx2 => unsafe { x86::avx2_steps(x, pos, words, table, ranks) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512 => unsafe { x86::avx512_steps(x, pos, words, table, ranks) },
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => 0,
+    }
+}
+
+/// Elements of a 2-byte-element block merged so far by `merge16`: `out[i] = symbols[ranks[i]] | raw[i] << shift`
+/// where `raw` holds `width`-bit values (1..=8) packed LSB-first. It handles whole groups of 32 while 64 raw
+/// bytes can be loaded, and returns how many elements it wrote (a multiple of 32; 0 without AVX-512 VBMI).
+pub fn merge16(
+    ranks: &[u8],
+    symbols: &[u16; 256],
+    raw: Option<(&[u8], u32, u32)>,
+    out: &mut [u8],
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx512_vbmi() && Kernel::selected() == Kernel::Avx512 {
+        // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
+        return unsafe { x86::merge16_avx512(ranks, symbols, raw, out) };
+    }
+    let _ = (ranks, symbols, raw, out);
+    0
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    const L: i32 = super::super::rans::STATE_LOWER as i32;
+
+    pub fn has_avx512() -> bool {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("popcnt")
+    }
+
+    pub fn has_avx512_vbmi() -> bool {
+        has_avx512()
+            && std::arch::is_x86_feature_detected!("avx512bw")
+            && std::arch::is_x86_feature_detected!("avx512vbmi")
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F, BW and VBMI. Memory: groups of 32 elements are handled while
+    /// `32 * (g + 1) <= ranks.len()`, `64 * (g + 1) <= out.len()` and the 64-byte raw load at `4 * width * g`
+    /// stays inside `raw`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    pub(super) unsafe fn merge16_avx512(
+        ranks: &[u8],
+        symbols: &[u16; 256],
+        raw: Option<(&[u8], u32, u32)>,
+        out: &mut [u8],
+    ) -> usize {
+        let table: [__m512i; 8] =
+            std::array::from_fn(|k| _mm512_loadu_si512(symbols.as_ptr().add(32 * k) as *const _));
+        let (raw_bytes, width, shift) = raw.unwrap_or((&[], 1, 0));
+        let mut groups = (ranks.len() / 32).min(out.len() / 64);
+        if raw.is_some() {
+            // the group's 64-byte load starts at 4 * width * g
+            let loadable = match raw_bytes.len().checked_sub(64) {
+                Some(spare) => spare / (4 * width as usize) + 1,
+                None => 0,
+            };
+            groups = groups.min(loadable);
+        }
+        // Word lane i takes the two bytes holding bits i*width.. of the group, shifted down by (i*width) % 8.
+        let mut byte_index = [0u8; 64];
+        let mut bit_shift = [0u16; 32];
+        for i in 0..32 {
+            let bit = i * width as usize;
+            byte_index[2 * i] = (bit / 8) as u8;
+            byte_index[2 * i + 1] = (bit / 8 + 1) as u8;
+            bit_shift[i] = (bit % 8) as u16;
+        }
+        let byte_index = _mm512_loadu_si512(byte_index.as_ptr() as *const _);
+        let bit_shift = _mm512_loadu_si512(bit_shift.as_ptr() as *const _);
+        let field_mask = _mm512_set1_epi16(((1u32 << width) - 1) as i16);
+        let shift = _mm_cvtsi32_si128(shift as i32);
+        let bit6 = _mm512_set1_epi16(0x40);
+        let bit7 = _mm512_set1_epi16(0x80);
+        for g in 0..groups {
+            let idx =
+                _mm512_cvtepu8_epi16(_mm256_loadu_si256(ranks.as_ptr().add(32 * g) as *const _));
+            let t0 = _mm512_permutex2var_epi16(table[0], idx, table[1]);
+            let t1 = _mm512_permutex2var_epi16(table[2], idx, table[3]);
+            let t2 = _mm512_permutex2var_epi16(table[4], idx, table[5]);
+            let t3 = _mm512_permutex2var_epi16(table[6], idx, table[7]);
+            let high6 = _mm512_test_epi16_mask(idx, bit6);
+            let low_half = _mm512_mask_blend_epi16(high6, t0, t1);
+            let high_half = _mm512_mask_blend_epi16(high6, t2, t3);
+            let mut value =
+                _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, bit7), low_half, high_half);
+            if raw.is_some() {
+                let src =
+                    _mm512_loadu_si512(raw_bytes.as_ptr().add(4 * width as usize * g) as *const _);
+                let pairs = _mm512_permutexvar_epi8(byte_index, src);
+                let field = _mm512_and_si512(_mm512_srlv_epi16(pairs, bit_shift), field_mask);
+                value = _mm512_or_si512(value, _mm512_sll_epi16(field, shift));
+            }
+            _mm512_storeu_si512(out.as_mut_ptr().add(64 * g) as *mut _, value);
+        }
+        groups * 32
+    }
+
+    pub fn has_avx2() -> bool {
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F and POPCNT. Memory: gathers index `entries` with `slot < 2^prob_bits ==
+    /// entries.len()`; each half reads 16 words at `p`, and a step starts only while `p + 32 <= word_count`
+    /// (a step consumes at most 32); stores write 16 ranks at `base + half + 16 <= ranks.len()`.
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub(super) unsafe fn avx512_steps(
+        x: &mut [u32; LANES],
+        pos: &mut usize,
+        words: &[u8],
+        table: &PackedTable,
+        ranks: &mut [u8],
+    ) -> usize {
+        let word_count = words.len() / 2;
+        let steps = ranks.len() / LANES;
+        let mask = _mm512_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
+        let low12 = _mm512_set1_epi32(0xfff);
+        let one = _mm512_set1_epi32(1);
+        let lower = _mm512_set1_epi32(L);
+        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
+        let entries = table.entries.as_ptr() as *const i32;
+        let word_ptr = words.as_ptr();
+        let rank_ptr = ranks.as_mut_ptr();
+        let mut states = [
+            _mm512_loadu_si512(x.as_ptr() as *const _),
+            _mm512_loadu_si512(x.as_ptr().add(16) as *const _),
+        ];
+        let mut p = *pos;
+        let mut step = 0;
+        while step < steps && p + 32 <= word_count {
+            let base = step * LANES;
+            let entry = [
+                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[0], mask), entries),
+                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[1], mask), entries),
+            ];
+            for half in 0..2 {
+                let e = entry[half];
+                let freq =
+                    _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e), low12), one);
+                let decoded = _mm512_add_epi32(
+                    _mm512_mullo_epi32(freq, _mm512_srl_epi32(states[half], shift)),
+                    _mm512_and_si512(e, low12),
+                );
+                let need = _mm512_cmplt_epu32_mask(decoded, lower);
+                let fresh =
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(word_ptr.add(2 * p) as *const _));
+                let fresh = _mm512_maskz_expand_epi32(need, fresh);
+                states[half] =
+                    _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
+                p += need.count_ones() as usize;
+                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
+                _mm_storeu_si128(rank_ptr.add(base + 16 * half) as *mut _, rank);
+            }
+            step += 1;
+        }
+        _mm512_storeu_si512(x.as_mut_ptr() as *mut _, states[0]);
+        _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
+        *pos = p;
+        step
+    }
+
+    /// For each 8-bit refill mask, the source word of each lane: lane j takes word `popcount(mask & (2^j - 1))`.
+    /// One byte per lane, eight lanes per entry.
+    static EXPAND_INDEX: [u64; 256] = {
+        let mut table = [0u64; 256];
+        let mut m = 0;
+        while m < 256 {
+            let mut entry = 0u64;
+            let mut j = 0;
+            while j < 8 {
+                let below = (m as u32 & ((1u32 << j) - 1)).count_ones() as u64;
+                entry |= below << (8 * j);
+                j += 1;
+            }
+            table[m] = entry;
+            m += 1;
+        }
+        table
+    };
+
+    /// # Safety
+    /// The CPU must have AVX2 and POPCNT. Memory as for `avx512_steps`, with four 8-lane quarters each reading
+    /// 8 words at `p`.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) unsafe fn avx2_steps(
+        x: &mut [u32; LANES],
+        pos: &mut usize,
+        words: &[u8],
+        table: &PackedTable,
+        ranks: &mut [u8],
+    ) -> usize {
+        let word_count = words.len() / 2;
+        let steps = ranks.len() / LANES;
+        let mask = _mm256_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
+        let low12 = _mm256_set1_epi32(0xfff);
+        let one = _mm256_set1_epi32(1);
+        let zero = _mm256_setzero_si256();
+        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
+        let entries = table.entries.as_ptr() as *const i32;
+        let word_ptr = words.as_ptr();
+        let rank_ptr = ranks.as_mut_ptr();
+        let mut states = [_mm256_setzero_si256(); 4];
+        for (k, s) in states.iter_mut().enumerate() {
+            *s = _mm256_loadu_si256(x.as_ptr().add(8 * k) as *const _);
+        }
+        let mut p = *pos;
+        let mut step = 0;
+        while step < steps && p + 32 <= word_count {
+            let base = step * LANES;
+            let mut entry = [zero; 4];
+            for (e, state) in entry.iter_mut().zip(&states) {
+                *e = _mm256_i32gather_epi32::<4>(entries, _mm256_and_si256(*state, mask));
+            }
+            for (state, &e) in states.iter_mut().zip(&entry) {
+                let freq =
+                    _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32::<12>(e), low12), one);
+                let decoded = _mm256_add_epi32(
+                    _mm256_mullo_epi32(freq, _mm256_srl_epi32(*state, shift)),
+                    _mm256_and_si256(e, low12),
+                );
+                let need_lanes = _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(decoded), zero);
+                let need = _mm256_movemask_ps(_mm256_castsi256_ps(need_lanes)) as usize;
+                let fresh = _mm256_cvtepu16_epi32(_mm_loadu_si128(word_ptr.add(2 * p) as *const _));
+                let index = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(EXPAND_INDEX[need] as i64));
+                let fresh = _mm256_permutevar8x32_epi32(fresh, index);
+                let refilled = _mm256_or_si256(_mm256_slli_epi32::<16>(decoded), fresh);
+                *state = _mm256_blendv_epi8(decoded, refilled, need_lanes);
+                p += need.count_ones() as usize;
+            }
+            // Ranks are the top bytes of the entries: gather byte 3 of every lane, in lane order.
+            let pick = _mm256_setr_epi8(
+                3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+                3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+            );
+            let mut bytes = [0u8; 32];
+            for (k, &e) in entry.iter().enumerate() {
+                let r = _mm256_shuffle_epi8(e, pick);
+                let lo = _mm_cvtsi128_si32(_mm256_castsi256_si128(r)) as u32;
+                let hi = _mm_cvtsi128_si32(_mm256_extracti128_si256::<1>(r)) as u32;
+                bytes[8 * k..8 * k + 4].copy_from_slice(&lo.to_le_bytes());
+                bytes[8 * k + 4..8 * k + 8].copy_from_slice(&hi.to_le_bytes());
+            }
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), rank_ptr.add(base), LANES);
+            step += 1;
+        }
+        for (k, s) in states.iter().enumerate() {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * k) as *mut _, *s);
+        }
+        *pos = p;
+        step
+    }
+}
