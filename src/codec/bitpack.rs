@@ -25,6 +25,24 @@ pub fn pack(values: impl Iterator<Item = u32>, width: u32, out: &mut Vec<u8>) {
     }
 }
 
+/// `pack` for a slice, eight values per step when they are at most 8 bits wide.
+pub fn pack_slice(values: &[u32], width: u32, out: &mut Vec<u8>) {
+    if width > 8 {
+        return pack(values.iter().copied(), width, out);
+    }
+    let groups = values.chunks_exact(8);
+    let rest = groups.remainder();
+    out.reserve(packed_len(values.len(), width));
+    for g in groups {
+        let bits = g
+            .iter()
+            .enumerate()
+            .fold(0u64, |acc, (k, &v)| acc | (v as u64) << (k as u32 * width));
+        out.extend_from_slice(&bits.to_le_bytes()[..width as usize]);
+    }
+    pack(rest.iter().copied(), width, out);
+}
+
 /// Calls `sink(i, value)` for each of the `n` values packed in `bytes`, which must hold `packed_len(n, width)`.
 pub fn unpack(bytes: &[u8], width: u32, n: usize, mut sink: impl FnMut(usize, u32)) {
     debug_assert!(bytes.len() >= packed_len(n, width));
@@ -68,6 +86,21 @@ pub fn group_of_8(bytes: &[u8], width: u32, group: usize) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pack_slice_matches_pack() {
+        for width in 1..=32u32 {
+            for n in [0usize, 1, 7, 8, 9, 64, 1001] {
+                let values: Vec<u32> = (0..n as u64)
+                    .map(|i| ((i * 0x9e37_79b9 + 12345) % (1u64 << width)) as u32)
+                    .collect();
+                let (mut a, mut b) = (Vec::new(), Vec::new());
+                pack(values.iter().copied(), width, &mut a);
+                pack_slice(&values, width, &mut b);
+                assert_eq!(a, b, "width {width} n {n}");
+            }
+        }
+    }
 
     #[test]
     fn round_trips_every_width() {

@@ -63,6 +63,118 @@ pub fn encode(fields: &[FieldSymbols<'_>], n: usize) -> Encoded {
     }
 }
 
+/// A table prepared for `encode_single`: per symbol, the reciprocal of its frequency, so the hot loop does not
+/// divide.
+pub struct EncodeTable {
+    pub(crate) prob_bits: u32,
+    symbols: Vec<EncodeSymbol>,
+    /// For the SIMD encoder, per symbol: `freq << 16 | cum`.
+    pub(crate) freq_cum: Vec<u32>,
+    /// For the SIMD encoder, per symbol: `1 / freq` (0 where freq is 0).
+    pub(crate) inverse: Vec<f64>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct EncodeSymbol {
+    /// `ceil(2^63 / freq)`: for every state `x < 2^32`, `x / freq == (x * reciprocal) >> 63` (the rounding error
+    /// stays below 2^-31, less than the gap `1 / freq` between the fraction of `x / freq` and 1).
+    reciprocal: u64,
+    /// A state at or above `freq << (32 - prob_bits)` must emit a word first.
+    x_max: u64,
+    freq: u32,
+    cum: u32,
+}
+
+impl EncodeTable {
+    pub fn new(table: &FreqTable) -> EncodeTable {
+        let symbols = table
+            .freqs
+            .iter()
+            .zip(&table.cums)
+            .map(|(&freq, &cum)| match freq {
+                0 => EncodeSymbol::default(),
+                _ => EncodeSymbol {
+                    reciprocal: (1u64 << 63).div_ceil(freq as u64),
+                    x_max: (freq as u64) << (32 - table.prob_bits),
+                    freq,
+                    cum,
+                },
+            })
+            .collect();
+        EncodeTable {
+            prob_bits: table.prob_bits,
+            symbols,
+            freq_cum: table
+                .freqs
+                .iter()
+                .zip(&table.cums)
+                .map(|(&f, &c)| f << 16 | c)
+                .collect(),
+            inverse: table
+                .freqs
+                .iter()
+                .map(|&f| if f == 0 { 0.0 } else { 1.0 / f as f64 })
+                .collect(),
+        }
+    }
+}
+
+/// `encode` for a single field, without division or branches: same states and words. Words are written
+/// backwards from the end of a buffer (one slot per symbol is enough), so they come out in decoder order.
+pub fn encode_single(symbols: &[u16], table: &EncodeTable) -> Encoded {
+    let mut buffer = Vec::new();
+    let (states, start) = encode_single_in(symbols, table, &mut buffer);
+    buffer.drain(..start);
+    Encoded {
+        states,
+        words: buffer,
+    }
+}
+
+/// `encode_single` into a reusable buffer: returns the states and where the words start in `buffer`.
+pub fn encode_single_in(
+    symbols: &[u16],
+    table: &EncodeTable,
+    buffer: &mut Vec<u16>,
+) -> ([u32; LANES], usize) {
+    let n = symbols.len();
+    let mut states = [STATE_LOWER; LANES];
+    // One extra slot: every lane writes a word below `pos` whether or not it emits it.
+    buffer.clear();
+    buffer.resize(n + 1, 0);
+    let mut pos = n + 1;
+    let (full, last) = symbols.split_at(n - n % LANES);
+    table.scalar_step(&mut states, last, buffer, &mut pos);
+    let done = super::simd::encode_steps(&mut states, full, table, buffer, &mut pos);
+    for chunk in full[..full.len() - done * LANES].rchunks_exact(LANES) {
+        table.scalar_step(&mut states, chunk, buffer, &mut pos);
+    }
+    (states, pos)
+}
+
+impl EncodeTable {
+    /// Encodes one step (lanes from last to first), writing emitted words below `pos`.
+    fn scalar_step(
+        &self,
+        states: &mut [u32; LANES],
+        chunk: &[u16],
+        buffer: &mut [u16],
+        pos: &mut usize,
+    ) {
+        for (x, &symbol) in states[..chunk.len()].iter_mut().zip(chunk).rev() {
+            let e = self.symbols[symbol as usize];
+            debug_assert!(e.freq > 0, "symbol {symbol} missing from its table");
+            let mut state = *x;
+            let emit = (state as u64 >= e.x_max) as usize;
+            buffer[*pos - 1] = state as u16;
+            *pos -= emit;
+            state >>= WORD_BITS * emit as u32;
+            let q = ((state as u128 * e.reciprocal as u128) >> 63) as u32;
+            *x = (q << self.prob_bits) + (state - q * e.freq) + e.cum;
+        }
+    }
+}
+
 /// Why a stream failed to decode.
 #[derive(Debug, PartialEq, Eq)]
 pub struct StreamError(pub &'static str);
@@ -361,6 +473,50 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn encode_single_matches_encode() {
+        for (n, bits, prob_bits) in [
+            (0, 4, 4),
+            (33, 6, 12),
+            (1000, 10, 1),
+            (70_001, 11, 12),
+            (5000, 12, 15),
+        ] {
+            let symbols = skewed_symbols(n, bits, 3 + n as u64);
+            let mut counts = histogram(symbols.iter().map(|&v| v as u32), bits);
+            counts[1] += 1;
+            let Some(table) = FreqTable::from_counts(&counts, bits, prob_bits) else {
+                continue;
+            };
+            let reference = encode(
+                &[FieldSymbols {
+                    symbols: &symbols,
+                    table: &table,
+                }],
+                n,
+            );
+            assert_eq!(
+                encode_single(&symbols, &EncodeTable::new(&table)),
+                reference,
+                "n={n} pb={prob_bits}"
+            );
+        }
+        // a one-symbol table: frequency 2^prob_bits, reciprocal 2^63
+        let table = FreqTable::from_counts(&[0, 5, 0, 0], 2, 10).unwrap();
+        let symbols = vec![1u16; 100];
+        let reference = encode(
+            &[FieldSymbols {
+                symbols: &symbols,
+                table: &table,
+            }],
+            100,
+        );
+        assert_eq!(
+            encode_single(&symbols, &EncodeTable::new(&table)),
+            reference
+        );
     }
 
     #[test]

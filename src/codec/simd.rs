@@ -96,6 +96,27 @@ pub fn decode_steps_with(
     }
 }
 
+/// Encodes the last full steps of `symbols` (a multiple of 32 long) backwards with AVX-512 when the CPU has it,
+/// writing words below `pos` in `buffer` as `rans::encode_single` does; returns the steps done (from the end).
+pub fn encode_steps(
+    x: &mut [u32; LANES],
+    symbols: &[u16],
+    table: &super::rans::EncodeTable,
+    buffer: &mut [u16],
+    pos: &mut usize,
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx512_vbmi()
+        && Kernel::selected() == Kernel::Avx512
+        && table.freq_cum.len().is_power_of_two()
+    {
+        // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
+        return unsafe { x86::encode_avx512(x, symbols, table, buffer, pos) };
+    }
+    let _ = (x, symbols, table, buffer, pos);
+    0
+}
+
 /// Elements of a 2-byte-element block merged so far by `merge16`: `out[i] = symbols[ranks[i]] | raw[i] << shift`
 /// where `raw` holds `width`-bit values (1..=8) packed LSB-first. It handles whole groups of 32 while 64 raw
 /// bytes can be loaded, and returns how many elements it wrote (a multiple of 32; 0 without AVX-512 VBMI).
@@ -192,6 +213,78 @@ mod x86 {
             _mm512_storeu_si512(out.as_mut_ptr().add(64 * g) as *mut _, value);
         }
         groups * 32
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F, BW and VL. Memory: symbols are masked to the table length (a power of two)
+    /// before the gathers; each step writes at most 32 words below `pos`, and `pos` starts at least one word
+    /// per remaining symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
+    pub(super) unsafe fn encode_avx512(
+        x: &mut [u32; LANES],
+        symbols: &[u16],
+        table: &super::super::rans::EncodeTable,
+        buffer: &mut [u16],
+        pos: &mut usize,
+    ) -> usize {
+        let steps = symbols.len() / LANES;
+        if *pos < symbols.len() || buffer.len() < *pos {
+            return 0;
+        }
+        let pb = table.prob_bits;
+        let symbol_mask = _mm512_set1_epi32((table.freq_cum.len() - 1) as i32);
+        let low16 = _mm512_set1_epi32(0xffff);
+        let half = _mm512_set1_pd(0.5);
+        let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
+        let pb_shift = _mm_cvtsi32_si128(pb as i32);
+        let freq_cum = table.freq_cum.as_ptr() as *const i32;
+        let inverse = table.inverse.as_ptr();
+        let mut states = [
+            _mm512_loadu_si512(x.as_ptr() as *const _),
+            _mm512_loadu_si512(x.as_ptr().add(16) as *const _),
+        ];
+        let mut p = *pos;
+        for step in (0..steps).rev() {
+            for h in [1usize, 0] {
+                let base = step * LANES + 16 * h;
+                let sym = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                    symbols.as_ptr().add(base) as *const _
+                ));
+                let sym = _mm512_and_si512(sym, symbol_mask);
+                let fc = _mm512_i32gather_epi32::<4>(sym, freq_cum);
+                let inv_lo = _mm512_i32gather_pd::<8>(_mm512_castsi512_si256(sym), inverse);
+                let inv_hi = _mm512_i32gather_pd::<8>(_mm512_extracti64x4_epi64::<1>(sym), inverse);
+                let freq = _mm512_srli_epi32::<16>(fc);
+                let cum = _mm512_and_si512(fc, low16);
+                let state = states[h];
+                let emit = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(state, top_shift), freq);
+                let count = emit.count_ones() as usize;
+                let words = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, state));
+                p -= count;
+                _mm256_mask_storeu_epi16(
+                    buffer.as_mut_ptr().add(p) as *mut _,
+                    ((1u32 << count) - 1) as u16,
+                    words,
+                );
+                let state = _mm512_mask_srli_epi32::<16>(state, emit, state);
+                let plus_half_lo =
+                    _mm512_add_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(state)), half);
+                let plus_half_hi = _mm512_add_pd(
+                    _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(state)),
+                    half,
+                );
+                let q_lo = _mm512_cvttpd_epu32(_mm512_mul_pd(plus_half_lo, inv_lo));
+                let q_hi = _mm512_cvttpd_epu32(_mm512_mul_pd(plus_half_hi, inv_hi));
+                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
+                let rest = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
+                states[h] =
+                    _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(q, pb_shift), rest), cum);
+            }
+        }
+        _mm512_storeu_si512(x.as_mut_ptr() as *mut _, states[0]);
+        _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
+        *pos = p;
+        steps
     }
 
     pub fn has_avx2() -> bool {

@@ -247,50 +247,125 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
     let width = dtype
         .byte_width()
         .expect("float_split dtypes are whole bytes");
-    let values = element_values(block, width);
-    let n = values.len();
+    let n = block.len() / width;
     let shifts = params.shifts();
     let mut out = Vec::with_capacity(block.len());
-    let mut coded: Vec<Vec<u16>> = Vec::new();
-    for (f, &shift) in params.fields.iter().zip(&shifts) {
-        if f.coding == Coding::Rans {
-            let mask = field_mask(f.width);
-            coded.push(
-                values
-                    .iter()
-                    .map(|&v| ((v >> shift) & mask) as u16)
-                    .collect(),
-            );
+    if let (2 | 4, [table]) = (width, &params.tables[..]) {
+        match width {
+            2 => encode_single_field::<2>(params, &shifts, table, block, &mut out),
+            _ => encode_single_field::<4>(params, &shifts, table, block, &mut out),
         }
+        return out;
     }
+    let field_values = |shift: u32, bits: u32| -> Vec<u32> {
+        match width {
+            2 => field_of::<2>(block, shift, bits),
+            4 => field_of::<4>(block, shift, bits),
+            _ => element_values(block, width)
+                .iter()
+                .map(|&v| ((v >> shift) & field_mask(bits)) as u32)
+                .collect(),
+        }
+    };
     if params.has_rans() {
+        let coded: Vec<Vec<u16>> = params
+            .fields
+            .iter()
+            .zip(&shifts)
+            .filter(|(f, _)| f.coding == Coding::Rans)
+            .map(|(f, &shift)| {
+                field_values(shift, f.width)
+                    .into_iter()
+                    .map(|v| v as u16)
+                    .collect()
+            })
+            .collect();
         let fields: Vec<FieldSymbols> = coded
             .iter()
             .zip(&params.tables)
             .map(|(symbols, table)| FieldSymbols { symbols, table })
             .collect();
-        let encoded = rans::encode(&fields, n);
+        let encoded = match &fields[..] {
+            [single] => rans::encode_single(single.symbols, &rans::EncodeTable::new(single.table)),
+            _ => rans::encode(&fields, n),
+        };
         for s in encoded.states {
             out.extend_from_slice(&s.to_le_bytes());
         }
         out.extend_from_slice(&(encoded.words.len() as u32).to_le_bytes());
-        for w in &encoded.words {
-            out.extend_from_slice(&w.to_le_bytes());
-        }
+        out.extend(encoded.words.iter().flat_map(|w| w.to_le_bytes()));
         out.resize(align4(out.len()), 0);
     }
     for (f, &shift) in params.fields.iter().zip(&shifts) {
         if f.coding == Coding::Raw {
-            let mask = field_mask(f.width);
-            bitpack::pack(
-                values.iter().map(|&v| ((v >> shift) & mask) as u32),
-                f.width,
-                &mut out,
-            );
+            bitpack::pack_slice(&field_values(shift, f.width), f.width, &mut out);
             out.resize(align4(out.len()), 0);
         }
     }
     out
+}
+
+/// `encode_block` for one coded field of 2- or 4-byte elements, through per-thread buffers.
+fn encode_single_field<const W: usize>(
+    params: &SplitParams,
+    shifts: &[u32],
+    table: &FreqTable,
+    block: &[u8],
+    out: &mut Vec<u8>,
+) {
+    ENCODE_SCRATCH.with_borrow_mut(|(symbols, words, raw)| {
+        let fields = params.fields.iter().zip(shifts);
+        let (coded, &shift) = fields
+            .clone()
+            .find(|(f, _)| f.coding == Coding::Rans)
+            .expect("one coded field");
+        let mask = field_mask(coded.width) as u32;
+        symbols.clear();
+        let element = |c: &[u8]| {
+            let mut le = [0u8; 4];
+            le[..W].copy_from_slice(c);
+            u32::from_le_bytes(le)
+        };
+        symbols.extend(
+            block
+                .chunks_exact(W)
+                .map(|c| ((element(c) >> shift) & mask) as u16),
+        );
+        let (states, start) =
+            rans::encode_single_in(symbols, &rans::EncodeTable::new(table), words);
+        for s in states {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        out.extend_from_slice(&((words.len() - start) as u32).to_le_bytes());
+        out.extend(words[start..].iter().flat_map(|w| w.to_le_bytes()));
+        out.resize(align4(out.len()), 0);
+        for (f, &shift) in fields.filter(|(f, _)| f.coding == Coding::Raw) {
+            let mask = field_mask(f.width) as u32;
+            raw.clear();
+            raw.extend(block.chunks_exact(W).map(|c| (element(c) >> shift) & mask));
+            bitpack::pack_slice(raw, f.width, out);
+            out.resize(align4(out.len()), 0);
+        }
+    });
+}
+
+thread_local! {
+    /// Per-thread buffers of the single-field encoder: symbols, words, one raw field.
+    static ENCODE_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>, Vec<u32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+}
+
+/// One field of every `W`-byte little-endian element.
+fn field_of<const W: usize>(block: &[u8], shift: u32, bits: u32) -> Vec<u32> {
+    let mask = field_mask(bits) as u32;
+    block
+        .chunks_exact(W)
+        .map(|c| {
+            let mut le = [0u8; 4];
+            le[..W].copy_from_slice(c);
+            (u32::from_le_bytes(le) >> shift) & mask
+        })
+        .collect()
 }
 
 /// A tensor's parameters expanded for decoding; build once, decode many blocks.
@@ -650,30 +725,48 @@ impl FieldStats {
     }
 
     /// Histogram of the top `hi` bits.
-    fn top_field(&self, hi: u32) -> Vec<u64> {
+    fn top_field(&self, hi: u32, occurring: &[(usize, u64)]) -> Vec<u64> {
         let shift = self.top_bits - hi;
         let mut h = vec![0u64; 1 << hi];
-        for (v, &c) in self.top.iter().enumerate() {
+        for &(v, c) in occurring {
             h[v >> shift] += c;
         }
         h
     }
 
-    /// Histogram of the `top_bits - hi` bits below the top `hi`.
-    fn mid_field(&self, hi: u32) -> Vec<u64> {
+    /// Histogram of the `top_bits - hi` bits below the top `hi`; empty when too wide to code.
+    fn mid_field(&self, hi: u32, occurring: &[(usize, u64)]) -> Vec<u64> {
         let mid = self.top_bits - hi;
+        if mid > MAX_SYMBOL_BITS {
+            return Vec::new();
+        }
         let mut h = vec![0u64; 1 << mid];
-        for (v, &c) in self.top.iter().enumerate() {
+        for &(v, c) in occurring {
             h[v & ((1 << mid) - 1)] += c;
         }
         h
     }
 
-    /// The fields and their histograms for a top field of `hi` bits.
+    /// The values of the top part that occur, with their counts.
+    fn occurring(&self) -> Vec<(usize, u64)> {
+        self.top
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(v, &c)| (v, c))
+            .collect()
+    }
+
+    /// The fields and their histograms for a top field of `hi` bits (a histogram is empty for a field too
+    /// wide to code).
     pub fn candidate_fields(&self, hi: u32) -> Vec<(u32, Vec<u64>)> {
-        let mut out = vec![(hi, self.top_field(hi))];
+        self.candidate_fields_of(hi, &self.occurring())
+    }
+
+    fn candidate_fields_of(&self, hi: u32, occurring: &[(usize, u64)]) -> Vec<(u32, Vec<u64>)> {
+        let mut out = vec![(hi, self.top_field(hi, occurring))];
         if hi < self.top_bits {
-            out.push((self.top_bits - hi, self.mid_field(hi)));
+            out.push((self.top_bits - hi, self.mid_field(hi, occurring)));
         }
         out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
         out
@@ -739,14 +832,19 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     }
     let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
     let mut best: Option<Plan> = None;
+    let occurring = stats.occurring();
     for hi in 1..=stats.top_bits.min(MAX_SYMBOL_BITS) {
         let mut fields = Vec::new();
         let mut tables = Vec::new();
         let mut cost = 0.0;
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
-        for (width, counts) in stats.candidate_fields(hi) {
-            let (c, table) = best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS);
+        for (width, counts) in stats.candidate_fields_of(hi, &occurring) {
+            let (c, table) = if counts.is_empty() {
+                ((width as u64 * n) as f64, None)
+            } else {
+                best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS)
+            };
             let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
             cost += c;
             match table {
@@ -803,16 +901,54 @@ pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<V
             Vec::new()
         });
     }
-    let values = element_values(block, width);
     for ((f, &s), c) in fields.iter().zip(&shifts).zip(counts.iter_mut()) {
         if !c.is_empty() {
-            let mask = field_mask(f.width);
-            for &v in &values {
-                c[((v >> s) & mask) as usize] += 1;
+            match width {
+                2 => field_histogram::<2>(block, s, f.width, c),
+                4 => field_histogram::<4>(block, s, f.width, c),
+                _ => {
+                    let mask = field_mask(f.width);
+                    for v in element_values(block, width) {
+                        c[((v >> s) & mask) as usize] += 1;
+                    }
+                }
             }
         }
     }
     counts
+}
+
+/// Adds the histogram of one field of `W`-byte elements to `counts`, through four sub-histograms so that
+/// repeated symbols do not serialize on one counter.
+fn field_histogram<const W: usize>(block: &[u8], shift: u32, width: u32, counts: &mut [u64]) {
+    let mask = (1u32 << width) - 1;
+    let value = |c: &[u8]| {
+        let mut le = [0u8; 4];
+        le[..W].copy_from_slice(c);
+        (u32::from_le_bytes(le) >> shift) & mask
+    };
+    let mut sub = vec![[0u32; 4]; counts.len()];
+    // u32 counters: a block holds fewer than 2^32 elements
+    let quads = block.chunks_exact(4 * W);
+    let rest = quads.remainder();
+    for q in quads {
+        let (a, b, c, d) = (
+            value(&q[..W]),
+            value(&q[W..2 * W]),
+            value(&q[2 * W..3 * W]),
+            value(&q[3 * W..]),
+        );
+        sub[a as usize][0] += 1;
+        sub[b as usize][1] += 1;
+        sub[c as usize][2] += 1;
+        sub[d as usize][3] += 1;
+    }
+    for e in rest.chunks_exact(W) {
+        sub[value(e) as usize][0] += 1;
+    }
+    for (total, s) in counts.iter_mut().zip(&sub) {
+        *total += s.iter().map(|&k| k as u64).sum::<u64>();
+    }
 }
 
 /// Predicted bits of a block coded with `params` (the tensor's tables), from the block's field counts.
@@ -914,16 +1050,22 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
     let mut borrowed = Vec::new();
     let mut bits = 0.0;
     for (index, (f, c)) in tensor.fields.iter().zip(counts).enumerate() {
-        let (mut cost, mut table) = if c.is_empty() {
-            ((f.width as u64 * n) as f64, None)
+        let shared_cost = tensor.table_of_field(index).map(|t| t.coded_bits(c));
+        let raw = (f.width as u64 * n) as f64;
+        // An own table costs at least the block's entropy; skip building tables that cannot win.
+        let hopeless = !c.is_empty() && {
+            let entropy = super::freq::entropy_bits(c) * n as f64;
+            entropy >= shared_cost.unwrap_or(f64::INFINITY).min(raw)
+        };
+        let (mut cost, mut table) = if c.is_empty() || hopeless {
+            (raw, None)
         } else {
             let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
             let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
             charge_secondary(cost, table, f.width, n, secondary)
         };
         let mut is_borrowed = false;
-        if let Some(shared) = tensor.table_of_field(index) {
-            let shared_cost = shared.coded_bits(c);
+        if let (Some(shared), Some(shared_cost)) = (tensor.table_of_field(index), shared_cost) {
             if shared_cost <= cost {
                 cost = shared_cost;
                 table = Some(shared.clone());
