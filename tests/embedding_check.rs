@@ -378,3 +378,16 @@ fn vocabularies_need_the_special_tokens_and_keep_the_last_duplicate() {
     let tok = Tokenizer::from_vocab_text(&format!("{SPECIALS}hi\nthere\nhi\n"), true).unwrap();
     assert_eq!(tok.wordpiece("hi"), [6]);
 }
+
+#[test]
+fn a_sentence_embeds_the_same_alone_and_in_a_batch() {
+    let exp = expected();
+    let model = tiny_model(&tiny_dir().join("model.safetensors"));
+    let batch = model.embed(&exp.token_ids).unwrap();
+    for (ids, in_batch) in exp.token_ids.iter().zip(&batch) {
+        assert_eq!(
+            &model.embed(std::slice::from_ref(ids)).unwrap()[0],
+            in_batch
+        );
+    }
+}
