@@ -40,6 +40,14 @@ fn every_kernel_compiles_to_ptx() {
                     "no entry point in the PTX for {arch}"
                 );
                 assert!(ptx.contains(&format!(".target sm_{}", &arch["compute_".len()..])));
+                let header = ptx
+                    .lines()
+                    .filter(|l| l.contains("compilation tools") || l.starts_with(".version"));
+                eprintln!(
+                    "gpu: {arch}: {} bytes of PTX; {}",
+                    ptx.len(),
+                    header.collect::<Vec<_>>().join("; ")
+                );
             }
             Err(NzError::GpuUnavailable { what }) if !nvrtc_required() => {
                 eprintln!("gpu: skipping the PTX check: {what}");
@@ -57,7 +65,10 @@ fn a_kernel_error_shows_the_nvrtc_log() {
     }
     // An architecture NVRTC does not know: the error names it and carries NVRTC's log.
     match neuzip::gpu::compile_ptx("compute_1") {
-        Err(NzError::KernelCompile { message, .. }) => assert!(message.contains("compute_1")),
+        Err(NzError::KernelCompile { message, log, .. }) => {
+            assert!(message.contains("compute_1"), "{message}");
+            assert!(!log.trim().is_empty(), "NVRTC's log is missing");
+        }
         Err(NzError::GpuUnavailable { .. }) if !nvrtc_required() => {}
         other => panic!("expected a compile error, got {:?}", other.map(|k| k.len())),
     }
@@ -116,10 +127,17 @@ fn bench_gpu_reports_figures_or_says_why_not() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     if out.status.success() {
         // A GPU is present: both figures are printed.
-        assert!(stdout.contains("decode GB/s") && stdout.contains("D2D copy GB/s"), "{stdout}");
+        assert!(
+            stdout.contains("decode GB/s") && stdout.contains("D2D copy GB/s"),
+            "{stdout}"
+        );
         return;
     }
-    assert_eq!(out.status.code(), Some(1), "not a clean error exit: {stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "not a clean error exit: {stderr}"
+    );
     let expected = if enabled() {
         "GPU unavailable"
     } else {

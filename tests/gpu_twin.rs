@@ -367,3 +367,24 @@ fn corrupt_streams_are_reported_per_block() {
         Err(NzError::ChecksumMismatch { .. })
     ));
 }
+
+/// Real all-MiniLM-L6-v2 checkpoints (bf16, f16, f32; 22.7 M weights each), converted with the default
+/// options, through the twin. Too slow for CI; run with
+/// `NEUZIP_MINILM_DIR=/path/to/minilm cargo test --release --test gpu_twin -- --ignored`.
+#[test]
+#[ignore]
+fn twin_matches_the_reference_on_real_minilm() {
+    let dir =
+        std::path::PathBuf::from(std::env::var_os("NEUZIP_MINILM_DIR").expect("NEUZIP_MINILM_DIR"));
+    for dtype in ["bf16", "f16", "f32"] {
+        let source =
+            std::fs::read(dir.join(format!("model-{dtype}.safetensors"))).expect("checkpoint");
+        let bytes = convert_bytes(&source, &ConvertOptions::default());
+        let file = open_bytes(bytes.clone()).expect("open");
+        let modes = check_file(dtype, &bytes, &file);
+        eprintln!(
+            "minilm {dtype}: {} tensors, blocks by mode {modes:?}",
+            file.tensors().len()
+        );
+    }
+}
