@@ -6,6 +6,7 @@ use std::path::Path;
 
 use super::{GpuBenchReport, MemoryReport};
 use crate::error::{NzError, Result};
+use crate::format::reader::DecodeOptions;
 
 /// A device buffer (never exists in this build).
 pub struct GpuBuffer {
@@ -33,6 +34,10 @@ pub struct GpuModel {
 
 impl GpuModel {
     pub fn load(_path: &Path, _device: usize) -> Result<GpuModel> {
+        Err(NzError::NoCudaSupport)
+    }
+
+    pub fn load_with(_path: &Path, _device: usize, _options: DecodeOptions) -> Result<GpuModel> {
         Err(NzError::NoCudaSupport)
     }
 

@@ -23,6 +23,7 @@ use super::layout::{host_decode_zstd, status_error, TensorLayout, STATUS_OK};
 use super::{GpuBenchReport, MemoryReport, DECODE_KERNEL, KERNELS};
 use crate::error::{NzError, Result};
 use crate::format::header;
+use crate::format::reader::DecodeOptions;
 use crate::mmap::{map_file, Bytes};
 
 /// Size of each of the two pinned staging buffers.
@@ -95,27 +96,32 @@ pub fn compile_ptx(arch: &str) -> Result<Vec<(String, String)>> {
 
 /// A buffer in device memory.
 pub struct GpuBuffer {
+    /// At least one byte: CUDA allocations cannot be empty.
     slice: CudaSlice<u8>,
+    len: usize,
 }
 
 impl GpuBuffer {
     pub fn len(&self) -> usize {
-        self.slice.len()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.slice.is_empty()
+        self.len == 0
     }
 
     /// Copies the buffer to host memory.
     pub fn to_host(&self) -> Result<Vec<u8>> {
+        if self.len == 0 {
+            return Ok(Vec::new());
+        }
         self.slice
             .stream()
-            .clone_dtoh(&self.slice)
+            .clone_dtoh(&self.slice.slice(0..self.len))
             .map_err(gpu_error("copying a buffer to the host"))
     }
 
-    /// The cudarc slice, to hand to other kernels.
+    /// The cudarc slice, to hand to other kernels (one byte long for an empty buffer).
     pub fn cuda_slice(&self) -> &CudaSlice<u8> {
         &self.slice
     }
@@ -142,8 +148,15 @@ pub struct GpuModel {
 }
 
 impl GpuModel {
-    /// Loads `path` onto CUDA device number `device`: every block payload is copied to device memory, as stored.
+    /// Loads `path` onto CUDA device number `device`: every block payload is copied to device memory, as stored,
+    /// after its checksum is verified.
     pub fn load(path: &Path, device: usize) -> Result<GpuModel> {
+        Self::load_with(path, device, DecodeOptions::default())
+    }
+
+    /// `load`, with the checksums checked or not. Checking them reads the whole file once before the copies;
+    /// without it, the disk reads happen in the staging pass and overlap with the copies to the device.
+    pub fn load_with(path: &Path, device: usize, options: DecodeOptions) -> Result<GpuModel> {
         require_driver()?;
         require_nvrtc()?;
         let file = map_file(path)?;
@@ -176,7 +189,7 @@ impl GpuModel {
         let mut tensors = Vec::with_capacity(header.tensors.len());
         let mut most_smem = 0;
         for tensor in &header.tensors {
-            let layout = TensorLayout::build(&file, tensor, true)?;
+            let layout = TensorLayout::build(&file, tensor, options.verify_checksums)?;
             let warps = layout
                 .warps_per_cta(smem_limit)
                 .ok_or_else(|| NzError::LimitExceeded {
@@ -256,7 +269,7 @@ impl GpuModel {
             .stream
             .alloc_zeros::<u8>(bytes.max(1))
             .map_err(gpu_error(format!("allocating {bytes} bytes")))?;
-        Ok(GpuBuffer { slice })
+        Ok(GpuBuffer { slice, len: bytes })
     }
 
     fn tensor(&self, name: &str) -> Result<&DeviceTensor> {
@@ -293,6 +306,15 @@ impl GpuModel {
     }
 
     fn decode_tensor(&self, tensor: &DeviceTensor, out: &mut GpuBuffer) -> Result<()> {
+        match self.launch(tensor, out)? {
+            Some(status) => self.check(tensor, &status),
+            None => Ok(()),
+        }
+    }
+
+    /// Queues the decode of `tensor` into `out` (the kernel, then the host-decoded zstd blocks); returns the
+    /// device buffer of per-block statuses for `check`, or None for a tensor without blocks.
+    fn launch(&self, tensor: &DeviceTensor, out: &mut GpuBuffer) -> Result<Option<CudaSlice<u32>>> {
         let layout = &tensor.layout;
         let byte_len = layout.byte_len as usize;
         if out.len() < byte_len {
@@ -304,7 +326,7 @@ impl GpuModel {
         }
         let blocks = layout.block_count() as u32;
         let Some(data) = self.data.as_ref().filter(|_| blocks > 0) else {
-            return Ok(());
+            return Ok(None);
         };
         let name = &layout.name;
         let start = (layout.payload.start - self.data_offset) as usize;
@@ -347,9 +369,15 @@ impl GpuModel {
                 .memcpy_htod(&block, &mut dst)
                 .map_err(gpu_error(format!("copying zstd block {k} of '{name}'")))?;
         }
+        Ok(Some(status))
+    }
+
+    /// Waits for a launched decode and turns a nonzero block status into an error.
+    fn check(&self, tensor: &DeviceTensor, status: &CudaSlice<u32>) -> Result<()> {
+        let name = &tensor.layout.name;
         let status = self
             .stream
-            .clone_dtoh(&status)
+            .clone_dtoh(status)
             .map_err(gpu_error(format!("reading the status of '{name}'")))?;
         match status.iter().position(|&s| s != STATUS_OK) {
             Some(k) => Err(status_error(name, k, status[k])),
@@ -450,21 +478,23 @@ fn median_seconds(
 pub fn bench_gpu(path: &Path, device: usize, runs: usize) -> Result<GpuBenchReport> {
     let model = GpuModel::load(path, device)?;
     let memory = model.memory();
-    let largest = model
-        .tensors
-        .iter()
-        .max_by_key(|t| t.layout.byte_len)
+    let largest_index = (0..model.tensors.len())
+        .max_by_key(|&t| model.tensors[t].layout.byte_len)
         .ok_or_else(|| NzError::malformed("the file has no tensors"))?;
+    let largest = &model.tensors[largest_index];
     let most = largest.layout.byte_len as usize;
     let mut scratch = model.alloc(most)?;
     let source = model.alloc(most)?;
     let stream = Arc::clone(&model.stream);
-    let decode_all = |scratch: &mut GpuBuffer| -> Result<()> {
-        for t in &model.tensors {
-            model.decode_tensor(t, scratch)?;
-        }
-        Ok(())
+    // Timed: the launches and a final synchronization; the statuses of the last run are checked afterwards.
+    type Statuses = Vec<(usize, Option<CudaSlice<u32>>)>;
+    let decode = |scratch: &mut GpuBuffer, tensors: &[usize]| -> Result<Statuses> {
+        tensors
+            .iter()
+            .map(|&t| Ok((t, model.launch(&model.tensors[t], scratch)?)))
+            .collect()
     };
+    let (mut all_statuses, mut one_statuses) = (Vec::new(), Vec::new());
     let copy = |scratch: &mut GpuBuffer, len: usize| -> Result<()> {
         let src = source.slice.slice(0..len);
         let mut dst = scratch.slice.slice_mut(0..len);
@@ -473,14 +503,26 @@ pub fn bench_gpu(path: &Path, device: usize, runs: usize) -> Result<GpuBenchRepo
             .map_err(gpu_error("device-to-device copy"))
     };
     let gbps = |bytes: u64, seconds: f64| bytes as f64 / seconds / 1e9;
-    let all_decode = median_seconds(&stream, runs, || decode_all(&mut scratch))?;
+    let all: Vec<usize> = (0..model.tensors.len()).collect();
+    let all_decode = median_seconds(&stream, runs, || {
+        all_statuses = decode(&mut scratch, &all)?;
+        Ok(())
+    })?;
     let all_copy = median_seconds(&stream, runs, || {
         for t in &model.tensors {
             copy(&mut scratch, t.layout.byte_len as usize)?;
         }
         Ok(())
     })?;
-    let one_decode = median_seconds(&stream, runs, || model.decode_tensor(largest, &mut scratch))?;
+    let one_decode = median_seconds(&stream, runs, || {
+        one_statuses = decode(&mut scratch, &[largest_index])?;
+        Ok(())
+    })?;
+    for (t, status) in all_statuses.iter().chain(&one_statuses) {
+        if let Some(status) = status {
+            model.check(&model.tensors[*t], status)?;
+        }
+    }
     let one_copy = median_seconds(&stream, runs, || copy(&mut scratch, most))?;
     Ok(GpuBenchReport {
         device: model.device_name.clone(),
