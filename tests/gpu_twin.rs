@@ -1,23 +1,26 @@
 //! The GPU decoder's CPU twin (`neuzip::gpu::twin`) against the reference decoder, bit for bit: every fixture as
-//! the library converts it, the golden files, and blocks forced through the float codec (all BF16 and F16 bit
-//! patterns, random F32 bits) in layouts with several rANS fields, raw fields of every width and block-local
-//! tables, own and borrowed. Each is run with 1, 3 and 8 warps per CTA, so blocks share a CTA's tables in
+//! the library converts it, the golden files, and files whose blocks are forced through the float codec (all
+//! BF16 and F16 bit patterns, random F32 bits) in layouts with several rANS fields, raw fields of odd widths and
+//! block-local tables, own and borrowed. Where a GPU is present, the same files are decoded on it too. Each is run with 1, 3 and 8 warps per CTA, so blocks share a CTA's tables in
 //! different groupings.
 
 mod common;
 
 use std::collections::BTreeMap;
 
-use common::{convert_bytes, fixture, open_bytes, SplitMix, ROUND_TRIP_FIXTURES};
+use common::{
+    convert_bytes, fixture, open_bytes, safetensors_bytes, SplitMix, TestTensor,
+    ROUND_TRIP_FIXTURES,
+};
 use neuzip::codec::freq::{histogram, FreqTable};
 use neuzip::codec::split::{
-    encode_block, encode_local_block, Coding, Field, LocalChoice, SplitDecoder, SplitParams,
+    encode_block, encode_local_block, Coding, Field, LocalChoice, SplitParams,
 };
 use neuzip::convert::ConvertOptions;
-use neuzip::format::header::{BlockEntry, TensorEntry};
-use neuzip::format::{checksum, BlockMode, Codec};
+use neuzip::format::header::{self, BlockEntry, TensorEntry};
+use neuzip::format::{align_up, checksum, BlockMode, Codec, FILE_HEADER_LEN};
 use neuzip::gpu::layout::TensorLayout;
-use neuzip::gpu::twin;
+use neuzip::gpu::{twin, GpuModel};
 use neuzip::{Dtype, NzError, NztFile};
 
 const WARPS: [u32; 3] = [1, 3, 8];
@@ -64,6 +67,7 @@ fn twin_matches_the_reference_on_every_fixture() {
             for (mode, count) in check_file(name, &bytes, &file) {
                 *modes.entry(mode).or_insert(0) += count;
             }
+            check_on_gpu(name, &bytes, &file);
         }
     }
     for name in ["tiny.nzt", "modes.nzt"] {
@@ -79,12 +83,6 @@ fn twin_matches_the_reference_on_every_fixture() {
             "no {mode} block was exercised: {modes:?}"
         );
     }
-}
-
-/// A tensor whose blocks are encoded by hand, in one payload buffer laid out as in a file.
-struct Synthetic {
-    bytes: Vec<u8>,
-    entry: TensorEntry,
 }
 
 fn table_for(values: impl Iterator<Item = u32>, width: u32, prob_bits: u32) -> FreqTable {
@@ -123,17 +121,19 @@ fn params_for(data: &[u8], dtype: Dtype, fields: &[(u32, Coding)], prob_bits: u3
     }
 }
 
-/// Encodes `data` in blocks of `block_units` elements: block k is `split` if `local[k]` is None, else
-/// `split_local` with that choice of (fields, borrowed flags).
-fn synthetic(
+/// Encodes `data` (one tensor) in blocks of `block_units` elements, block k as `split` if `local(k)` is None,
+/// else as `split_local` with that choice, and assembles a complete `.nzt` file around them with the format's
+/// own header writer. Returns the file's bytes.
+fn forced_nzt(
     data: &[u8],
     dtype: Dtype,
     tensor: &SplitParams,
     block_units: u32,
     local: impl Fn(usize, &[u8]) -> Option<LocalChoice>,
-) -> Synthetic {
+) -> Vec<u8> {
     let width = dtype.byte_width().expect("float");
-    let mut bytes = vec![0u8; 64]; // the payloads start 64 bytes in, as a tensor's first block does
+    let name = format!("forced_{dtype}");
+    let mut payloads = Vec::new();
     let mut blocks = Vec::new();
     for (k, block) in data.chunks(block_units as usize * width).enumerate() {
         let (mode, payload) = match local(k, block) {
@@ -143,63 +143,82 @@ fn synthetic(
                 encode_local_block(&choice, dtype, block),
             ),
         };
-        bytes.resize(bytes.len().next_multiple_of(16), 0);
         blocks.push(BlockEntry {
             stored_len: payload.len() as u32,
             mode,
             checksum: checksum(&payload),
-            offset: bytes.len() as u64,
+            offset: 0,
         });
-        bytes.extend_from_slice(&payload);
+        payloads.push(payload);
     }
-    let entry = TensorEntry {
-        name: format!("synthetic_{dtype}"),
+    let source = safetensors_bytes(
+        &[TestTensor {
+            name: name.clone(),
+            dtype,
+            shape: vec![data.len() / width],
+            data: data.to_vec(),
+        }],
+        None,
+    );
+    let header_len = u64::from_le_bytes(source[..8].try_into().unwrap()) as usize;
+    let source_header = &source[8..8 + header_len];
+    let mut entries = vec![TensorEntry {
+        name,
         dtype,
         codec: Codec::FloatSplit,
         shape: vec![(data.len() / width) as u64],
         block_units,
         params: tensor.to_bytes(),
         blocks,
-    };
-    Synthetic { bytes, entry }
+    }];
+    let section = header::write_section(source_header, &entries);
+    let data_offset = align_up(FILE_HEADER_LEN as u64 + section.len() as u64, 64).unwrap();
+    let data_len = header::assign_offsets(&mut entries, data_offset).expect("offsets");
+    let mut file = header::file_header(&section, data_offset, data_len).to_vec();
+    file.extend_from_slice(&section);
+    file.resize(data_offset as usize, 0);
+    for (b, payload) in entries[0].blocks.iter().zip(&payloads) {
+        file.resize(b.offset as usize, 0);
+        file.extend_from_slice(payload);
+    }
+    file
 }
 
-/// The twin against the reference block decoder (`SplitDecoder`) and against the original bytes.
-fn check_synthetic(s: &Synthetic, original: &[u8]) {
-    let dtype = s.entry.dtype;
-    let tensor_params = SplitParams::parse(&s.entry.params, dtype).expect("params");
-    let reference = SplitDecoder::new(tensor_params.clone(), dtype);
-    let mut expected = vec![0u8; original.len()];
-    for (k, b) in s.entry.blocks.iter().enumerate() {
-        let payload = &s.bytes[b.offset as usize..(b.offset + b.stored_len as u64) as usize];
-        let out = &mut expected[s.entry.block_range(k)];
-        match b.mode {
-            BlockMode::Split => reference.decode_block(payload, out).expect("reference"),
-            _ => {
-                let (param_bytes, body) =
-                    neuzip::codec::split::split_local_payload(payload).expect("local");
-                let (params, borrowed) =
-                    SplitParams::parse_local(param_bytes, dtype, &tensor_params).expect("parse");
-                reference
-                    .local(params, &borrowed, dtype)
-                    .decode_block(body, out)
-                    .expect("reference local")
-            }
-        }
-    }
+/// The twin against the reference reader on a forced file, and both against the original bytes; then, where a
+/// GPU is present, the GPU too.
+fn check_forced(label: &str, file_bytes: Vec<u8>, original: &[u8]) {
+    let file = open_bytes(file_bytes.clone()).expect("the forced file is valid");
+    let modes = check_file(label, &file_bytes, &file);
     assert!(
-        expected == original,
-        "the reference itself does not round-trip"
+        modes.contains_key("split") && modes.contains_key("split_local"),
+        "{modes:?}"
     );
-    let layout = TensorLayout::build(&s.bytes, &s.entry, true).expect("layout");
-    for warps in WARPS {
-        let mut out = vec![0xA5u8; original.len()];
-        twin::decode_tensor(&s.bytes, &layout, &mut out, warps).expect("twin");
-        let first_difference = out.iter().zip(original).position(|(a, b)| a != b);
-        assert_eq!(
-            first_difference, None,
-            "{}: twin differs ({warps} warps)",
-            s.entry.name
+    let tensor_name = &file.tensors()[0].name;
+    assert!(
+        file.decode_tensor(tensor_name).expect("decode") == original,
+        "{label}: the reference does not give back the original"
+    );
+    check_on_gpu(label, &file_bytes, &file);
+}
+
+/// Where a GPU is present (and the build has the `cuda` feature), every tensor decoded on it equals the CPU
+/// decode; elsewhere nothing is checked.
+fn check_on_gpu(label: &str, file_bytes: &[u8], file: &NztFile) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("model.nzt");
+    std::fs::write(&path, file_bytes).expect("write");
+    let Ok(model) = GpuModel::load(&path, 0) else {
+        return;
+    };
+    for (i, tensor) in file.tensors().iter().enumerate() {
+        let mut expected = vec![0u8; tensor.byte_len() as usize];
+        file.decode_tensor_into(i, &mut expected)
+            .expect("cpu decode");
+        let got = model.decode(&tensor.name).expect("gpu decode");
+        assert!(
+            got.to_host().expect("copy back") == expected,
+            "{label}: '{}' differs on the GPU",
+            tensor.name
         );
     }
 }
@@ -244,8 +263,8 @@ fn every_bf16_and_f16_pattern_through_the_float_codec() {
                 _ => None,
             }
         };
-        let s = synthetic(&data, dtype, &tensor, 8192, local);
-        check_synthetic(&s, &data);
+        let file = forced_nzt(&data, dtype, &tensor, 8192, local);
+        check_forced(&format!("all {dtype} patterns"), file, &data);
     }
 }
 
@@ -294,8 +313,8 @@ fn random_f32_bits_with_three_rans_fields_and_raw_fields_of_odd_widths() {
                 }
             })
         };
-        let s = synthetic(&data, Dtype::F32, &tensor, 3000, local);
-        check_synthetic(&s, &data);
+        let file = forced_nzt(&data, Dtype::F32, &tensor, 3000, local);
+        check_forced(&format!("f32 layout {l}"), file, &data);
     }
 }
 
@@ -382,6 +401,7 @@ fn twin_matches_the_reference_on_real_minilm() {
         let bytes = convert_bytes(&source, &ConvertOptions::default());
         let file = open_bytes(bytes.clone()).expect("open");
         let modes = check_file(dtype, &bytes, &file);
+        check_on_gpu(dtype, &bytes, &file);
         eprintln!(
             "minilm {dtype}: {} tensors, blocks by mode {modes:?}",
             file.tensors().len()
