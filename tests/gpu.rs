@@ -90,6 +90,10 @@ fn gpu_decode_matches_the_cpu_or_fails_with_a_typed_error() {
             }
             Err(NzError::GpuUnavailable { what }) => {
                 assert!(enabled());
+                assert!(
+                    std::env::var_os("NEUZIP_REQUIRE_GPU").is_none_or(|v| v != "1"),
+                    "NEUZIP_REQUIRE_GPU=1 but {what}"
+                );
                 eprintln!("gpu: no GPU here ({what}); GPU decode not checked");
                 return;
             }

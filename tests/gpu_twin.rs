@@ -202,13 +202,18 @@ fn check_forced(label: &str, file_bytes: Vec<u8>, original: &[u8]) {
 }
 
 /// Where a GPU is present (and the build has the `cuda` feature), every tensor decoded on it equals the CPU
-/// decode; elsewhere nothing is checked.
+/// decode; elsewhere nothing is checked, unless `NEUZIP_REQUIRE_GPU=1` (scripts/gpu_check.sh) makes that a
+/// failure.
 fn check_on_gpu(label: &str, file_bytes: &[u8], file: &NztFile) {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("model.nzt");
     std::fs::write(&path, file_bytes).expect("write");
-    let Ok(model) = GpuModel::load(&path, 0) else {
-        return;
+    let model = match GpuModel::load(&path, 0) {
+        Ok(model) => model,
+        Err(e) if std::env::var_os("NEUZIP_REQUIRE_GPU").is_some_and(|v| v == "1") => {
+            panic!("{label}: NEUZIP_REQUIRE_GPU=1 but the GPU loader failed: {e}")
+        }
+        Err(_) => return,
     };
     for (i, tensor) in file.tensors().iter().enumerate() {
         let mut expected = vec![0u8; tensor.byte_len() as usize];
