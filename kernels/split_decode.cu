@@ -75,6 +75,67 @@ __device__ __forceinline__ void store_element(u8 *out, u32 elem_bytes, u64 value
     }
 }
 
+// The per-field values of a block's layout, in field order within each kind.
+struct Fields {
+    const u8 *rans_table[MAX_FIELDS];
+    u32 rans_prob_bits[MAX_FIELDS];
+    u32 rans_shift[MAX_FIELDS];
+    u32 raw_width[MAX_FIELDS];
+    u32 raw_shift[MAX_FIELDS];
+    u32 plane_start[MAX_FIELDS];
+};
+
+// The decoding steps of one block (the warp's lanes, 32 elements per step). R and W are the numbers of rANS and
+// raw fields when fixed at compile time, or -1 for the run-time counts `rans_count` and `raw_count`. Returns
+// STATUS_OK, or STATUS_STREAM_ENDS_EARLY (the same value in every lane).
+template <int R, int W>
+__device__ __forceinline__ u32 decode_steps(const Fields &fs, u32 rans_count, u32 raw_count, const u8 *body,
+                                            const u16 *words, u32 word_count, u32 &x, u32 &pos, u32 n,
+                                            u32 lane, u32 lanes_below, u8 *dst, u32 elem_bytes) {
+    const u32 nr = R >= 0 ? (u32)R : rans_count;
+    const u32 nw = W >= 0 ? (u32)W : raw_count;
+    const u32 steps = (n + 31u) >> 5;
+    for (u32 t = 0; t < steps; ++t) {
+        const u32 i = (t << 5) + lane;
+        const bool active = i < n;
+        u64 value = 0;
+#pragma unroll
+        for (u32 q = 0; q < nr; ++q) {
+            const u32 prob_bits = fs.rans_prob_bits[q];
+            const u16 *slot_sym = (const u16 *)fs.rans_table[q];
+            const u32 *sym_info = (const u32 *)(fs.rans_table[q] + align4(2u << prob_bits));
+            bool need = false;
+            if (active) {
+                u32 slot = x & ((1u << prob_bits) - 1u);
+                u32 symbol = slot_sym[slot];
+                u32 info = sym_info[symbol];
+                x = ((info >> 16) + 1u) * (x >> prob_bits) + slot - (info & 0xFFFFu);
+                value |= (u64)symbol << fs.rans_shift[q];
+                need = x < STATE_LOWER;
+            }
+            u32 mask = __ballot_sync(0xFFFFFFFFu, need);
+            u32 taken = __popc(mask);
+            if (pos + taken > word_count) return STATUS_STREAM_ENDS_EARLY;
+            if (need) x = (x << 16) | words[pos + __popc(mask & lanes_below)];
+            pos += taken;
+        }
+        if (!active) continue;
+#pragma unroll
+        for (u32 q = 0; q < nw; ++q) {
+            const u32 width = fs.raw_width[q];
+            const u32 *plane = (const u32 *)(body + fs.plane_start[q]);
+            const u64 bit = (u64)i * width;
+            const u32 word = (u32)(bit >> 5), offset = (u32)(bit & 31u);
+            u64 v = plane[word] >> offset;
+            if (offset + width > 32u) v |= (u64)plane[word + 1] << (32u - offset);
+            v &= (width == 32u) ? 0xFFFFFFFFull : ((1ull << width) - 1ull);
+            value |= v << fs.raw_shift[q];
+        }
+        store_element(dst + (u64)i * elem_bytes, elem_bytes, value);
+    }
+    return STATUS_OK;
+}
+
 extern "C" __global__ void nzt_decode_blocks(
     const u8 *__restrict__ payload,     // the tensor's payload range, as in the file
     const u32 *__restrict__ descs,
@@ -129,11 +190,7 @@ extern "C" __global__ void nzt_decode_blocks(
     const u32 field_count = layout[0];
     const u32 rans_count = layout[1];
     u8 *local = smem + tensor_smem_bytes + warp * local_smem_bytes;
-    const u8 *rans_table[MAX_FIELDS];
-    u32 rans_prob_bits[MAX_FIELDS];
-    u32 rans_shift[MAX_FIELDS];
-    u32 raw_width[MAX_FIELDS];
-    u32 raw_shift[MAX_FIELDS];
+    Fields fs;
     u32 raw_count = 0;
     u32 r = 0;
     u32 local_offset = 0;
@@ -142,8 +199,8 @@ extern "C" __global__ void nzt_decode_blocks(
         u32 width = field & 0xFFu;
         u32 shift = field >> 16;
         if (((field >> 8) & 0xFFu) != CODING_RANS) {
-            raw_width[raw_count] = width;
-            raw_shift[raw_count] = shift;
+            fs.raw_width[raw_count] = width;
+            fs.raw_shift[raw_count] = shift;
             ++raw_count;
             continue;
         }
@@ -157,8 +214,8 @@ extern "C" __global__ void nzt_decode_blocks(
                 if (((tensor[2 + 2 * g] >> 8) & 0xFFu) != CODING_RANS) continue;
                 const u32 *table = tables + tensor[3 + 2 * g];
                 if (seen == t) {
-                    rans_table[r] = smem + offset;
-                    rans_prob_bits[r] = table[0];
+                    fs.rans_table[r] = smem + offset;
+                    fs.rans_prob_bits[r] = table[0];
                     break;
                 }
                 offset += table_smem_bytes(table[0], table[1]);
@@ -167,11 +224,11 @@ extern "C" __global__ void nzt_decode_blocks(
         } else {
             const u32 *table = tables + ref;
             expand_table(table, local + local_offset, lane, 32);
-            rans_table[r] = local + local_offset;
-            rans_prob_bits[r] = table[0];
+            fs.rans_table[r] = local + local_offset;
+            fs.rans_prob_bits[r] = table[0];
             local_offset += table_smem_bytes(table[0], table[1]);
         }
-        rans_shift[r] = shift;
+        fs.rans_shift[r] = shift;
         ++r;
     }
     __syncwarp();
@@ -189,53 +246,39 @@ extern "C" __global__ void nzt_decode_blocks(
             return;
         }
     }
-    u32 plane_start[MAX_FIELDS];
     for (u32 q = 0; q < raw_count; ++q) {
-        plane_start[q] = planes;
-        planes = align4(planes + (u32)(((u64)n * raw_width[q] + 7u) >> 3));
+        fs.plane_start[q] = planes;
+        planes = align4(planes + (u32)(((u64)n * fs.raw_width[q] + 7u) >> 3));
     }
 
-    // 4. Steps of 32 elements: rANS fields in field order, a ballot and prefix count share the word stream.
+    // 4. Steps of 32 elements, with the field counts fixed at compile time for the common layouts (their
+    //    per-field values then live in registers).
     const u32 lanes_below = (1u << lane) - 1u;
-    const u32 steps = (n + 31u) >> 5;
-    for (u32 t = 0; t < steps; ++t) {
-        const u32 i = (t << 5) + lane;
-        const bool active = i < n;
-        u64 value = 0;
-        for (u32 q = 0; q < rans_count; ++q) {
-            const u32 prob_bits = rans_prob_bits[q];
-            const u16 *slot_sym = (const u16 *)rans_table[q];
-            const u32 *sym_info = (const u32 *)(rans_table[q] + align4(2u << prob_bits));
-            bool need = false;
-            if (active) {
-                u32 slot = x & ((1u << prob_bits) - 1u);
-                u32 symbol = slot_sym[slot];
-                u32 info = sym_info[symbol];
-                x = ((info >> 16) + 1u) * (x >> prob_bits) + slot - (info & 0xFFFFu);
-                value |= (u64)symbol << rans_shift[q];
-                need = x < STATE_LOWER;
-            }
-            u32 mask = __ballot_sync(0xFFFFFFFFu, need);
-            u32 taken = __popc(mask);
-            if (pos + taken > word_count) {
-                if (lane == 0) status[k] = STATUS_STREAM_ENDS_EARLY;
-                return;
-            }
-            if (need) x = (x << 16) | words[pos + __popc(mask & lanes_below)];
-            pos += taken;
-        }
-        if (!active) continue;
-        for (u32 q = 0; q < raw_count; ++q) {
-            const u32 width = raw_width[q];
-            const u32 *plane = (const u32 *)(body + plane_start[q]);
-            const u64 bit = (u64)i * width;
-            const u32 word = (u32)(bit >> 5), offset = (u32)(bit & 31u);
-            u64 v = plane[word] >> offset;
-            if (offset + width > 32u) v |= (u64)plane[word + 1] << (32u - offset);
-            v &= (width == 32u) ? 0xFFFFFFFFull : ((1ull << width) - 1ull);
-            value |= v << raw_shift[q];
-        }
-        store_element(dst + (u64)i * elem_bytes, elem_bytes, value);
+    // The layouts the reference encoder writes most (MiniLM: bf16 and f16 use (1, 1) and (2, 0), f32 (1, 3)
+    // and (2, 2)); any other goes through the general loop.
+#define DECODE_STEPS(R, W)                                                                              \
+    decode_steps<R, W>(fs, rans_count, raw_count, body, words, word_count, x, pos, n, lane, lanes_below, \
+                       dst, elem_bytes)
+    u32 code;
+    if (rans_count == 1 && raw_count == 1) {
+        code = DECODE_STEPS(1, 1);
+    } else if (rans_count == 2 && raw_count == 0) {
+        code = DECODE_STEPS(2, 0);
+    } else if (rans_count == 1 && raw_count == 3) {
+        code = DECODE_STEPS(1, 3);
+    } else if (rans_count == 2 && raw_count == 2) {
+        code = DECODE_STEPS(2, 2);
+    } else if (rans_count == 1 && raw_count == 2) {
+        code = DECODE_STEPS(1, 2);
+    } else if (rans_count == 1 && raw_count == 0) {
+        code = DECODE_STEPS(1, 0);
+    } else {
+        code = DECODE_STEPS(-1, -1);
+    }
+#undef DECODE_STEPS
+    if (code != STATUS_OK) {
+        if (lane == 0) status[k] = code;
+        return;
     }
 
     // 5. End checks: every word consumed, every lane back at 2^16.

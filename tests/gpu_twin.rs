@@ -19,7 +19,7 @@ use neuzip::codec::split::{
 use neuzip::convert::ConvertOptions;
 use neuzip::format::header::{self, BlockEntry, TensorEntry};
 use neuzip::format::{align_up, checksum, BlockMode, Codec, FILE_HEADER_LEN};
-use neuzip::gpu::layout::TensorLayout;
+use neuzip::gpu::layout::{TensorLayout, DESC_WORDS};
 use neuzip::gpu::{twin, GpuModel};
 use neuzip::{Dtype, NzError, NztFile};
 
@@ -407,6 +407,19 @@ fn twin_matches_the_reference_on_real_minilm() {
         let file = open_bytes(bytes.clone()).expect("open");
         let modes = check_file(dtype, &bytes, &file);
         check_on_gpu(dtype, &bytes, &file);
+        // Which (rANS fields, raw fields) layouts the blocks use: the kernel has fast paths for some.
+        let mut layouts: BTreeMap<(u32, u32), usize> = BTreeMap::new();
+        for tensor in file.tensors() {
+            let layout = TensorLayout::build(&bytes, tensor, false).expect("layout");
+            for k in 0..layout.block_count() {
+                let d = &layout.descs[k * DESC_WORDS..];
+                if d[0] == BlockMode::Split as u32 || d[0] == BlockMode::SplitLocal as u32 {
+                    let l = &layout.layouts[d[5] as usize..];
+                    *layouts.entry((l[1], l[0] - l[1])).or_insert(0) += 1;
+                }
+            }
+        }
+        eprintln!("minilm {dtype}: blocks by (rANS fields, raw fields): {layouts:?}");
         eprintln!(
             "minilm {dtype}: {} tensors, blocks by mode {modes:?}",
             file.tensors().len()

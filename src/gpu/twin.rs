@@ -3,7 +3,8 @@
 //! memory, one warp per block, 32 lanes per warp, and the shared word stream split between lanes by a ballot
 //! and a prefix population count. It reads the same descriptor arrays and the same payload bytes as the
 //! kernel, so a test that matches it bit for bit against the reference decoder (`NztFile`) checks the kernel's
-//! algorithm and the host's layout on machines without a GPU.
+//! algorithm and the host's layout on machines without a GPU. (The kernel's fast paths for common field counts
+//! are its general loop with the counts fixed at compile time; the twin has the general loop only.)
 
 use super::layout::{
     host_decode_zstd, status_error, table_smem_bytes, TensorLayout, DESC_WORDS, NO_LAYOUT,
