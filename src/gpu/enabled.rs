@@ -84,6 +84,27 @@ fn compile(name: &str, source: &str, arch: &str) -> Result<Ptx> {
     })
 }
 
+/// Compiles the decode kernel for a device of compute capability `major.minor`. If this NVRTC does not know the
+/// device's architecture (a GPU newer than the library), falls back to older virtual architectures, whose PTX
+/// the driver compiles for the device; the first error is returned if none works.
+fn compile_for_device(major: i32, minor: i32) -> Result<Ptx> {
+    let (name, source) = KERNELS[0];
+    let native = format!("compute_{major}{minor}");
+    let first_error = match compile(name, source, &native) {
+        Ok(ptx) => return Ok(ptx),
+        Err(e) => e,
+    };
+    let capability = major * 10 + minor;
+    for older in [90, 80] {
+        if older < capability {
+            if let Ok(ptx) = compile(name, source, &format!("compute_{older}")) {
+                return Ok(ptx);
+            }
+        }
+    }
+    Err(first_error)
+}
+
 /// Compiles every kernel in `kernels/` to PTX for `arch` (e.g. `compute_90`) with NVRTC; no GPU needed. Returns
 /// (file name, PTX text).
 pub fn compile_ptx(arch: &str) -> Result<Vec<(String, String)>> {
@@ -174,8 +195,7 @@ impl GpuModel {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(gpu_error("reading the compute capability"))?;
-        let (name, source) = KERNELS[0];
-        let ptx = compile(name, source, &format!("compute_{major}{minor}"))?;
+        let ptx = compile_for_device(major, minor)?;
         let module = ctx
             .load_module(ptx)
             .map_err(gpu_error("loading the PTX module"))?;
@@ -222,7 +242,13 @@ impl GpuModel {
             .map_err(gpu_error("raising the kernel's shared memory limit"))?;
         let data_range =
             header.data_offset as usize..(header.data_offset + header.data_len) as usize;
-        let data = upload_staged(&ctx, &stream, &file[data_range])?;
+        let payloads = file.get(data_range).ok_or_else(|| NzError::Truncated {
+            what: "data section".into(),
+            start: header.data_offset,
+            end: header.data_offset + header.data_len,
+            available: file.len() as u64,
+        })?;
+        let data = upload_staged(&ctx, &stream, payloads)?;
         Ok(GpuModel {
             file,
             data_offset: header.data_offset,
