@@ -75,6 +75,13 @@ struct BenchArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    /// Measure decoding on a GPU instead (needs a build with `--features cuda`): GB/s of output beside a
+    /// device-to-device copy. FILE may be a .safetensors file (converted first) or a .nzt file.
+    #[arg(long)]
+    gpu: bool,
+    /// CUDA device number for --gpu.
+    #[arg(long, default_value_t = 0, requires = "gpu")]
+    device: usize,
 }
 
 #[derive(Args, Debug)]
@@ -644,6 +651,9 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
 }
 
 fn bench_cmd(args: BenchArgs, threads: Option<usize>) -> Result<ExitCode> {
+    if args.gpu {
+        return bench_gpu_cmd(args);
+    }
     let source = SafetensorsFile::open(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
     let dir = tempfile::tempdir().context("creating a scratch directory")?;
@@ -682,6 +692,72 @@ fn bench_cmd(args: BenchArgs, threads: Option<usize>) -> Result<ExitCode> {
             fmt(r.bits_per_weight, 4),
             fmt(r.encode_gbps, 3),
             fmt(r.decode_gbps, 3)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_gpu_cmd(args: BenchArgs) -> Result<ExitCode> {
+    if !neuzip::gpu::enabled() {
+        return Err(neuzip::NzError::NoCudaSupport).context("bench --gpu");
+    }
+    let dir = tempfile::tempdir().context("creating a scratch directory")?;
+    let is_nzt = std::fs::File::open(&args.file)
+        .and_then(|mut f| {
+            let mut magic = [0u8; 8];
+            std::io::Read::read_exact(&mut f, &mut magic).map(|_| magic == MAGIC)
+        })
+        .unwrap_or(false);
+    let nzt_path = if is_nzt {
+        args.file.clone()
+    } else {
+        let nzt_path = dir.path().join("bench.nzt");
+        let (out, _) =
+            convert_uncommitted(&args.file, &nzt_path, &ConvertOptions::default(), &|_| {})?;
+        out.commit()?;
+        nzt_path
+    };
+    let report = neuzip::gpu::bench_gpu(&nzt_path, args.device, args.runs.max(1))
+        .with_context(|| format!("GPU benchmark of {}", args.file.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &report.memory;
+    println!(
+        "{} on {}: {} dense, {} compressed on the device (+{} of tables), median of {} runs",
+        args.file.display(),
+        report.device,
+        human_bytes(m.dense_bytes),
+        human_bytes(m.compressed_bytes),
+        human_bytes(m.metadata_bytes),
+        report.runs
+    );
+    println!(
+        "{:<40} {:>12} {:>14} {:>18} {:>9}",
+        "", "decode GB/s", "D2D copy GB/s", "bound (copy/1.66)", "of bound"
+    );
+    let largest = format!(
+        "largest: {} ({})",
+        report.largest,
+        human_bytes(report.largest_bytes)
+    );
+    for (label, decode, copy) in [
+        (
+            "all tensors".to_string(),
+            report.decode_gbps,
+            report.copy_gbps,
+        ),
+        (
+            largest,
+            report.largest_decode_gbps,
+            report.largest_copy_gbps,
+        ),
+    ] {
+        let bound = neuzip::gpu::GpuBenchReport::memory_bound_gbps(copy);
+        println!(
+            "{label:<40} {decode:>12.1} {copy:>14.1} {bound:>18.1} {:>8.0}%",
+            100.0 * decode / bound
         );
     }
     Ok(ExitCode::SUCCESS)

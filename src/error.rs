@@ -86,6 +86,26 @@ pub enum NzError {
     #[error("refusing to write {path}: it is an input of this command")]
     OutputIsInput { path: PathBuf },
 
+    /// This build has no GPU backend.
+    #[error("built without CUDA: rebuild with `cargo build --features cuda` to use the GPU")]
+    NoCudaSupport,
+
+    /// The CUDA driver or NVRTC library cannot be loaded, or there is no such device.
+    #[error("GPU unavailable: {what}")]
+    GpuUnavailable { what: String },
+
+    /// A CUDA driver call failed.
+    #[error("CUDA error {what}: {message}")]
+    Gpu { what: String, message: String },
+
+    /// NVRTC rejected a kernel; `log` is its compile log.
+    #[error("NVRTC could not compile {kernel}: {message}\n{log}")]
+    KernelCompile {
+        kernel: String,
+        message: String,
+        log: String,
+    },
+
     /// zstd failed to compress or decompress.
     #[error("zstd error in {what}: {message}")]
     Zstd { what: String, message: String },

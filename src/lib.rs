@@ -11,6 +11,7 @@ pub mod convert;
 pub mod dtype;
 pub mod error;
 pub mod format;
+pub mod gpu;
 pub mod inspect;
 pub mod mmap;
 pub mod source;

@@ -1,0 +1,349 @@
+//! The CPU twin of `kernels/split_decode.cu`: the same algorithm, step for step, with the GPU's structure
+//! simulated: CTAs of `warps` warps sharing the tensor's expanded tables in a byte array standing for shared
+//! memory, one warp per block, 32 lanes per warp, and the shared word stream split between lanes by a ballot
+//! and a prefix population count. It reads the same descriptor arrays and the same payload bytes as the
+//! kernel, so a test that matches it bit for bit against the reference decoder (`NztFile`) checks the kernel's
+//! algorithm and the host's layout on machines without a GPU. (The kernel's fast paths for common field counts
+//! are its general loop with the counts fixed at compile time; the twin has the general loop only.)
+
+use super::layout::{
+    host_decode_zstd, status_error, table_smem_bytes, TensorLayout, DESC_WORDS, NO_LAYOUT,
+    STATUS_FINAL_STATE, STATUS_OK, STATUS_STATE_BELOW_L, STATUS_STREAM_ENDS_EARLY,
+    STATUS_WORDS_LEFT_OVER, TENSOR_TABLE,
+};
+use crate::codec::rans::{LANES, STATE_LOWER};
+use crate::error::{NzError, Result};
+use crate::format::BlockMode;
+
+const WARP: u32 = LANES as u32;
+const MODE_RAW: u32 = BlockMode::Raw as u32;
+const MODE_SPLIT: u32 = BlockMode::Split as u32;
+const MODE_SPLIT_LOCAL: u32 = BlockMode::SplitLocal as u32;
+const CODING_RANS: u32 = 1;
+const RANS_HEADER_BYTES: u32 = 132;
+
+fn align4(x: u32) -> u32 {
+    (x + 3) & !3
+}
+
+/// Little-endian loads and stores that never panic: reads outside the slice give 0 and writes are dropped. The
+/// host's checks (`TensorLayout::build`) keep every access in range; these only make a bug there harmless.
+fn load_u16(bytes: &[u8], at: u64) -> u32 {
+    let at = at as usize;
+    bytes
+        .get(at..at + 2)
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as u32)
+}
+
+fn load_u32(bytes: &[u8], at: u64) -> u32 {
+    let at = at as usize;
+    bytes
+        .get(at..at + 4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+fn store(bytes: &mut [u8], at: u64, value: &[u8]) {
+    let at = at as usize;
+    if let Some(dst) = bytes.get_mut(at..at + value.len()) {
+        dst.copy_from_slice(value);
+    }
+}
+
+fn word(words: &[u32], at: u32) -> u32 {
+    words.get(at as usize).copied().unwrap_or(0)
+}
+
+/// `expand_table` of the kernel, run by all `nthreads` simulated threads in turn (their writes are disjoint).
+fn expand_table(tables: &[u32], table: u32, smem: &mut [u8], base: u32, nthreads: u32) {
+    let prob_bits = word(tables, table);
+    let listed = word(tables, table + 2);
+    let entry = |k: u32, half: u32| word(tables, table + 3 + 2 * k + half);
+    let sym_info = base + align4(2 << prob_bits);
+    for tid in 0..nthreads {
+        let mut k = tid;
+        while k < listed {
+            store(
+                smem,
+                (sym_info + 4 * entry(k, 0)) as u64,
+                &entry(k, 1).to_le_bytes(),
+            );
+            k += nthreads;
+        }
+        let mut slot = tid;
+        while slot < 1 << prob_bits {
+            let (mut lo, mut hi) = (0, listed.saturating_sub(1));
+            while lo < hi {
+                let mid = (lo + hi + 1) >> 1;
+                if entry(mid, 1) & 0xffff <= slot {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            store(
+                smem,
+                (base + 2 * slot) as u64,
+                &(entry(lo, 0) as u16).to_le_bytes(),
+            );
+            slot += nthreads;
+        }
+    }
+}
+
+/// Runs the kernel over every block of `layout`, `warps` warps per CTA, reading `payload` (the tensor's payload
+/// range) and writing `out` (the tensor's bytes). Returns each block's status, as the kernel writes them.
+pub fn run_kernel(layout: &TensorLayout, payload: &[u8], out: &mut [u8], warps: u32) -> Vec<u32> {
+    let blocks = layout.block_count() as u32;
+    let mut status = vec![STATUS_OK; blocks as usize];
+    let mut smem = vec![0u8; layout.smem_bytes(warps) as usize];
+    for cta in 0..blocks.div_ceil(warps) {
+        smem.fill(0xA5); // shared memory starts undefined
+        if layout.tensor_layout != NO_LAYOUT {
+            let l = layout.tensor_layout;
+            let mut offset = 0;
+            for f in 0..word(&layout.layouts, l) {
+                if (word(&layout.layouts, l + 2 + 2 * f) >> 8) & 0xff != CODING_RANS {
+                    continue;
+                }
+                let table = word(&layout.layouts, l + 3 + 2 * f);
+                expand_table(&layout.tables, table, &mut smem, offset, warps * WARP);
+                offset +=
+                    table_smem_bytes(word(&layout.tables, table), word(&layout.tables, table + 1));
+            }
+        }
+        // __syncthreads()
+        for warp in 0..warps {
+            let k = cta * warps + warp;
+            if k < blocks {
+                status[k as usize] = run_warp(layout, payload, out, &mut smem, warp, k);
+            }
+        }
+    }
+    status
+}
+
+/// One warp decoding block `k`: the kernel's steps 2 to 5.
+fn run_warp(
+    layout: &TensorLayout,
+    payload: &[u8],
+    out: &mut [u8],
+    smem: &mut [u8],
+    warp: u32,
+    k: u32,
+) -> u32 {
+    let desc = |w: u32| word(&layout.descs, k * DESC_WORDS as u32 + w);
+    let (mode, n) = (desc(0), desc(1));
+    let body = desc(2) as u64 | (desc(3) as u64) << 32;
+    let dst = desc(6) as u64 | (desc(7) as u64) << 32;
+    let elem_bytes = layout.unit_bytes as u64;
+
+    if mode == MODE_RAW {
+        for lane in 0..WARP {
+            let mut b = lane;
+            while b < n {
+                let byte = payload
+                    .get((body + b as u64) as usize)
+                    .copied()
+                    .unwrap_or(0);
+                store(out, dst + b as u64, &[byte]);
+                b += WARP;
+            }
+        }
+        return STATUS_OK;
+    }
+    if mode != MODE_SPLIT && mode != MODE_SPLIT_LOCAL {
+        return STATUS_OK; // zstd: the host's
+    }
+
+    // 2. Fields and their expanded tables.
+    let layouts = &layout.layouts;
+    let l = desc(5);
+    let (field_count, rans_count) = (word(layouts, l), word(layouts, l + 1));
+    let local = layout.tensor_smem_bytes + warp * layout.local_smem_bytes;
+    let mut rans: Vec<(u32, u32, u32)> = Vec::new(); // (smem base, prob_bits, shift)
+    let mut raw: Vec<(u32, u32)> = Vec::new(); // (width, shift)
+    let mut local_offset = 0;
+    for f in 0..field_count {
+        let field = word(layouts, l + 2 + 2 * f);
+        let (width, shift) = (field & 0xff, field >> 16);
+        if (field >> 8) & 0xff != CODING_RANS {
+            raw.push((width, shift));
+            continue;
+        }
+        let reference = word(layouts, l + 3 + 2 * f);
+        if l == layout.tensor_layout || reference & TENSOR_TABLE != 0 {
+            // The tensor's table number t, expanded by the CTA: its own t-th (a `split` block) or a borrowed one.
+            let t = if l == layout.tensor_layout {
+                rans.len() as u32
+            } else {
+                reference & !TENSOR_TABLE
+            };
+            let tl = layout.tensor_layout;
+            let (mut seen, mut offset) = (0, 0);
+            for g in 0..word(layouts, tl) {
+                if (word(layouts, tl + 2 + 2 * g) >> 8) & 0xff != CODING_RANS {
+                    continue;
+                }
+                let table = word(layouts, tl + 3 + 2 * g);
+                if seen == t {
+                    rans.push((offset, word(&layout.tables, table), shift));
+                    break;
+                }
+                offset +=
+                    table_smem_bytes(word(&layout.tables, table), word(&layout.tables, table + 1));
+                seen += 1;
+            }
+        } else {
+            let base = local + local_offset;
+            expand_table(&layout.tables, reference, smem, base, WARP);
+            rans.push((base, word(&layout.tables, reference), shift));
+            local_offset += table_smem_bytes(
+                word(&layout.tables, reference),
+                word(&layout.tables, reference + 1),
+            );
+        }
+    }
+    // __syncwarp()
+
+    // 3. States, word count, planes.
+    let mut x = [0u32; LANES];
+    let (mut word_count, mut pos, mut planes) = (0u32, 0u32, 0u32);
+    let words = body + RANS_HEADER_BYTES as u64;
+    if rans_count > 0 {
+        for (lane, state) in x.iter_mut().enumerate() {
+            *state = load_u32(payload, body + 4 * lane as u64);
+        }
+        word_count = load_u32(payload, body + 128);
+        planes = align4(RANS_HEADER_BYTES + 2 * word_count);
+        if ballot(|lane| x[lane] < STATE_LOWER) != 0 {
+            return STATUS_STATE_BELOW_L;
+        }
+    }
+    let mut plane_start = Vec::with_capacity(raw.len());
+    for &(width, _) in &raw {
+        plane_start.push(planes);
+        planes = align4(planes + ((n as u64 * width as u64).div_ceil(8)) as u32);
+    }
+
+    // 4. Steps of 32 elements.
+    let mut value = [0u64; LANES];
+    for t in 0..n.div_ceil(WARP) {
+        let active = |lane: usize| t * WARP + (lane as u32) < n;
+        value.fill(0);
+        for &(base, prob_bits, shift) in &rans {
+            let mut need = [false; LANES];
+            for lane in 0..LANES {
+                if !active(lane) {
+                    continue;
+                }
+                let slot = x[lane] & ((1 << prob_bits) - 1);
+                let symbol = load_u16(smem, (base + 2 * slot) as u64);
+                let info = load_u32(smem, (base + align4(2 << prob_bits) + 4 * symbol) as u64);
+                x[lane] = ((info >> 16) + 1)
+                    .wrapping_mul(x[lane] >> prob_bits)
+                    .wrapping_add(slot)
+                    .wrapping_sub(info & 0xffff);
+                value[lane] |= (symbol as u64) << shift;
+                need[lane] = x[lane] < STATE_LOWER;
+            }
+            let mask = ballot(|lane| need[lane]);
+            let taken = mask.count_ones();
+            if pos + taken > word_count {
+                return STATUS_STREAM_ENDS_EARLY;
+            }
+            for lane in 0..LANES {
+                if need[lane] {
+                    let below = mask & ((1u32 << lane) - 1);
+                    let w = load_u16(payload, words + 2 * (pos + below.count_ones()) as u64);
+                    x[lane] = (x[lane] << 16) | w;
+                }
+            }
+            pos += taken;
+        }
+        for lane in (0..LANES).filter(|&lane| active(lane)) {
+            let i = (t * WARP + lane as u32) as u64;
+            for (&(width, shift), &start) in raw.iter().zip(&plane_start) {
+                let plane = body + start as u64;
+                let bit = i * width as u64;
+                let (w, offset) = (bit >> 5, (bit & 31) as u32);
+                let mut v = (load_u32(payload, plane + 4 * w) as u64) >> offset;
+                if offset + width > 32 {
+                    v |= (load_u32(payload, plane + 4 * (w + 1)) as u64) << (32 - offset);
+                }
+                v &= (1u64 << width) - 1;
+                value[lane] |= v << shift;
+            }
+            let bytes = value[lane].to_le_bytes();
+            store(out, dst + i * elem_bytes, &bytes[..elem_bytes as usize]);
+        }
+    }
+
+    // 5. End checks.
+    if rans_count > 0 {
+        if pos != word_count {
+            return STATUS_WORDS_LEFT_OVER;
+        }
+        if ballot(|lane| x[lane] != STATE_LOWER) != 0 {
+            return STATUS_FINAL_STATE;
+        }
+    }
+    STATUS_OK
+}
+
+/// `__ballot_sync(0xFFFFFFFF, predicate)`: bit `lane` set where the predicate holds.
+fn ballot(predicate: impl Fn(usize) -> bool) -> u32 {
+    (0..LANES).fold(0, |mask, lane| mask | (predicate(lane) as u32) << lane)
+}
+
+/// Decodes a whole tensor the way the GPU loader does: the kernel (here its twin) over the payload range, then
+/// the zstd blocks on the host. `file` is the mapped `.nzt`; `out` must be exactly the tensor's bytes.
+pub fn decode_tensor(file: &[u8], layout: &TensorLayout, out: &mut [u8], warps: u32) -> Result<()> {
+    if out.len() as u64 != layout.byte_len {
+        return Err(NzError::BufferSize {
+            tensor: layout.name.clone(),
+            expected: layout.byte_len as usize,
+            found: out.len(),
+        });
+    }
+    let payload = file
+        .get(layout.payload.start as usize..layout.payload.end as usize)
+        .ok_or_else(|| {
+            NzError::malformed(format!("'{}': payload outside the file", layout.name))
+        })?;
+    let status = run_kernel(layout, payload, out, warps.max(1));
+    if let Some((k, &s)) = status.iter().enumerate().find(|(_, &s)| s != STATUS_OK) {
+        return Err(status_error(&layout.name, k, s));
+    }
+    for &k in &layout.zstd_blocks {
+        let range = layout.block_output(k);
+        let dst = out.get_mut(range).ok_or_else(|| {
+            NzError::malformed(format!("'{}' block {k}: output out of range", layout.name))
+        })?;
+        host_decode_zstd(&layout.name, k, &file[layout.block_file_range(k)], dst)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ballot_sets_the_bits_of_lanes_where_the_predicate_holds() {
+        assert_eq!(ballot(|lane| lane % 2 == 1), 0xAAAA_AAAA);
+        assert_eq!(ballot(|_| false), 0);
+        assert_eq!(ballot(|lane| lane == 31), 1 << 31);
+    }
+
+    #[test]
+    fn expanded_table_maps_every_slot_to_its_symbol() {
+        // symbols 3 (freq 5), 7 (freq 2), 9 (freq 1): P = 3, w = 4
+        let tables = vec![3, 4, 3, 3, 4 << 16, 7, 1 << 16 | 5, 9, 7];
+        let mut smem = vec![0u8; table_smem_bytes(3, 4) as usize];
+        expand_table(&tables, 0, &mut smem, 0, 4);
+        let slots: Vec<u32> = (0..8).map(|s| load_u16(&smem, 2 * s)).collect();
+        assert_eq!(slots, [3, 3, 3, 3, 3, 7, 7, 9]);
+        let info = |s: u64| load_u32(&smem, 16 + 4 * s);
+        assert_eq!((info(3), info(7), info(9)), (4 << 16, 1 << 16 | 5, 7));
+    }
+}
