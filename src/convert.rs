@@ -173,7 +173,18 @@ fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedB
         }
     }
     let zstd = |bytes: &[u8]| {
-        zstd::bulk::compress(bytes, zstd_level).map_err(|e| NzError::Zstd {
+        ZSTD.with_borrow_mut(|compressor| {
+            let compressor = match compressor {
+                Some((level, c)) if *level == zstd_level => c,
+                slot => {
+                    &mut slot
+                        .insert((zstd_level, zstd::bulk::Compressor::new(zstd_level)?))
+                        .1
+                }
+            };
+            compressor.compress(bytes)
+        })
+        .map_err(|e| NzError::Zstd {
             what: format!("tensor '{}'", plan.entry.name),
             message: e.to_string(),
         })
@@ -195,6 +206,12 @@ fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedB
         };
     }
     Ok(finish(best, raw))
+}
+
+thread_local! {
+    /// Per-thread zstd context, kept across blocks (creating one per block costs more than a small sample).
+    static ZSTD: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// The raw payload is copied only when raw wins.

@@ -823,6 +823,12 @@ pub struct Plan {
     pub field_counts: Vec<Vec<u64>>,
 }
 
+impl Plan {
+    fn top_width(&self) -> u32 {
+        self.params.fields[0].width
+    }
+}
+
 /// Picks the layout with the lowest predicted size for a tensor split into `blocks` blocks.
 /// Returns None when no layout codes any field for less than storing it raw.
 pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
@@ -833,13 +839,41 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
     let mut best: Option<Plan> = None;
     let occurring = stats.occurring();
-    for hi in 1..=stats.top_bits.min(MAX_SYMBOL_BITS) {
+    // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
+    // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
+    // equal costs go to the smaller top field, as in a plain scan.
+    let mut candidates: Vec<(f64, u32, Vec<(u32, Vec<u64>)>)> =
+        (1..=stats.top_bits.min(MAX_SYMBOL_BITS))
+            .map(|hi| {
+                let fields = stats.candidate_fields_of(hi, &occurring);
+                let bound: f64 = fields
+                    .iter()
+                    .map(|(width, counts)| {
+                        let raw = (*width as u64 * n) as f64;
+                        if counts.is_empty() {
+                            raw
+                        } else {
+                            raw.min(super::freq::entropy_bits(counts) * n as f64)
+                        }
+                    })
+                    .sum();
+                (bound + flush_bits, hi, fields)
+            })
+            .collect();
+    candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    for (lower_bound, hi, candidate) in candidates {
+        if best
+            .as_ref()
+            .is_some_and(|b| lower_bound > b.predicted_bits)
+        {
+            continue;
+        }
         let mut fields = Vec::new();
         let mut tables = Vec::new();
         let mut cost = 0.0;
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
-        for (width, counts) in stats.candidate_fields_of(hi, &occurring) {
+        for (width, counts) in candidate {
             let (c, table) = if counts.is_empty() {
                 ((width as u64 * n) as f64, None)
             } else {
@@ -874,7 +908,10 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
             continue;
         }
         cost += flush_bits;
-        if best.as_ref().is_none_or(|b| cost < b.predicted_bits) {
+        let better = best.as_ref().is_none_or(|b| {
+            cost < b.predicted_bits || (cost == b.predicted_bits && hi < b.top_width())
+        });
+        if better {
             best = Some(Plan {
                 params: SplitParams { fields, tables },
                 predicted_bits: cost,
