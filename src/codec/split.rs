@@ -823,6 +823,9 @@ pub struct Plan {
     pub field_counts: Vec<Vec<u64>>,
 }
 
+/// A candidate layout's fields: width and histogram (empty when too wide to code).
+type CandidateFields = Vec<(u32, Vec<u64>)>;
+
 impl Plan {
     fn top_width(&self) -> u32 {
         self.params.fields[0].width
@@ -842,7 +845,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
     // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
     // equal costs go to the smaller top field, as in a plain scan.
-    let mut candidates: Vec<(f64, u32, Vec<(u32, Vec<u64>)>)> =
+    let mut candidates: Vec<(f64, u32, CandidateFields)> =
         (1..=stats.top_bits.min(MAX_SYMBOL_BITS))
             .map(|hi| {
                 let fields = stats.candidate_fields_of(hi, &occurring);
