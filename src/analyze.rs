@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::codec::freq::entropy_bits;
-use crate::codec::lossy::FloatFormat;
+use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
 use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement};
 use crate::dtype::Dtype;
@@ -26,7 +26,8 @@ pub struct TensorAnalysis {
     pub name: String,
     pub dtype: String,
     pub elements: u64,
-    /// Field layout, most significant first, e.g. "10c+6r" (c = rANS-coded, r = raw), or "stored".
+    /// Field layout, most significant first, e.g. "10c+6r" (c = rANS-coded, r = raw), "stored", or for a lossy
+    /// tensor "K3:12c" (K mantissa bits kept, then the narrow code's coded and raw bits).
     pub layout: String,
     /// Zero-order bound of the codec's scheme, bits per weight (tables and stream flushes excluded).
     pub bound_bits_per_weight: f64,
@@ -74,6 +75,19 @@ fn exponent_histogram(dtype: Dtype, data: &[u8]) -> Vec<u64> {
 }
 
 fn layout_name(entry: &TensorEntry) -> String {
+    if entry.codec == Codec::Lossy {
+        let Ok(p) = LossyParams::parse(&entry.params, entry.dtype) else {
+            return "?".into();
+        };
+        let code_bits = p.quantizer(entry.dtype).map_or(0, |q| q.code_bits());
+        let raw = code_bits - p.coded_bits;
+        let fields: Vec<String> = [(p.coded_bits, "c"), (raw, "r")]
+            .iter()
+            .filter(|(w, _)| *w > 0)
+            .map(|(w, c)| format!("{w}{c}"))
+            .collect();
+        return format!("K{}:{}", p.mantissa_bits, fields.join("+"));
+    }
     if entry.codec != Codec::FloatSplit {
         return "stored".into();
     }
