@@ -29,9 +29,12 @@ use neuzip::{DecodeOptions, NztFile};
 /// neuzip converts safetensors checkpoints to .nzt files. The default codec is lossless: each float's sign,
 /// exponent and top mantissa bits are entropy-coded with rANS and the remaining mantissa bits are stored
 /// raw, so decoding gives back the original bytes exactly (bf16 weights shrink to about 10.6 bits).
+/// With --mantissa-bits K the weight matrices are rounded to K mantissa bits instead (lossy; bf16 at K = 3
+/// takes about 6.6 bits), within a bound that `verify --against` checks.
 ///
 /// Typical use:
 ///   neuzip analyze model.safetensors        # what the codec can reach, before converting
+///   neuzip analyze model.safetensors --sweep   # lossy: size and error for each K
 ///   neuzip convert model.safetensors        # writes model.nzt
 ///   neuzip verify model.nzt --against model.safetensors
 ///   neuzip decompress model.nzt -o restored.safetensors
