@@ -431,3 +431,68 @@ fn sweep_predicts_the_exact_size_and_error_falls_with_k() {
         .stdout(contains("lossless"))
         .stdout(contains("SQNR dB"));
 }
+
+mod property {
+    use super::*;
+    use neuzip::codec::lossy::{encode_block, plan, LossyDecoder};
+    use proptest::prelude::*;
+
+    const DTYPES: [Dtype; 3] = [Dtype::BF16, Dtype::F16, Dtype::F32];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        /// Arbitrary bit patterns (NaNs, Infs, subnormals, zeros of both signs among them), every dtype, any K
+        /// below the mantissa width and any group size: encoded and decoded through the payload, every element
+        /// keeps its NaN/Inf class and sign, and every finite one is within the spec's bound.
+        #[test]
+        fn any_block_decodes_within_the_bound(
+            dtype_index in 0usize..3,
+            k_fraction in 0.0f64..1.0,
+            norm_block in prop_oneof![Just(0u32), 1u32..=1024],
+            patterns in proptest::collection::vec(any::<u32>(), 1..700),
+            scale_exponent in -30i32..30,
+        ) {
+            let dtype = DTYPES[dtype_index];
+            let (_, man_bits) = widths(dtype);
+            let k = ((k_fraction * man_bits as f64) as u32).min(man_bits - 1);
+            let width = dtype.byte_width().unwrap();
+            // Half the elements arbitrary bits, half weight-like values at a random scale.
+            let mut block = Vec::with_capacity(patterns.len() * width);
+            for (i, &p) in patterns.iter().enumerate() {
+                let bits = if i % 2 == 0 {
+                    p as u64
+                } else {
+                    let v = (p as f64 / u32::MAX as f64 - 0.5) * 2f64.powi(scale_exponent);
+                    match dtype {
+                        Dtype::F32 => (v as f32).to_bits() as u64,
+                        Dtype::BF16 => half::bf16::from_f64(v).to_bits() as u64,
+                        _ => half::f16::from_f64(v).to_bits() as u64,
+                    }
+                };
+                block.extend_from_slice(&bits.to_le_bytes()[..width]);
+            }
+            let lossy = plan(dtype, k, norm_block, &block, 4096).unwrap();
+            let payload = encode_block(&lossy.params, &lossy.quantizer, dtype, &block);
+            let decoder = LossyDecoder::new(lossy.params.clone(), dtype).unwrap();
+            let mut out = vec![0u8; block.len()];
+            decoder.decode_block(&payload, &mut out).unwrap();
+            for (a, b) in block.chunks(width).zip(out.chunks(width)) {
+                let (x, y) = (value(dtype, a), value(dtype, b));
+                let sign = |e: &[u8]| e[width - 1] & 0x80;
+                if x.is_nan() {
+                    prop_assert!(y.is_nan() && sign(a) == sign(b));
+                } else if x.is_infinite() {
+                    prop_assert_eq!(a, b);
+                } else {
+                    prop_assert!(y.is_finite(), "{} -> {}", x, y);
+                    let bound = spec_bound(dtype, k, norm_block > 0, x);
+                    prop_assert!((y - x).abs() <= bound * (1.0 + 1e-12),
+                        "{} K={} B={}: {:e} -> {:e}", dtype, k, norm_block, x, y);
+                    // The sign is kept, zeros included.
+                    prop_assert_eq!(sign(a), sign(b));
+                }
+            }
+        }
+    }
+}
