@@ -61,7 +61,9 @@ def rans_decode(payload, off, n, table, p):
     states = [u(payload, off + 4 * j, 4) for j in range(32)]
     wc = u(payload, off + 128, 4)
     words = [u(payload, off + 132 + 2 * i, 2) for i in range(wc)]
-    slots = sorted((c, c + f, s) for s, (f, c) in table.items())
+    slot_symbol = [0] * (1 << p)              # slot -> the listed symbol whose range holds it
+    for s, (f, c) in table.items():
+        slot_symbol[c:c + f] = [s] * f
     out, pos = [0] * n, 0
     for t in range((n + 31) // 32):
         for j in range(32):
@@ -70,8 +72,9 @@ def rans_decode(payload, off, n, table, p):
                 break
             x = states[j]
             slot = x & ((1 << p) - 1)
-            lo, hi, s = next(r for r in slots if r[0] <= slot < r[1])
-            x = (hi - lo) * (x >> p) + slot - lo
+            s = slot_symbol[slot]
+            f, c = table[s]
+            x = f * (x >> p) + slot - c
             if x < 1 << 16:
                 x = (x << 16) | words[pos]
                 pos += 1
@@ -81,15 +84,19 @@ def rans_decode(payload, off, n, table, p):
     return out, off + 132 + 2 * wc
 
 
+def floor_log2(v):
+    """floor(log2(v)) of a positive Fraction, exactly."""
+    e = v.numerator.bit_length() - v.denominator.bit_length()
+    return e if v >= Fraction(2) ** e else e - 1
+
+
 def grid_round(v, e_bits, m_bits):
     """Nearest value of the format's grid to v >= 0, ties to the even pattern (section 13.3.1)."""
     bias = (1 << (e_bits - 1)) - 1
     emin = 1 - bias
     if v == 0:
         return Fraction(0)
-    e = emin
-    while v >= Fraction(2) ** (e + 1):
-        e += 1
+    e = max(floor_log2(v), emin)
     q = Fraction(2) ** (e - m_bits)
     steps = v / q
     lo = steps.numerator // steps.denominator
@@ -105,9 +112,7 @@ def pattern(v, e_bits, m_bits):
     emin = 1 - bias
     if v < Fraction(2) ** emin:
         return int(v / Fraction(2) ** (emin - m_bits))
-    e = emin
-    while v >= Fraction(2) ** (e + 1):
-        e += 1
+    e = floor_log2(v)
     return ((e + bias) << m_bits) | (int(v / Fraction(2) ** (e - m_bits)) - (1 << m_bits))
 
 
