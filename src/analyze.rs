@@ -1,14 +1,17 @@
 //! What the codec reaches on a safetensors file, measured without writing anything: exponent histograms and
 //! entropies per dtype, the zero-order bound of the scheme the codec uses (per block: the tensor's statistics
 //! or the block's own, whichever is lower; zstd and raw blocks at their size) and the exact `.nzt` size
-//! a conversion with the same options would write.
+//! a conversion with the same options would write; and, for lossy mode, the size and error over a range of
+//! mantissa widths (`sweep`), from the same dry run and the quantizer's own round trip.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::codec::freq::entropy_bits;
+use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
 use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement};
 use crate::dtype::Dtype;
@@ -16,13 +19,15 @@ use crate::error::Result;
 use crate::format::header::{section_len, TensorEntry};
 use crate::format::{align_up, Codec, FILE_HEADER_LEN, TENSOR_ALIGN};
 use crate::source::SafetensorsFile;
+use crate::verify::{ErrorReport, ErrorStats};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorAnalysis {
     pub name: String,
     pub dtype: String,
     pub elements: u64,
-    /// Field layout, most significant first, e.g. "10c+6r" (c = rANS-coded, r = raw), or "stored".
+    /// Field layout, most significant first, e.g. "10c+6r" (c = rANS-coded, r = raw), "stored", or for a lossy
+    /// tensor "K3:12c" (K mantissa bits kept, then the narrow code's coded and raw bits).
     pub layout: String,
     /// Zero-order bound of the codec's scheme, bits per weight (tables and stream flushes excluded).
     pub bound_bits_per_weight: f64,
@@ -70,6 +75,19 @@ fn exponent_histogram(dtype: Dtype, data: &[u8]) -> Vec<u64> {
 }
 
 fn layout_name(entry: &TensorEntry) -> String {
+    if entry.codec == Codec::Lossy {
+        let Ok(p) = LossyParams::parse(&entry.params, entry.dtype) else {
+            return "?".into();
+        };
+        let code_bits = p.quantizer(entry.dtype).map_or(0, |q| q.code_bits());
+        let raw = code_bits - p.coded_bits;
+        let fields: Vec<String> = [(p.coded_bits, "c"), (raw, "r")]
+            .iter()
+            .filter(|(w, _)| *w > 0)
+            .map(|(w, c)| format!("{w}{c}"))
+            .collect();
+        return format!("K{}:{}", p.mantissa_bits, fields.join("+"));
+    }
     if entry.codec != Codec::FloatSplit {
         return "stored".into();
     }
@@ -179,4 +197,105 @@ pub fn analyze(
         predicted_bits_per_weight: per(8.0 * predicted_bytes as f64, elements),
         predicted_payload_bits_per_weight: per(8.0 * coded.iter().sum::<u64>() as f64, elements),
     })
+}
+
+/// One point of a lossy sweep.
+#[derive(Clone, Debug, Serialize)]
+pub struct SweepPoint {
+    /// Mantissa bits kept (tensors whose dtype has no more stay lossless); None for the lossless row.
+    pub mantissa_bits: Option<u32>,
+    /// The exact `.nzt` size a conversion with these settings writes.
+    pub predicted_bytes: u64,
+    pub bits_per_weight: f64,
+    /// Error of every BF16, F16 and F32 tensor together against the original.
+    pub error: ErrorReport,
+}
+
+/// The mantissa widths `sweep` visits by default: 0 up to one below the widest lossy dtype's mantissa,
+/// at most 10.
+pub fn default_sweep_bits(source: &SafetensorsFile) -> Vec<u32> {
+    let widest = source
+        .tensors
+        .iter()
+        .filter_map(|t| FloatFormat::of(t.dtype))
+        .map(|f| f.man_bits)
+        .max()
+        .unwrap_or(0);
+    (0..widest.min(11)).collect()
+}
+
+/// Dry-runs a conversion for each K of `bits` (with `opts.lossy`'s rules and normalization, K as the
+/// default), then a lossless one, and measures size and error. Nothing is written.
+pub fn sweep(
+    source: &SafetensorsFile,
+    opts: &ConvertOptions,
+    bits: &[u32],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<SweepPoint>> {
+    opts.lossy.validate()?;
+    let mut points = Vec::new();
+    let settings: Vec<Option<u32>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
+    for k in settings {
+        let mut point_opts = opts.clone();
+        match k {
+            Some(k) => point_opts.lossy.default_bits = Some(k),
+            None => point_opts.lossy = Default::default(),
+        }
+        let plans = plan_all(source, &point_opts);
+        let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
+        let mut placement = Placement::default();
+        encode_blocks(source, &plans, &point_opts, progress, |ti, _, block| {
+            placement.place(ti, block.payload.len() as u64);
+            Ok(())
+        })?;
+        let header = section_len(source.header_json(), &entries);
+        let data_offset =
+            align_up(FILE_HEADER_LEN as u64 + header, TENSOR_ALIGN).expect("fits u64");
+        let predicted_bytes = data_offset + placement.end;
+        let per_tensor: Vec<ErrorStats> = source
+            .tensors
+            .par_iter()
+            .zip(&plans)
+            .filter_map(|(t, plan)| {
+                let fmt = FloatFormat::of(t.dtype)?;
+                let width = t.dtype.byte_width()?;
+                let data = source.data(t);
+                let mut stats = ErrorStats::default();
+                let block_bytes = plan.entry.block_units as usize * width;
+                for block in data.chunks(block_bytes.max(width)) {
+                    let original = crate::codec::split::element_values(block, width);
+                    let decoded = match plan.quantizer() {
+                        Some(q) => q.round_trip_block(block, width),
+                        None => original.clone(),
+                    };
+                    let bound = plan.quantizer().map(|q| move |x: f64| q.error_bound(x));
+                    let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
+                    for (&a, &b) in original.iter().zip(&decoded) {
+                        stats.add(fmt.to_f64(a), fmt.to_f64(b), bound_ref);
+                    }
+                }
+                Some(stats)
+            })
+            .collect();
+        let mut total = ErrorStats::default();
+        for s in &per_tensor {
+            total.merge(s);
+        }
+        let elements: u64 = source
+            .tensors
+            .iter()
+            .map(|t| t.shape.iter().product::<u64>())
+            .sum();
+        points.push(SweepPoint {
+            mantissa_bits: k,
+            predicted_bytes,
+            bits_per_weight: if elements == 0 {
+                0.0
+            } else {
+                8.0 * predicted_bytes as f64 / elements as f64
+            },
+            error: total.report(),
+        });
+    }
+    Ok(points)
 }

@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use neuzip::analyze::analyze;
+use neuzip::codec::lossy::MAX_NORM_BLOCK;
 use neuzip::convert::{
     convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
     SAFETENSORS_INDEX,
@@ -18,6 +19,7 @@ use neuzip::convert::{
 use neuzip::format::writer::OutputFile;
 use neuzip::format::MAGIC;
 use neuzip::inspect::report;
+use neuzip::precision::{LossySettings, Precision, DEFAULT_NORM_BLOCK};
 use neuzip::source::SafetensorsFile;
 use neuzip::verify::verify;
 use neuzip::{DecodeOptions, NztFile};
@@ -27,9 +29,12 @@ use neuzip::{DecodeOptions, NztFile};
 /// neuzip converts safetensors checkpoints to .nzt files. The default codec is lossless: each float's sign,
 /// exponent and top mantissa bits are entropy-coded with rANS and the remaining mantissa bits are stored
 /// raw, so decoding gives back the original bytes exactly (bf16 weights shrink to about 10.6 bits).
+/// With --mantissa-bits K the weight matrices are rounded to K mantissa bits instead (lossy; bf16 at K = 3
+/// takes about 6.6 bits), within a bound that `verify --against` checks.
 ///
 /// Typical use:
 ///   neuzip analyze model.safetensors        # what the codec can reach, before converting
+///   neuzip analyze model.safetensors --sweep   # lossy: size and error for each K
 ///   neuzip convert model.safetensors        # writes model.nzt
 ///   neuzip verify model.nzt --against model.safetensors
 ///   neuzip decompress model.nzt -o restored.safetensors
@@ -101,9 +106,59 @@ struct ConvertArgs {
     /// zstd level for non-float tensors and for blocks where zstd beats the float codec.
     #[arg(long, default_value_t = 3, value_name = "LEVEL")]
     zstd_level: i32,
+    #[command(flatten)]
+    lossy: LossyArgs,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
+}
+
+/// Lossy mode: which tensors lose mantissa bits, and how many.
+#[derive(Args, Debug, Clone)]
+struct LossyArgs {
+    /// Lossy: keep K mantissa bits (rounded to nearest even) of every BF16/F16/F32 tensor of rank 2 or more;
+    /// 1-D tensors stay lossless. K equal to the dtype's mantissa width is lossless.
+    #[arg(long, value_name = "K")]
+    mantissa_bits: Option<u32>,
+    /// Per-tensor precision by name: a glob (`*` any run, `?` one character), `=`, then K or `lossless`.
+    /// Repeatable; the last matching pattern wins and overrides the rank rule, e.g.
+    /// --tensor-bits '*embeddings*=lossless' --tensor-bits '*.bias=5'.
+    #[arg(long, value_name = "PATTERN=K")]
+    tensor_bits: Vec<String>,
+    /// Lossy normalization (off by default): divide each group of B elements (1..=1024) by a one-byte scale
+    /// from the group's largest magnitude before rounding, and multiply it back on decode.
+    #[arg(long, value_name = "B", conflicts_with = "no_norm")]
+    norm_block: Option<u32>,
+    /// Lossy: no normalization (the default).
+    #[arg(long)]
+    no_norm: bool,
+}
+
+impl LossyArgs {
+    fn settings(&self) -> Result<LossySettings> {
+        if let Some(b) = self.norm_block {
+            if !(1..=MAX_NORM_BLOCK).contains(&b) {
+                bail!("--norm-block must be between 1 and {MAX_NORM_BLOCK}, not {b}");
+            }
+        }
+        let mut settings = LossySettings {
+            default_bits: self.mantissa_bits,
+            norm_block: if self.no_norm {
+                0
+            } else {
+                self.norm_block.unwrap_or(DEFAULT_NORM_BLOCK)
+            },
+            ..LossySettings::default()
+        };
+        for rule in &self.tensor_bits {
+            settings
+                .rules
+                .push_parsed(rule, Precision::parse)
+                .context("--tensor-bits")?;
+        }
+        settings.validate().context("--mantissa-bits")?;
+        Ok(settings)
+    }
 }
 
 #[derive(Args, Debug)]
@@ -155,6 +210,13 @@ struct AnalyzeArgs {
     /// Elements per block assumed for the prediction.
     #[arg(long, default_value_t = neuzip::format::DEFAULT_FLOAT_BLOCK_ELEMENTS, value_name = "N")]
     block_elements: u32,
+    /// Lossy sweep: the exact .nzt size and the error (SQNR, relative Frobenius, max abs and max rel error)
+    /// for each K from 0 up, then lossless, without writing anything. --tensor-bits rules and the
+    /// normalization flags apply; --mantissa-bits, if given, is the largest K visited.
+    #[arg(long)]
+    sweep: bool,
+    #[command(flatten)]
+    lossy: LossyArgs,
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -238,6 +300,7 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
         float_block_elements: args.block_elements,
         zstd_level: args.zstd_level,
         replace: args.force,
+        lossy: args.lossy.settings()?,
         ..ConvertOptions::default()
     };
     let started = Instant::now();
@@ -493,7 +556,10 @@ fn inspect_cmd(args: InspectArgs) -> Result<ExitCode> {
             t.codec,
             format!(
                 "{}/{}/{}/{}",
-                t.blocks[2], t.blocks[3], t.blocks[1], t.blocks[0]
+                t.blocks[2] + t.blocks[4],
+                t.blocks[3],
+                t.blocks[1],
+                t.blocks[0]
             ),
             t.original_bytes,
             t.stored_bytes,
@@ -528,8 +594,15 @@ fn verify_cmd(args: VerifyArgs, quiet: bool) -> Result<ExitCode> {
     let result = verify(&file, original.as_ref(), |n| bar.inc(n))
         .with_context(|| format!("verifying {}", args.file.display()))?;
     bar.finish_and_clear();
+    let against = args
+        .against
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
     if args.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
+    } else if result.lossy {
+        print_lossy_verify(&result, &against)?;
     } else {
         for t in result.tensors.iter().filter(|t| t.identical == Some(false)) {
             println!(
@@ -547,25 +620,100 @@ fn verify_cmd(args: VerifyArgs, quiet: bool) -> Result<ExitCode> {
                 human_bytes(result.decoded_bytes)
             ),
             Some(true) => println!(
-                "OK: {} tensors, {} decoded, bit-exact against {}",
+                "OK: {} tensors, {} decoded, bit-exact against {against}",
                 result.tensors.len(),
                 human_bytes(result.decoded_bytes),
-                args.against
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default()
             ),
             Some(false) => {}
         }
     }
-    if result.all_identical == Some(false) {
-        bail!(
-            "{} does not match {}",
-            args.file.display(),
-            args.against.unwrap_or_default().display()
-        );
+    if result.passed == Some(false) {
+        if result.lossy {
+            bail!(
+                "{} does not match {against} within the lossy error bound",
+                args.file.display()
+            );
+        }
+        bail!("{} does not match {against}", args.file.display());
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `verify` of a file with lossy tensors: per tensor and overall error, then the verdict.
+fn print_lossy_verify(result: &neuzip::verify::VerifyReport, against: &str) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    let sqnr = |e: &neuzip::verify::ErrorReport| {
+        e.sqnr_db
+            .map_or("exact".to_string(), |db| format!("{db:.2}"))
+    };
+    if result.error.is_some() {
+        writeln!(
+            out,
+            "{:<52} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>6}",
+            "tensor", "codec", "bits/w", "SQNR dB", "rel frob", "max abs", "max rel", "check"
+        )?;
+    }
+    for t in &result.tensors {
+        let Some(e) = &t.error else {
+            if t.identical == Some(false) {
+                writeln!(
+                    out,
+                    "MISMATCH {}: {} elements differ",
+                    t.name, t.mismatched_elements
+                )?;
+            }
+            continue;
+        };
+        let check = match (t.within_bound, t.identical) {
+            (Some(true), _) => "bound",
+            (None, Some(true)) => "exact",
+            _ => "FAIL",
+        };
+        writeln!(
+            out,
+            "{:<52} {:>11} {:>7.3} {:>9} {:>10.3e} {:>10.3e} {:>10.3e} {:>6}",
+            t.name,
+            t.codec,
+            t.bits_per_weight,
+            sqnr(e),
+            e.relative_frobenius,
+            e.max_abs_error,
+            e.max_rel_error,
+            check
+        )?;
+    }
+    if result.header_identical == Some(false) {
+        writeln!(
+            out,
+            "MISMATCH: the safetensors header differs from the original"
+        )?;
+    }
+    match (&result.error, result.passed) {
+        (Some(e), Some(passed)) => writeln!(
+            out,
+            "{}: {} tensors, {:.4} bits/weight for the whole file; float tensors together: SQNR {} dB, \
+             relative Frobenius error {:.4e}, max abs error {:.4e}, max rel error {:.4e}; lossy tensors \
+             {} the error bound, lossless tensors {} against {against}",
+            if passed { "OK" } else { "FAILED" },
+            result.tensors.len(),
+            result.bits_per_weight,
+            sqnr(e),
+            e.relative_frobenius,
+            e.max_abs_error,
+            e.max_rel_error,
+            if passed { "within" } else { "not all within" },
+            if passed { "bit-exact" } else { "checked" },
+        )?,
+        _ => writeln!(
+            out,
+            "OK: {} tensors (lossy), {} decoded, {:.4} bits/weight, every checksum and stream end verified",
+            result.tensors.len(),
+            human_bytes(result.decoded_bytes),
+            result.bits_per_weight
+        )?,
+    }
+    Ok(())
 }
 
 fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
@@ -573,8 +721,13 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
         .with_context(|| format!("reading {}", args.file.display()))?;
     let opts = ConvertOptions {
         float_block_elements: args.block_elements.max(1),
+        lossy: args.lossy.settings()?,
         ..ConvertOptions::default()
     };
+    if args.sweep {
+        return sweep_cmd(&args, &source, &opts, quiet);
+    }
+    neuzip::convert::check_settings(&source, &opts)?;
     let bar = progress_bar(
         source.file_len(),
         &format!("analyze {}", args.file.display()),
@@ -647,6 +800,63 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
         a.predicted_bits_per_weight,
         a.input_bytes as f64 / a.predicted_bytes.max(1) as f64
     )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sweep_cmd(
+    args: &AnalyzeArgs,
+    source: &SafetensorsFile,
+    opts: &ConvertOptions,
+    quiet: bool,
+) -> Result<ExitCode> {
+    let mut bits = neuzip::analyze::default_sweep_bits(source);
+    if let Some(max) = args.lossy.mantissa_bits {
+        bits = (0..=max).collect();
+    }
+    let bar = progress_bar(
+        source.file_len() * (bits.len() as u64 + 1),
+        &format!("sweep {}", args.file.display()),
+        quiet,
+    );
+    let points = neuzip::analyze::sweep(source, opts, &bits, &|n| bar.inc(n))
+        .with_context(|| format!("analyzing {}", args.file.display()))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&points)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    writeln!(
+        out,
+        "{}: lossy sweep, normalization {}; 1-D tensors lossless unless a --tensor-bits rule says otherwise",
+        args.file.display(),
+        match opts.lossy.norm_block {
+            0 => "off".to_string(),
+            b => format!("every {b} elements"),
+        }
+    )?;
+    writeln!(
+        out,
+        "{:>8} {:>12} {:>8} {:>9} {:>10} {:>10} {:>10}",
+        "K", "bytes", "bits/w", "SQNR dB", "rel frob", "max abs", "max rel"
+    )?;
+    for p in &points {
+        writeln!(
+            out,
+            "{:>8} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.3e} {:>10.3e}",
+            p.mantissa_bits
+                .map_or("lossless".to_string(), |k| k.to_string()),
+            p.predicted_bytes,
+            p.bits_per_weight,
+            p.error
+                .sqnr_db
+                .map_or("exact".to_string(), |db| format!("{db:.2}")),
+            p.error.relative_frobenius,
+            p.error.max_abs_error,
+            p.error.max_rel_error
+        )?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,12 +1,13 @@
-//! safetensors -> `.nzt`. Plan (a codec and parameters per tensor, from whole-tensor histograms), then encode
-//! blocks in bounded parallel batches, write them in order to a temporary file, then the header, then rename.
-//! The bytes written do not depend on the thread count.
+//! safetensors -> `.nzt`. Plan (a codec and parameters per tensor, from the precision settings and
+//! whole-tensor histograms), then encode blocks in bounded parallel batches, write them in order to a
+//! temporary file, then the header, then rename. The bytes written do not depend on the thread count.
 
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
     block_bound_bits, block_cost, block_field_counts, choose_block_coding, encode_block,
     encode_local_block, plan, FieldStats, SplitParams,
@@ -18,6 +19,7 @@ use crate::format::{
     align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, DEFAULT_FLOAT_BLOCK_ELEMENTS,
     DEFAULT_STORED_BLOCK_BYTES, FILE_HEADER_LEN, TENSOR_ALIGN,
 };
+use crate::precision::LossySettings;
 use crate::source::{SafetensorsFile, SourceTensor};
 
 /// Encoder settings.
@@ -31,6 +33,8 @@ pub struct ConvertOptions {
     pub zstd_level: i32,
     /// Replace an existing output.
     pub replace: bool,
+    /// Which tensors are lossy, and how (default: none).
+    pub lossy: LossySettings,
 }
 
 impl Default for ConvertOptions {
@@ -40,6 +44,7 @@ impl Default for ConvertOptions {
             stored_block_bytes: DEFAULT_STORED_BLOCK_BYTES,
             zstd_level: 3,
             replace: false,
+            lossy: LossySettings::default(),
         }
     }
 }
@@ -58,8 +63,16 @@ pub struct ConvertSummary {
 pub struct TensorPlan {
     pub entry: TensorEntry,
     split: Option<SplitParams>,
+    lossy: Option<(LossyParams, Quantizer)>,
     /// The tensor's histogram of each split field, for the per-block bound.
     field_counts: Vec<Vec<u64>>,
+}
+
+impl TensorPlan {
+    /// The quantizer of a lossy tensor.
+    pub fn quantizer(&self) -> Option<&Quantizer> {
+        self.lossy.as_ref().map(|(_, q)| q)
+    }
 }
 
 /// Chooses a tensor's codec and parameters from its whole-tensor statistics.
@@ -76,6 +89,7 @@ pub fn plan_tensor(
         TensorPlan {
             entry: entry(t, Codec::Stored, block_units, Vec::new(), blocks),
             split: None,
+            lossy: None,
             field_counts: Vec::new(),
         }
     };
@@ -84,6 +98,22 @@ pub fn plan_tensor(
     }
     let block_units = opts.float_block_elements.max(1);
     let blocks = elements.div_ceil(block_units as u64);
+    // Settings were checked by `check_settings`; a tensor they cannot apply to stays lossless.
+    let mantissa_bits = opts
+        .lossy
+        .mantissa_bits_for(&t.name, t.dtype, t.shape.len())
+        .ok()
+        .flatten();
+    if let Some(k) = mantissa_bits {
+        if let Some(p) = lossy::plan(t.dtype, k, opts.lossy.norm_block, data, block_units) {
+            return TensorPlan {
+                entry: entry(t, Codec::Lossy, block_units, p.params.to_bytes(), blocks),
+                split: None,
+                lossy: Some((p.params, p.quantizer)),
+                field_counts: Vec::new(),
+            };
+        }
+    }
     let stats = FieldStats::gather(t.dtype, data);
     match plan(&stats, blocks) {
         Some(p) => TensorPlan {
@@ -95,6 +125,7 @@ pub fn plan_tensor(
                 blocks,
             ),
             split: Some(p.params),
+            lossy: None,
             field_counts: p.field_counts,
         },
         None => stored(),
@@ -140,6 +171,14 @@ pub struct EncodedBlock {
 /// Encodes one block, keeping the smallest of split with the tensor's tables, split with the block's own
 /// tables (whichever predicts smaller), zstd and raw.
 fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedBlock> {
+    if let Some((params, quantizer)) = &plan.lossy {
+        let payload = lossy::encode_block(params, quantizer, plan.entry.dtype, raw);
+        return Ok(EncodedBlock {
+            mode: BlockMode::Lossy,
+            bound_bits: 8.0 * payload.len() as f64,
+            payload,
+        });
+    }
     let mut best = EncodedBlock {
         mode: BlockMode::Raw,
         payload: Vec::new(),
@@ -220,6 +259,17 @@ fn finish(mut best: EncodedBlock, raw: &[u8]) -> EncodedBlock {
         best.payload = raw.to_vec();
     }
     best
+}
+
+/// Checks the lossy settings against every tensor of `source` (a K wider than a tensor's mantissa is an
+/// error naming the tensor), before anything is planned or written.
+pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<()> {
+    opts.lossy.validate()?;
+    for t in &source.tensors {
+        opts.lossy
+            .mantissa_bits_for(&t.name, t.dtype, t.shape.len())?;
+    }
+    Ok(())
 }
 
 /// Plans every tensor of `source` (in parallel).
@@ -360,7 +410,8 @@ impl NztPlan {
         let data_len = header::assign_offsets(&mut entries, self.data_offset)?;
         debug_assert_eq!(data_len, placement.end);
         let section = header::write_section(source.header_json(), &entries);
-        let mut head = header::file_header(&section, self.data_offset, data_len).to_vec();
+        let minor = header::version_minor_for(&entries);
+        let mut head = header::file_header(&section, minor, self.data_offset, data_len).to_vec();
         head.extend_from_slice(&section);
         debug_assert!(head.len() as u64 <= self.data_offset);
         Ok(NztHead {
@@ -374,6 +425,7 @@ impl NztPlan {
 
 /// Encodes `source` into a `.nzt` held in memory (for tests, fuzzing and small files).
 pub fn convert_to_vec(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<Vec<u8>> {
+    check_settings(source, opts)?;
     let mut data = Vec::new();
     let head = NztPlan::new(source, opts).encode(source, opts, &|_| {}, |bytes| {
         data.extend_from_slice(bytes);
@@ -394,6 +446,7 @@ pub fn convert_uncommitted(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<(OutputFile, ConvertSummary)> {
     let source = SafetensorsFile::open(input)?;
+    check_settings(&source, opts)?;
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
     let file = out.file();
     let io = |e| NzError::io(output, e);

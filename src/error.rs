@@ -18,7 +18,7 @@ pub enum NzError {
     BadMagic { found: Vec<u8> },
 
     /// A major version this build cannot read, or flag bits it does not know.
-    #[error("unsupported .nzt version {major}.{minor} (flags {flags:#x}); this build reads 1.0 with no flags")]
+    #[error("unsupported .nzt version {major}.{minor} (flags {flags:#x}); this build reads 1.0 and 1.1 with no flags")]
     UnsupportedVersion { major: u16, minor: u16, flags: u32 },
 
     /// The file ends before a structure it declares.
@@ -105,6 +105,10 @@ pub enum NzError {
         message: String,
         log: String,
     },
+
+    /// A conversion setting that cannot apply (a bit count too large for a dtype, a group size out of range).
+    #[error("invalid setting: {what}")]
+    InvalidSetting { what: String },
 
     /// zstd failed to compress or decompress.
     #[error("zstd error in {what}: {message}")]

@@ -1,4 +1,5 @@
-//! neuzip: lossless compression of neural-network weights, from safetensors to `.nzt` and back.
+//! neuzip: compression of neural-network weights, from safetensors to `.nzt` and back: lossless by default,
+//! or lossy (rounded mantissas) for the tensors [`precision`] selects.
 //!
 //! Data flow: [`source`] (safetensors, mapped) → [`convert`] (a plan per tensor, blocks encoded by
 //! [`codec`]) → [`format::writer`] (temporary file, checksum, rename). Reading: [`format::reader::NztFile`]
@@ -14,6 +15,7 @@ pub mod format;
 pub mod gpu;
 pub mod inspect;
 pub mod mmap;
+pub mod precision;
 pub mod source;
 pub mod verify;
 

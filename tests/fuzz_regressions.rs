@@ -137,6 +137,7 @@ fn convert_roundtrip(data: &[u8]) {
         stored_block_bytes: [64, 100, 256, 4096][data.len() / 4 % 4],
         zstd_level: 1,
         replace: false,
+        lossy: Default::default(),
     };
     let file = convert_to_vec(&source, &opts).expect("encode");
     let nzt = NztFile::from_bytes(Bytes::Owned(file)).expect("the encoder's file opens");

@@ -1,5 +1,6 @@
 //! Format test vectors (format-spec/nzt.md, "Test vectors"): the reference encoder must reproduce every
-//! golden `.nzt` byte for byte, and decoding it must give back its source exactly.
+//! golden `.nzt` byte for byte, and decoding it must give back its source exactly (lossless vectors) or the
+//! golden decoded file exactly (the lossy vector).
 //! Regenerate after an intended format change with `NEUZIP_BLESS=1 cargo test --release --test golden`.
 
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::path::PathBuf;
 use neuzip::convert::{convert_file, ConvertOptions};
 use neuzip::format::BlockMode;
 use neuzip::mmap::Bytes;
+use neuzip::precision::{LossySettings, Precision};
 use neuzip::NztFile;
 
 const VECTORS: &[&str] = &["tiny", "modes"];
@@ -16,17 +18,42 @@ fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/golden")
 }
 
+/// The lossy vector: `modes.safetensors` with every float tensor at K = 3 (`layer.half` at K = 0) and
+/// normalization groups of 64: `neuzip convert --block-elements 256 --norm-block 64 --tensor-bits '*=3'
+/// --tensor-bits 'layer.half=0'`.
+const LOSSY_SOURCE: &str = "modes";
+const LOSSY_NAME: &str = "lossy";
+
+fn lossy_options() -> ConvertOptions {
+    let mut lossy = LossySettings {
+        norm_block: 64,
+        ..LossySettings::default()
+    };
+    for rule in ["*=3", "layer.half=0"] {
+        lossy.rules.push_parsed(rule, Precision::parse).unwrap();
+    }
+    ConvertOptions {
+        float_block_elements: BLOCK_ELEMENTS,
+        lossy,
+        ..ConvertOptions::default()
+    }
+}
+
 fn encode(name: &str) -> Vec<u8> {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join(format!("{name}.nzt"));
     let opts = ConvertOptions {
         float_block_elements: BLOCK_ELEMENTS,
         ..ConvertOptions::default()
     };
+    encode_with(name, name, &opts)
+}
+
+fn encode_with(source: &str, name: &str, opts: &ConvertOptions) -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join(format!("{name}.nzt"));
     convert_file(
-        &golden_dir().join(format!("{name}.safetensors")),
+        &golden_dir().join(format!("{source}.safetensors")),
         &out,
-        &opts,
+        opts,
         &|_| {},
     )
     .unwrap();
@@ -86,4 +113,44 @@ fn modes_vector_covers_every_block_mode() {
     ] {
         assert!(modes.contains(&mode), "no {mode:?} block in modes.nzt");
     }
+}
+
+#[test]
+fn encoder_reproduces_the_lossy_vector_and_it_decodes_to_its_golden_output() {
+    let encoded = encode_with(LOSSY_SOURCE, LOSSY_NAME, &lossy_options());
+    let golden_path = golden_dir().join(format!("{LOSSY_NAME}.nzt"));
+    let decoded_path = golden_dir().join(format!("{LOSSY_NAME}.decoded.safetensors"));
+    let file = NztFile::from_bytes(Bytes::Owned(encoded.clone())).unwrap();
+    let mut decoded = Vec::new();
+    file.write_safetensors(&mut decoded, |_| {}).unwrap();
+    if std::env::var_os("NEUZIP_BLESS").is_some() {
+        std::fs::write(&golden_path, &encoded).unwrap();
+        std::fs::write(&decoded_path, &decoded).unwrap();
+    }
+    let golden = std::fs::read(&golden_path).unwrap();
+    let golden_decoded = std::fs::read(&decoded_path).unwrap();
+    for (what, bytes) in [
+        ("lossy.nzt", &golden),
+        ("lossy.decoded.safetensors", &golden_decoded),
+    ] {
+        println!(
+            "{what}: {} bytes, xxh3-64 {:016x}",
+            bytes.len(),
+            neuzip::format::checksum(bytes)
+        );
+    }
+    assert!(encoded == golden, "encoder output differs from lossy.nzt");
+    // The golden file itself decodes to the golden output, and is a 1.1 file with lossy blocks.
+    let file = NztFile::from_bytes(Bytes::Owned(golden)).unwrap();
+    let mut restored = Vec::new();
+    file.write_safetensors(&mut restored, |_| {}).unwrap();
+    assert!(
+        restored == golden_decoded,
+        "lossy.nzt does not decode to lossy.decoded.safetensors"
+    );
+    assert_eq!(file.header().version_minor, 1);
+    assert!(file
+        .tensors()
+        .iter()
+        .any(|t| t.blocks.iter().any(|b| b.mode == BlockMode::Lossy)));
 }

@@ -174,7 +174,7 @@ fn forced_nzt(
     let section = header::write_section(source_header, &entries);
     let data_offset = align_up(FILE_HEADER_LEN as u64 + section.len() as u64, 64).unwrap();
     let data_len = header::assign_offsets(&mut entries, data_offset).expect("offsets");
-    let mut file = header::file_header(&section, data_offset, data_len).to_vec();
+    let mut file = header::file_header(&section, 0, data_offset, data_len).to_vec();
     file.extend_from_slice(&section);
     file.resize(data_offset as usize, 0);
     for (b, payload) in entries[0].blocks.iter().zip(&payloads) {

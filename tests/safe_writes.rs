@@ -159,7 +159,7 @@ fn expanding_file(blocks: usize) -> Vec<u8> {
     let data_offset = align_up((FILE_HEADER_LEN + section.len()) as u64, TENSOR_ALIGN).unwrap();
     let data_len = assign_offsets(&mut tensors, data_offset).unwrap();
     let mut file = vec![0u8; (data_offset + data_len) as usize];
-    file[..FILE_HEADER_LEN].copy_from_slice(&file_header(&section, data_offset, data_len));
+    file[..FILE_HEADER_LEN].copy_from_slice(&file_header(&section, 0, data_offset, data_len));
     file[FILE_HEADER_LEN..FILE_HEADER_LEN + section.len()].copy_from_slice(&section);
     for b in &tensors[0].blocks {
         file[b.offset as usize..b.offset as usize + frame.len()].copy_from_slice(&frame);

@@ -28,6 +28,7 @@ fuzz_target!(|data: &[u8]| {
         stored_block_bytes: [64, 100, 256, 4096][data.len() / 4 % 4],
         zstd_level: 1,
         replace: false,
+        lossy: Default::default(),
     };
     let file = convert_to_vec(&source, &opts).expect("encoding a valid safetensors file");
 

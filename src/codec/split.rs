@@ -774,7 +774,7 @@ impl FieldStats {
 }
 
 /// The cheapest way to store one field: raw (None) or a table, and its cost in bits (table included).
-fn best_coding(
+pub(crate) fn best_coding(
     counts: &[u64],
     width: u32,
     elements: u64,

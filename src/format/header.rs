@@ -5,9 +5,11 @@
 use std::collections::HashSet;
 
 use super::{
-    align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, BLOCK_ENTRY_LEN, FILE_HEADER_LEN, MAGIC,
-    MAX_BLOCK_BYTES, MAX_RANK, MIN_TENSOR_ENTRY_LEN, TENSOR_ALIGN, VERSION_MAJOR, VERSION_MINOR,
+    align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, BLOCK_ENTRY_LEN, FILE_HEADER_LEN,
+    LOSSY_VERSION_MINOR, MAGIC, MAX_BLOCK_BYTES, MAX_RANK, MIN_TENSOR_ENTRY_LEN, TENSOR_ALIGN,
+    VERSION_MAJOR, VERSION_MINOR,
 };
+use crate::codec::lossy::LossyParams;
 use crate::codec::split::SplitParams;
 use crate::dtype::Dtype;
 use crate::error::{NzError, Result};
@@ -53,7 +55,7 @@ impl TensorEntry {
     pub fn unit_bytes(&self) -> u64 {
         match self.codec {
             Codec::Stored => 1,
-            Codec::FloatSplit => self.dtype.byte_width().unwrap_or(1) as u64,
+            Codec::FloatSplit | Codec::Lossy => self.dtype.byte_width().unwrap_or(1) as u64,
         }
     }
 
@@ -235,7 +237,7 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     let mut tensors = Vec::with_capacity(tensor_count as usize);
     let mut names = HashSet::new();
     for index in 0..tensor_count {
-        let entry = parse_tensor(&mut c, index)?;
+        let entry = parse_tensor(&mut c, index, minor)?;
         if !names.insert(entry.name.clone()) {
             return Err(malformed(format!("duplicate tensor name '{}'", entry.name)));
         }
@@ -245,6 +247,14 @@ pub fn parse(file: &[u8]) -> Result<Header> {
         return Err(malformed(format!(
             "{} unexpected bytes after the last tensor entry",
             c.remaining()
+        )));
+    }
+    // The minor version is the lowest that has every codec the file uses, so that no flipped version bit
+    // passes unnoticed.
+    let needed = version_minor_for(&tensors);
+    if minor != needed {
+        return Err(malformed(format!(
+            "version 1.{minor} declared, but the tensors need exactly 1.{needed}"
         )));
     }
     check_against_source(&source_header, &tensors)?;
@@ -265,7 +275,7 @@ pub fn parse(file: &[u8]) -> Result<Header> {
     })
 }
 
-fn parse_tensor(c: &mut Cursor<'_>, index: u64) -> Result<TensorEntry> {
+fn parse_tensor(c: &mut Cursor<'_>, index: u64, version_minor: u16) -> Result<TensorEntry> {
     let name_len = c.u16("tensor name length")? as u64;
     let name_bytes = c.take(name_len, "tensor name")?;
     let name = String::from_utf8(name_bytes.to_vec())
@@ -273,7 +283,12 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64) -> Result<TensorEntry> {
     let dtype = Dtype::from_id(c.u8("dtype")?)?;
     let codec_id = c.u8("codec")?;
     let codec = Codec::from_id(codec_id)
-        .ok_or_else(|| malformed(format!("tensor '{name}': unknown codec id {codec_id}")))?;
+        .filter(|&c| c != Codec::Lossy || version_minor >= LOSSY_VERSION_MINOR)
+        .ok_or_else(|| {
+            malformed(format!(
+                "tensor '{name}': unknown codec id {codec_id} in a version 1.{version_minor} file"
+            ))
+        })?;
     let rank = c.u8("rank")? as usize;
     if rank > MAX_RANK {
         return Err(limit(
@@ -317,6 +332,11 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64) -> Result<TensorEntry> {
             }
             SplitParams::parse(&params, dtype)
                 .map_err(|e| malformed(format!("'{name}': params: {}", e.0)))?;
+            (elements, dtype.byte_width().unwrap_or(1) as u64)
+        }
+        Codec::Lossy => {
+            LossyParams::parse(&params, dtype)
+                .map_err(|e| malformed(format!("'{name}': lossy params: {}", e.0)))?;
             (elements, dtype.byte_width().unwrap_or(1) as u64)
         }
     };
@@ -367,7 +387,14 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64) -> Result<TensorEntry> {
             }
             BlockMode::Split | BlockMode::SplitLocal if codec != Codec::FloatSplit => {
                 return Err(malformed(format!(
-                    "'{name}' block {k}: split block in a stored tensor"
+                    "'{name}' block {k}: split block in a {} tensor",
+                    codec.name()
+                )))
+            }
+            BlockMode::Lossy if codec != Codec::Lossy => {
+                return Err(malformed(format!(
+                    "'{name}' block {k}: lossy block in a {} tensor",
+                    codec.name()
                 )))
             }
             _ => {}
@@ -484,11 +511,25 @@ pub fn section_len(source_header: &[u8], tensors: &[TensorEntry]) -> u64 {
 }
 
 /// The fixed 48-byte file header for a header section and data placement.
-pub fn file_header(section: &[u8], data_offset: u64, data_len: u64) -> [u8; FILE_HEADER_LEN] {
+/// The minor version a file with these tensors is written as: the lowest that has every codec they use.
+pub fn version_minor_for(tensors: &[TensorEntry]) -> u16 {
+    if tensors.iter().any(|t| t.codec == Codec::Lossy) {
+        LOSSY_VERSION_MINOR
+    } else {
+        0
+    }
+}
+
+pub fn file_header(
+    section: &[u8],
+    version_minor: u16,
+    data_offset: u64,
+    data_len: u64,
+) -> [u8; FILE_HEADER_LEN] {
     let mut out = [0u8; FILE_HEADER_LEN];
     out[..8].copy_from_slice(&MAGIC);
     out[8..10].copy_from_slice(&VERSION_MAJOR.to_le_bytes());
-    out[10..12].copy_from_slice(&VERSION_MINOR.to_le_bytes());
+    out[10..12].copy_from_slice(&version_minor.to_le_bytes());
     out[12..16].copy_from_slice(&0u32.to_le_bytes());
     out[16..24].copy_from_slice(&(section.len() as u64).to_le_bytes());
     out[24..32].copy_from_slice(&checksum(section).to_le_bytes());
@@ -582,7 +623,7 @@ mod tests {
             }
         }
         let data_offset = align_up((FILE_HEADER_LEN + s.len()) as u64, TENSOR_ALIGN).unwrap();
-        let mut out = file_header(&s, data_offset, data.len() as u64).to_vec();
+        let mut out = file_header(&s, 0, data_offset, data.len() as u64).to_vec();
         out.extend_from_slice(&s);
         out.resize(data_offset as usize, 0);
         out.extend_from_slice(&data);
@@ -620,7 +661,7 @@ mod tests {
             err(&good[..20]).starts_with("BadMagic") || err(&good[..20]).starts_with("Truncated")
         );
         assert!(err(b"GGUF\0\0\0\0 more bytes than the magic").starts_with("BadMagic"));
-        for (pos, value) in [(8, 2u8), (10, 1), (12, 1)] {
+        for (pos, value) in [(8, 2u8), (10, 2), (12, 1)] {
             let mut f = good.clone();
             f[pos] = value;
             assert!(err(&f).starts_with("UnsupportedVersion"), "byte {pos}");
@@ -670,6 +711,19 @@ mod tests {
         assert!(with(&|e| e.codec = 9).contains("unknown codec"));
         assert!(with(&|e| e.blocks[0].1 = 7).contains("unknown mode"));
         assert!(with(&|e| e.blocks[0].1 = 2).contains("split block in a stored tensor"));
+        // The lossy codec and its block mode exist from version 1.1 on, and only for BF16, F16 and F32.
+        assert!(with(&|e| e.codec = 2).contains("unknown codec id 2 in a version 1.0 file"));
+        assert!(with(&|e| e.blocks[0].1 = 4).contains("lossy block in a stored tensor"));
+        let mut lossy_u8 = u8_tensor("a", 10);
+        lossy_u8.codec = 2;
+        let mut v11 = file(&src, &[lossy_u8], None);
+        v11[10] = 1; // version_minor; the header checksum covers the header section only
+        let e = err(&v11);
+        assert!(e.contains("lossy does not apply to U8"), "{e}");
+        // A file declares exactly the version its codecs need.
+        let mut plain_v11 = file(&src, &[u8_tensor("a", 10)], None);
+        plain_v11[10] = 1;
+        assert!(err(&plain_v11).contains("version 1.1 declared"));
         assert!(with(&|e| e.name = vec![0xff, 0xfe]).contains("not UTF-8"));
         assert!(with(&|e| e.block_units = 0).contains("block_units is 0"));
         assert!(with(&|e| {

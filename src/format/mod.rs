@@ -8,7 +8,11 @@ pub mod writer;
 /// The first eight bytes of every `.nzt` file.
 pub const MAGIC: [u8; 8] = [0x89, b'N', b'Z', b'T', 0x0d, 0x0a, 0x1a, 0x0a];
 pub const VERSION_MAJOR: u16 = 1;
-pub const VERSION_MINOR: u16 = 0;
+/// The highest minor version this build reads and writes. 1.1 added the lossy codec; a file without lossy
+/// tensors is written as 1.0, byte for byte as before.
+pub const VERSION_MINOR: u16 = 1;
+/// The first minor version with the lossy codec (codec id 2, block mode 4).
+pub const LOSSY_VERSION_MINOR: u16 = 1;
 /// Size of the fixed file header.
 pub const FILE_HEADER_LEN: usize = 48;
 /// Alignment of the data section and of each tensor's first block.
@@ -36,6 +40,8 @@ pub enum Codec {
     Stored = 0,
     /// Lossless float codec: fields split, the top ones rANS-coded.
     FloatSplit = 1,
+    /// Lossy float codec (format 1.1): mantissas rounded to K bits, the rest rANS-coded or packed.
+    Lossy = 2,
 }
 
 impl Codec {
@@ -43,6 +49,7 @@ impl Codec {
         match id {
             0 => Some(Codec::Stored),
             1 => Some(Codec::FloatSplit),
+            2 => Some(Codec::Lossy),
             _ => None,
         }
     }
@@ -51,6 +58,7 @@ impl Codec {
         match self {
             Codec::Stored => "stored",
             Codec::FloatSplit => "float_split",
+            Codec::Lossy => "lossy",
         }
     }
 }
@@ -63,6 +71,8 @@ pub enum BlockMode {
     Split = 2,
     /// Split, with the block's own parameters in front of the body.
     SplitLocal = 3,
+    /// A lossy payload coded with the tensor's lossy parameters (codec `lossy` only).
+    Lossy = 4,
 }
 
 impl BlockMode {
@@ -72,6 +82,7 @@ impl BlockMode {
             1 => Some(BlockMode::Zstd),
             2 => Some(BlockMode::Split),
             3 => Some(BlockMode::SplitLocal),
+            4 => Some(BlockMode::Lossy),
             _ => None,
         }
     }
@@ -82,6 +93,7 @@ impl BlockMode {
             BlockMode::Zstd => "zstd",
             BlockMode::Split => "split",
             BlockMode::SplitLocal => "split_local",
+            BlockMode::Lossy => "lossy",
         }
     }
 }

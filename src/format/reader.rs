@@ -8,6 +8,7 @@ use rayon::prelude::*;
 use super::header::{self, Header, TensorEntry};
 use super::{checksum, BlockMode, Codec};
 use crate::codec::freq::TableError;
+use crate::codec::lossy::{LossyDecoder, LossyParams};
 use crate::codec::split::{split_local_payload, SplitDecoder, SplitParams};
 use crate::error::{NzError, Result};
 use crate::mmap::{map_file, Bytes};
@@ -38,6 +39,7 @@ pub struct NztFile {
 enum TensorDecoder {
     Stored,
     Split(SplitDecoder),
+    Lossy(LossyDecoder),
 }
 
 impl NztFile {
@@ -92,6 +94,16 @@ impl NztFile {
                     NzError::malformed(format!("'{}': params: {}", tensor.name, e.0))
                 })?;
                 TensorDecoder::Split(SplitDecoder::new(params, tensor.dtype))
+            }
+            Codec::Lossy => {
+                let bad = |what: String| {
+                    NzError::malformed(format!("'{}': lossy params: {what}", tensor.name))
+                };
+                let params =
+                    LossyParams::parse(&tensor.params, tensor.dtype).map_err(|e| bad(e.0))?;
+                let decoder = LossyDecoder::new(params, tensor.dtype)
+                    .ok_or_else(|| bad(format!("not valid for {}", tensor.dtype)))?;
+                TensorDecoder::Lossy(decoder)
             }
         })
     }
@@ -155,8 +167,14 @@ impl NztFile {
                     .decode_block(body, out)
                     .map_err(|e| corrupt(e.0.to_string()))?
             }
-            (BlockMode::Split | BlockMode::SplitLocal, TensorDecoder::Stored) => {
-                return Err(corrupt("split block in a stored tensor".into()))
+            (BlockMode::Lossy, TensorDecoder::Lossy(lossy)) => lossy
+                .decode_block(payload, out)
+                .map_err(|e| corrupt(e.0.to_string()))?,
+            (BlockMode::Split | BlockMode::SplitLocal, _) => {
+                return Err(corrupt("split block in a tensor of another codec".into()))
+            }
+            (BlockMode::Lossy, _) => {
+                return Err(corrupt("lossy block in a tensor of another codec".into()))
             }
         }
         Ok(())

@@ -152,6 +152,7 @@ impl TensorLayout {
                     .sum();
                 Some(params)
             }
+            Codec::Lossy => return Err(lossy_unsupported(&tensor.name)),
         };
         for (k, block) in tensor.blocks.iter().enumerate() {
             let corrupt = |what: String| NzError::CorruptBlock {
@@ -217,6 +218,7 @@ impl TensorLayout {
                 (BlockMode::Split | BlockMode::SplitLocal, None) => {
                     return Err(corrupt("split block in a stored tensor".into()))
                 }
+                (BlockMode::Lossy, _) => return Err(lossy_unsupported(&tensor.name)),
             };
             let body_offset = in_range + body_start as u64;
             layout.descs.extend_from_slice(&[
@@ -352,5 +354,15 @@ pub fn status_error(name: &str, k: usize, status: u32) -> NzError {
         tensor: name.to_string(),
         block: k,
         what: format!("{what} (GPU decoder status {status})"),
+    }
+}
+
+/// Lossy tensors have no GPU kernel yet.
+fn lossy_unsupported(tensor: &str) -> NzError {
+    NzError::Gpu {
+        what: format!("tensor '{tensor}'"),
+        message:
+            "lossy (--mantissa-bits) tensors are not decoded on the GPU yet; decode them on the CPU"
+                .into(),
     }
 }
