@@ -228,40 +228,66 @@ impl NztFile {
     }
 
     /// Decodes every block of every tensor, in file order, calling `sink(tensor, block, bytes)` in that
-    /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block), so memory
-    /// stays bounded whatever the model or a hostile header declares.
+    /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block) that run
+    /// across tensor boundaries, so small tensors keep every thread busy too; one batch buffer is reused, so
+    /// memory stays bounded whatever the model or a hostile header declares.
     pub fn for_each_block(
         &self,
         mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()>,
     ) -> Result<()> {
-        for (index, tensor) in self.header.tensors.iter().enumerate() {
-            if tensor.blocks.is_empty() {
-                continue;
+        let tensors = &self.header.tensors;
+        let mut blocks = tensors
+            .iter()
+            .enumerate()
+            .flat_map(|(t, tensor)| (0..tensor.blocks.len()).map(move |k| (t, k)))
+            .peekable();
+        let mut decoders: Vec<Option<TensorDecoder>> = (0..tensors.len()).map(|_| None).collect();
+        let mut buffer: Vec<u8> = Vec::new();
+        let mut batch: Vec<(usize, usize, usize)> = Vec::new();
+        while blocks.peek().is_some() {
+            batch.clear();
+            let mut batch_bytes = 0usize;
+            while let Some(&(t, k)) = blocks.peek() {
+                let len = tensors[t].block_range(k).len();
+                if !batch.is_empty() && (batch_bytes + len) as u64 > DECODE_BATCH_BYTES {
+                    break;
+                }
+                if decoders[t].is_none() {
+                    decoders[t] = Some(self.decoder(&tensors[t])?);
+                }
+                batch.push((t, k, len));
+                batch_bytes += len;
+                blocks.next();
             }
-            let decoder = self.decoder(tensor)?;
-            let mut first = 0;
-            while first < tensor.blocks.len() {
-                let mut end = first;
-                let mut batch_bytes = 0u64;
-                while end < tensor.blocks.len()
-                    && (end == first
-                        || batch_bytes + tensor.block_range(end).len() as u64 <= DECODE_BATCH_BYTES)
-                {
-                    batch_bytes += tensor.block_range(end).len() as u64;
-                    end += 1;
+            if buffer.len() < batch_bytes {
+                buffer.resize(batch_bytes, 0);
+            }
+            let mut outs: Vec<&mut [u8]> = Vec::with_capacity(batch.len());
+            let mut rest = &mut buffer[..batch_bytes];
+            for &(_, _, len) in &batch {
+                let (out, tail) = rest.split_at_mut(len);
+                outs.push(out);
+                rest = tail;
+            }
+            let decoded: Vec<Result<()>> = batch
+                .par_iter()
+                .zip(outs.par_iter_mut())
+                .map(|(&(t, k, _), out)| {
+                    let decoder = decoders[t].as_ref().expect("built above");
+                    self.decode_block_with(&tensors[t], decoder, k, out)
+                })
+                .collect();
+            let mut start = 0;
+            for (&(t, k, len), result) in batch.iter().zip(decoded) {
+                result?;
+                sink(t, k, &buffer[start..start + len])?;
+                start += len;
+            }
+            // A tensor's decoder is dropped once its last block is out.
+            for &(t, k, _) in &batch {
+                if k + 1 == tensors[t].blocks.len() {
+                    decoders[t] = None;
                 }
-                let decoded: Vec<Result<Vec<u8>>> = (first..end)
-                    .into_par_iter()
-                    .map(|k| {
-                        let mut buf = vec![0u8; tensor.block_range(k).len()];
-                        self.decode_block_with(tensor, &decoder, k, &mut buf)?;
-                        Ok(buf)
-                    })
-                    .collect();
-                for (k, block) in (first..end).zip(decoded) {
-                    sink(index, k, &block?)?;
-                }
-                first = end;
             }
         }
         Ok(())
