@@ -164,11 +164,19 @@ impl FreqTable {
         out.extend_from_slice(&bits.bytes);
     }
 
-    /// Serialized size in bytes.
+    /// Serialized size in bytes, counted without writing: a gamma code of `v` takes `2 * floor(log2 v) + 1`
+    /// bits.
     pub fn serialized_len(&self) -> usize {
-        let mut out = Vec::new();
-        self.write(&mut out);
-        out.len()
+        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
+        let mut bits = 0;
+        let mut next = 0u32;
+        for (s, &f) in self.freqs.iter().enumerate() {
+            if f > 0 {
+                bits += gamma_bits(s as u32 - next + 1) + gamma_bits(f);
+                next = s as u32 + 1;
+            }
+        }
+        3 + bits.div_ceil(8)
     }
 
     /// Parses a table for a field of `symbol_bits` from the front of `bytes`; returns it and the bytes used.
@@ -385,6 +393,40 @@ impl DecodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serialized_len_counts_what_write_writes() {
+        for (symbol_bits, prob_bits, seed) in [
+            (4, 4, 1u64),
+            (8, 12, 2),
+            (11, 12, 3),
+            (12, 15, 4),
+            (1, 1, 5),
+        ] {
+            let mut x = seed;
+            let counts: Vec<u64> = (0..1u64 << symbol_bits)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    if x >> 62 == 0 {
+                        0
+                    } else {
+                        (x >> 40) % 1000
+                    }
+                })
+                .collect();
+            if let Some(table) = FreqTable::from_counts(&counts, symbol_bits, prob_bits) {
+                let mut out = Vec::new();
+                table.write(&mut out);
+                assert_eq!(
+                    table.serialized_len(),
+                    out.len(),
+                    "{symbol_bits} {prob_bits}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn normalization_sums_and_keeps_rare_symbols() {
