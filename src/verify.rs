@@ -155,7 +155,7 @@ pub struct VerifyReport {
 pub fn verify(
     file: &NztFile,
     original: Option<&SafetensorsFile>,
-    mut progress: impl FnMut(u64),
+    mut progress: impl FnMut(u64) + Send,
 ) -> Result<VerifyReport> {
     // The original's tensor for each table entry, when names, dtypes and sizes agree.
     let counterpart: Vec<Option<&[u8]>> = file

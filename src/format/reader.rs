@@ -229,11 +229,12 @@ impl NztFile {
 
     /// Decodes every block of every tensor, in file order, calling `sink(tensor, block, bytes)` in that
     /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block) that run
-    /// across tensor boundaries, so small tensors keep every thread busy too; one batch buffer is reused, so
-    /// memory stays bounded whatever the model or a hostile header declares.
+    /// across tensor boundaries, so small tensors keep every thread busy too. Two batch buffers are reused in
+    /// turn: while `sink` consumes one batch the pool decodes the next, so memory stays bounded (two batches)
+    /// whatever the model or a hostile header declares.
     pub fn for_each_block(
         &self,
-        mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()>,
+        mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()> + Send,
     ) -> Result<()> {
         let tensors = &self.header.tensors;
         let mut blocks = tensors
@@ -242,62 +243,82 @@ impl NztFile {
             .flat_map(|(t, tensor)| (0..tensor.blocks.len()).map(move |k| (t, k)))
             .peekable();
         let mut decoders: Vec<Option<TensorDecoder>> = (0..tensors.len()).map(|_| None).collect();
-        let mut buffer: Vec<u8> = Vec::new();
-        let mut batch: Vec<(usize, usize, usize)> = Vec::new();
-        while blocks.peek().is_some() {
-            batch.clear();
+        // The batch being decoded and the one being consumed: (blocks, per-block results, buffer).
+        let mut decoding = Batch::default();
+        let mut consuming = Batch::default();
+        loop {
+            decoding.blocks.clear();
             let mut batch_bytes = 0usize;
             while let Some(&(t, k)) = blocks.peek() {
                 let len = tensors[t].block_range(k).len();
-                if !batch.is_empty() && (batch_bytes + len) as u64 > DECODE_BATCH_BYTES {
+                if !decoding.blocks.is_empty() && (batch_bytes + len) as u64 > DECODE_BATCH_BYTES {
                     break;
                 }
                 if decoders[t].is_none() {
                     decoders[t] = Some(self.decoder(&tensors[t])?);
                 }
-                batch.push((t, k, len));
+                decoding.blocks.push((t, k, len));
                 batch_bytes += len;
                 blocks.next();
             }
-            if buffer.len() < batch_bytes {
-                buffer.resize(batch_bytes, 0);
+            if decoding.blocks.is_empty() && consuming.blocks.is_empty() {
+                return Ok(());
             }
-            let mut outs: Vec<&mut [u8]> = Vec::with_capacity(batch.len());
-            let mut rest = &mut buffer[..batch_bytes];
-            for &(_, _, len) in &batch {
-                let (out, tail) = rest.split_at_mut(len);
-                outs.push(out);
-                rest = tail;
+            if decoding.buffer.len() < batch_bytes {
+                decoding.buffer.resize(batch_bytes, 0);
             }
-            let decoded: Vec<Result<()>> = batch
-                .par_iter()
-                .zip(outs.par_iter_mut())
-                .map(|(&(t, k, _), out)| {
-                    let decoder = decoders[t].as_ref().expect("built above");
-                    self.decode_block_with(&tensors[t], decoder, k, out)
-                })
-                .collect();
-            let mut start = 0;
-            for (&(t, k, len), result) in batch.iter().zip(decoded) {
-                result?;
-                sink(t, k, &buffer[start..start + len])?;
-                start += len;
-            }
-            // A tensor's decoder is dropped once its last block is out.
-            for &(t, k, _) in &batch {
+            let decoders_ref = &decoders;
+            let (decoded, consumed) = rayon::join(
+                || {
+                    self.decode_batch(
+                        decoders_ref,
+                        &decoding.blocks,
+                        &mut decoding.buffer[..batch_bytes],
+                    )
+                },
+                || consuming.consume(&mut sink),
+            );
+            consumed?;
+            decoding.results = decoded;
+            // A tensor's decoder is dropped once its last block is decoded.
+            for &(t, k, _) in &decoding.blocks {
                 if k + 1 == tensors[t].blocks.len() {
                     decoders[t] = None;
                 }
             }
+            std::mem::swap(&mut decoding, &mut consuming);
         }
-        Ok(())
+    }
+
+    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel.
+    fn decode_batch(
+        &self,
+        decoders: &[Option<TensorDecoder>],
+        blocks: &[(usize, usize, usize)],
+        buffer: &mut [u8],
+    ) -> Vec<Result<()>> {
+        let mut outs: Vec<&mut [u8]> = Vec::with_capacity(blocks.len());
+        let mut rest = buffer;
+        for &(_, _, len) in blocks {
+            let (out, tail) = rest.split_at_mut(len);
+            outs.push(out);
+            rest = tail;
+        }
+        blocks
+            .par_iter()
+            .zip(outs.par_iter_mut())
+            .map(|(&(t, k, _), out)| {
+                let decoder = decoders[t].as_ref().expect("built before the batch");
+                self.decode_block_with(&self.header.tensors[t], decoder, k, out)
+            })
+            .collect()
     }
 
     /// Writes the original safetensors file (byte-identical to the one converted) to `w`, streaming.
     pub fn write_safetensors(
         &self,
-        w: &mut impl Write,
-        mut progress: impl FnMut(u64),
+        w: &mut (impl Write + Send),
+        mut progress: impl FnMut(u64) + Send,
     ) -> Result<()> {
         let io = |e| NzError::io("<output>", e);
         let source = &self.header.source_header;
@@ -312,7 +333,31 @@ impl NztFile {
     }
 }
 
-/// Most decoded bytes `for_each_block` holds at once (a single larger block is still decoded alone).
+/// A batch of `for_each_block`: its blocks (tensor, block, bytes), their decode results and their bytes.
+#[derive(Default)]
+struct Batch {
+    blocks: Vec<(usize, usize, usize)>,
+    results: Vec<Result<()>>,
+    buffer: Vec<u8>,
+}
+
+impl Batch {
+    /// Hands the decoded blocks to `sink` in order, stopping at the first error; leaves the batch empty.
+    fn consume(&mut self, sink: &mut impl FnMut(usize, usize, &[u8]) -> Result<()>) -> Result<()> {
+        let mut start = 0;
+        let results = std::mem::take(&mut self.results);
+        for (&(t, k, len), result) in self.blocks.iter().zip(results) {
+            result?;
+            sink(t, k, &self.buffer[start..start + len])?;
+            start += len;
+        }
+        self.blocks.clear();
+        Ok(())
+    }
+}
+
+/// Most decoded bytes one batch of `for_each_block` holds (a single larger block is still decoded alone);
+/// two batches are alive at once.
 pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
 
 fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
