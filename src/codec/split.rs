@@ -697,24 +697,57 @@ pub struct FieldStats {
 }
 
 impl FieldStats {
+    /// Counts over the whole tensor, in parallel over 8 MiB slices whose histograms are then summed (the
+    /// sums do not depend on how the work was split).
     pub fn gather(dtype: Dtype, data: &[u8]) -> FieldStats {
+        use rayon::prelude::*;
         let width = dtype.byte_width().expect("whole-byte dtype");
         let bits = dtype.bits();
         let top_bits = bits.min(16);
         let low_count = ((bits - top_bits) / 8) as usize;
-        let mut top = vec![0u64; 1 << top_bits];
-        let mut low_bytes = vec![vec![0u64; 256]; low_count];
-        for chunk in data.chunks(width << 16) {
-            let values = element_values(&chunk[..chunk.len() / width * width], width);
-            for &v in &values {
-                top[(v >> (bits - top_bits)) as usize] += 1;
-            }
-            for (k, hist) in low_bytes.iter_mut().enumerate() {
-                for &v in &values {
-                    hist[((v >> (8 * (low_count - 1 - k))) & 0xff) as usize] += 1;
+        let data = &data[..data.len() / width * width];
+        let slice = (8 << 20) / width * width;
+        let partial = |chunk: &[u8]| {
+            let mut top = vec![0u64; 1 << top_bits];
+            let mut low_bytes = vec![vec![0u64; 256]; low_count];
+            match width {
+                2 => field_histogram::<2>(chunk, 0, 16, &mut top),
+                4 => field_histogram::<4>(chunk, 16, 16, &mut top),
+                _ => {
+                    for v in element_values(chunk, width) {
+                        top[(v >> (bits - top_bits)) as usize] += 1;
+                    }
                 }
             }
-        }
+            for (k, hist) in low_bytes.iter_mut().enumerate() {
+                let shift = 8 * (low_count - 1 - k) as u32;
+                match width {
+                    4 => field_histogram::<4>(chunk, shift, 8, hist),
+                    _ => {
+                        for v in element_values(chunk, width) {
+                            hist[((v >> shift) & 0xff) as usize] += 1;
+                        }
+                    }
+                }
+            }
+            (top, low_bytes)
+        };
+        let sum = |(mut a, mut al): (Vec<u64>, Vec<Vec<u64>>),
+                   (b, bl): (Vec<u64>, Vec<Vec<u64>>)| {
+            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+            for (ha, hb) in al.iter_mut().zip(&bl) {
+                ha.iter_mut().zip(hb).for_each(|(x, y)| *x += y);
+            }
+            (a, al)
+        };
+        let (top, low_bytes) = if data.len() <= slice {
+            partial(data)
+        } else {
+            data.par_chunks(slice)
+                .map(partial)
+                .reduce_with(sum)
+                .expect("at least one slice")
+        };
         FieldStats {
             dtype,
             elements: (data.len() / width) as u64,
