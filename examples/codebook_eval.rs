@@ -30,6 +30,7 @@ struct Args {
     json: bool,
     with_embeddings: bool,
     uniform_weights: bool,
+    scale_search: bool,
     rounds: usize,
     search_steps: usize,
     clusters: usize,
@@ -43,7 +44,8 @@ fn parse_args() -> anyhow::Result<Args> {
         json: false,
         with_embeddings: false,
         uniform_weights: false,
-        rounds: 12,
+        scale_search: true,
+        rounds: 8,
         search_steps: 8,
         clusters: 4,
         group: 128,
@@ -59,6 +61,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--json" => args.json = true,
             "--with-embeddings" => args.with_embeddings = true,
             "--uniform-weights" => args.uniform_weights = true,
+            "--no-scale-search" => args.scale_search = false,
             "--rounds" => args.rounds = value("--rounds")?.parse()?,
             "--search-steps" => args.search_steps = value("--search-steps")?.parse()?,
             "--clusters" => args.clusters = value("--clusters")?.parse()?,
@@ -140,8 +143,9 @@ fn main() -> anyhow::Result<()> {
                 group_size: args.group,
                 row_clusters: args.clusters,
                 rounds: args.rounds,
-                init: CodebookInit::Quantiles,
+                init: CodebookInit::Lloyd,
                 rate_lambda: 0.0,
+                scale_search: args.scale_search,
             };
             let (q, _) = codebook::fit(&w, rows, cols, error_weights, &options)?;
             let fixed = q.fixed_rate_size();

@@ -38,6 +38,10 @@ pub const MAX_ROW_CLUSTERS: usize = 256;
 pub const INDEX_PROB_BITS: u32 = 14;
 /// Quantile features per row used to cluster rows.
 const ROW_FEATURES: usize = 16;
+/// Scale multipliers tried by the joint scale step.
+const SCALE_SEARCH_FACTORS: [f64; 8] = [0.9, 0.95, 0.98, 0.99, 1.01, 1.02, 1.05, 1.1];
+/// Lloyd-Max iterations of the initial codebooks.
+const LLOYD_INIT_ITERATIONS: usize = 40;
 /// k-means iterations for row clustering.
 const KMEANS_ITERATIONS: usize = 25;
 /// Rows per chunk of the parallel partial sums (fixed, so the summation order does not depend on threads).
@@ -57,8 +61,8 @@ pub enum ErrorWeights<'a> {
 /// How each cluster's codebook starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CodebookInit {
-    /// At the `(i + 1/2) / 2^B` quantiles of the cluster's scaled weights.
-    Quantiles,
+    /// Weighted 1-D Lloyd-Max on the cluster's scaled weights (unrestricted, started at their quantiles).
+    Lloyd,
     /// On a uniform grid `(i - 2^B / 2) * step` (scaled units, where the group absmax is 1); zero is a level.
     Uniform { step: f32 },
 }
@@ -78,6 +82,9 @@ pub struct FitOptions {
     /// Weight of the index-length term, relative to the mean of `h * s^2` at the start (so in squared codeword
     /// units per bit). 0 for fixed-rate indices.
     pub rate_lambda: f64,
+    /// Adds a joint step per round: each group's scale on a small grid around its value, with its indices moved
+    /// to neighbours.
+    pub scale_search: bool,
 }
 
 impl Default for FitOptions {
@@ -86,9 +93,10 @@ impl Default for FitOptions {
             index_bits: 4,
             group_size: 128,
             row_clusters: 4,
-            rounds: 12,
-            init: CodebookInit::Quantiles,
+            rounds: 8,
+            init: CodebookInit::Lloyd,
             rate_lambda: 0.0,
+            scale_search: true,
         }
     }
 }
@@ -163,6 +171,7 @@ impl CodedCluster {
 pub enum FitStep {
     Init,
     Scales,
+    ScaleSearch,
     Codebooks,
     Assignment,
     CodeLengths,
@@ -291,6 +300,10 @@ pub fn fit(
     for _ in 0..options.rounds {
         fitter.refit_scales();
         trace.steps.push((FitStep::Scales, fitter.objective()));
+        if options.scale_search {
+            fitter.search_scales();
+            trace.steps.push((FitStep::ScaleSearch, fitter.objective()));
+        }
         fitter.update_codebooks();
         trace.steps.push((FitStep::Codebooks, fitter.objective()));
         fitter.assign_proximal();
@@ -418,24 +431,17 @@ impl Fitter {
 
         let mut codebooks = vec![0.0f32; clusters * m];
         for (k, book) in codebooks.chunks_mut(m).enumerate() {
-            let mut pooled: Vec<f32> = Vec::new();
-            if options.init == CodebookInit::Quantiles {
-                for r in (0..rows).filter(|&r| row_cluster[r] as usize == k) {
-                    pooled.extend((0..cols).map(|j| scaled(r, j, &scales)));
-                }
-            }
             match options.init {
-                CodebookInit::Quantiles if !pooled.is_empty() => {
-                    pooled.sort_by(f32::total_cmp);
-                    for (i, c) in book.iter_mut().enumerate() {
-                        let at = ((2 * i + 1) * pooled.len()) / (2 * m);
-                        *c = to_f16(pooled[at.min(pooled.len() - 1)] as f64);
+                CodebookInit::Lloyd => {
+                    // (scaled weight, its weight h s^2 in the error) of every weight of the cluster.
+                    let mut pooled: Vec<(f32, f32)> = Vec::new();
+                    for r in (0..rows).filter(|&r| row_cluster[r] as usize == k) {
+                        pooled.extend((0..cols).map(|j| {
+                            let s = scales[r * groups + j / group];
+                            (scaled(r, j, &scales), h[r * cols + j] * s * s)
+                        }));
                     }
-                }
-                CodebookInit::Quantiles => {
-                    for (i, c) in book.iter_mut().enumerate() {
-                        *c = to_f16(-1.0 + (2 * i + 1) as f64 / m as f64);
-                    }
+                    lloyd_init(&mut pooled, book);
                 }
                 CodebookInit::Uniform { step } => {
                     for (i, c) in book.iter_mut().enumerate() {
@@ -565,6 +571,72 @@ impl Fitter {
                         }
                     }
                     *q = best.1 as u16;
+                }
+            });
+    }
+
+    /// Joint move of each group's scale and indices: tries the scale times each of `SCALE_SEARCH_FACTORS`, with
+    /// every index of the group free to move to a neighbour, and keeps the best only if it lowers the group's
+    /// term of `J` strictly (the current point is a candidate, so `J` cannot rise).
+    fn search_scales(&mut self) {
+        let (cols, m, group, lambda) = (self.cols, self.m, self.group, self.lambda);
+        let (x, h) = (&self.x, &self.h);
+        let (codebooks, lengths, row_cluster) = (&self.codebooks, &self.lengths, &self.row_cluster);
+        self.scales
+            .par_chunks_mut(self.groups)
+            .zip(self.indices.par_chunks_mut(cols))
+            .enumerate()
+            .for_each(|(r, (row_scales, row_indices))| {
+                let k = row_cluster[r] as usize;
+                let book = &codebooks[k * m..(k + 1) * m];
+                let lens = &lengths[k * m..(k + 1) * m];
+                let mut trial = vec![0u16; group];
+                for (g, s) in row_scales.iter_mut().enumerate() {
+                    let span = g * group..((g + 1) * group).min(cols);
+                    let (xs, hs) = (
+                        &x[r * cols + span.start..r * cols + span.end],
+                        &h[r * cols + span.start..r * cols + span.end],
+                    );
+                    let indices = &mut row_indices[span];
+                    let term = |scale: f64, q: usize, i: usize| {
+                        let e = xs[i] as f64 - scale * book[q] as f64;
+                        hs[i] as f64 * e * e + lambda * lens[q]
+                    };
+                    let mut best: f64 = (0..indices.len())
+                        .map(|i| term(*s as f64, indices[i] as usize, i))
+                        .sum();
+                    let mut best_scale = *s;
+                    let mut best_indices: Option<Vec<u16>> = None;
+                    for factor in SCALE_SEARCH_FACTORS {
+                        let candidate = to_f16(*s as f64 * factor);
+                        if candidate == *s {
+                            continue;
+                        }
+                        let mut total = 0.0;
+                        for (i, t) in trial[..indices.len()].iter_mut().enumerate() {
+                            let current = indices[i] as usize;
+                            let mut pick = (term(candidate as f64, current, i), current);
+                            for c in [current.wrapping_sub(1), current + 1] {
+                                if c < m {
+                                    let v = term(candidate as f64, c, i);
+                                    if v < pick.0 {
+                                        pick = (v, c);
+                                    }
+                                }
+                            }
+                            *t = pick.1 as u16;
+                            total += pick.0;
+                        }
+                        if total < best {
+                            best = total;
+                            best_scale = candidate;
+                            best_indices = Some(trial[..indices.len()].to_vec());
+                        }
+                    }
+                    if let Some(found) = best_indices {
+                        *s = best_scale;
+                        indices.copy_from_slice(&found);
+                    }
                 }
             });
     }
@@ -728,6 +800,54 @@ impl Fitter {
             scales: self.scales.iter().map(|&s| f16::from_f32(s)).collect(),
             indices: self.indices,
         }
+    }
+}
+
+/// Sets `book` to a weighted Lloyd-Max quantizer of the `(value, weight)` pairs: starts at the `(i + 1/2) / m`
+/// quantiles, then alternates nearest-codeword cells and weighted centroids (prefix sums over the sorted values).
+/// Entries are rounded to f16 and ascending; an empty input gives a uniform grid on [-1, 1].
+fn lloyd_init(pooled: &mut [(f32, f32)], book: &mut [f32]) {
+    let m = book.len();
+    if pooled.is_empty() {
+        for (i, c) in book.iter_mut().enumerate() {
+            *c = to_f16(-1.0 + (2 * i + 1) as f64 / m as f64);
+        }
+        return;
+    }
+    pooled.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let n = pooled.len();
+    let mut centres: Vec<f64> = (0..m)
+        .map(|i| pooled[((2 * i + 1) * n / (2 * m)).min(n - 1)].0 as f64)
+        .collect();
+    // prefix[i] = (sum of weights, sum of weight * value) over pooled[..i].
+    let mut prefix = Vec::with_capacity(n + 1);
+    prefix.push((0.0f64, 0.0f64));
+    for &(u, wt) in pooled.iter() {
+        let (a, b) = *prefix.last().expect("non-empty");
+        prefix.push((a + wt as f64, b + wt as f64 * u as f64));
+    }
+    for _ in 0..LLOYD_INIT_ITERATIONS {
+        let mut start = 0;
+        for q in 0..m {
+            let end = if q + 1 < m {
+                let threshold = 0.5 * (centres[q] + centres[q + 1]);
+                start + pooled[start..].partition_point(|p| (p.0 as f64) < threshold)
+            } else {
+                n
+            };
+            let (wsum, wusum) = (
+                prefix[end].0 - prefix[start].0,
+                prefix[end].1 - prefix[start].1,
+            );
+            if wsum > 0.0 {
+                centres[q] = wusum / wsum;
+            }
+            start = end;
+        }
+        centres.sort_by(f64::total_cmp);
+    }
+    for (c, &v) in book.iter_mut().zip(&centres) {
+        *c = to_f16(v);
     }
 }
 
@@ -895,8 +1015,9 @@ mod tests {
             group_size: 64,
             row_clusters: 3,
             rounds: 6,
-            init: CodebookInit::Quantiles,
+            init: CodebookInit::Lloyd,
             rate_lambda: 0.0,
+            scale_search: true,
         }
     }
 
@@ -924,6 +1045,7 @@ mod tests {
         ] {
             for bits in [2, 3, 5] {
                 let (_, trace) = fit(&w, rows, cols, weights, &options(bits)).unwrap();
+                assert!(trace.steps.iter().any(|s| s.0 == FitStep::ScaleSearch));
                 assert_monotone(&trace);
                 let first = trace.steps[0].1;
                 let last = trace.steps.last().unwrap().1;
@@ -1011,6 +1133,15 @@ mod tests {
             .zip(&fitter.indices)
             .all(|(&a, &b)| (a as i32 - b as i32).abs() <= 1));
         assert!(fitter.objective() < j_before);
+        // The joint scale step moves indices to neighbours only, too.
+        let before = fitter.indices.clone();
+        let j_before = fitter.objective();
+        fitter.search_scales();
+        assert!(before
+            .iter()
+            .zip(&fitter.indices)
+            .all(|(&a, &b)| (a as i32 - b as i32).abs() <= 1));
+        assert!(fitter.objective() <= j_before);
         // Unrestricted, the same weights would jump further.
         let proximal = fitter.indices.clone();
         fitter.assign_nearest();
