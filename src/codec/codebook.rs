@@ -978,7 +978,8 @@ pub fn fit_entropy_coded(
 mod tests {
     use super::*;
     use crate::codec::freq::DecodeTable;
-    use crate::codec::quant_metrics::energies;
+    use crate::codec::quant_baselines::rtn_clipped;
+    use crate::codec::quant_metrics::{energies, sqnr_db};
     use crate::codec::rans::FieldOutput;
 
     /// Seeded matrix whose rows have different shapes: Gaussian-like, Laplacian-like and skewed, with
@@ -1262,6 +1263,48 @@ mod tests {
             fit_entropy_coded(&w, rows, cols, ErrorWeights::Uniform, &opts, 0.2, 2)
                 .unwrap()
                 .is_none()
+        );
+    }
+
+    #[test]
+    fn beats_rtn_and_entropy_coding_beats_fixed_rate_at_equal_size() {
+        let (rows, cols) = (96, 512);
+        let w = test_matrix(rows, cols, 10);
+        let opts = FitOptions {
+            group_size: 128,
+            row_clusters: 2,
+            ..options(4)
+        };
+        let (q, _) = fit(&w, rows, cols, ErrorWeights::Uniform, &opts).unwrap();
+        let fixed_sqnr = sqnr_db(&w, &q.dequantize());
+        let fixed = q.fixed_rate_size();
+        let rtn = rtn_clipped(&w, rows, cols, 4, 128).unwrap();
+        assert!(fixed.bits_per_weight() <= rtn.bits_per_weight());
+        let rtn_sqnr = sqnr_db(&w, &rtn.dequantized);
+        assert!(
+            fixed_sqnr > rtn_sqnr + 0.3,
+            "JLCM {fixed_sqnr} dB, RTN {rtn_sqnr} dB"
+        );
+        let ec_opts = FitOptions {
+            index_bits: 6,
+            ..opts
+        };
+        let (ec, size) = fit_entropy_coded(
+            &w,
+            rows,
+            cols,
+            ErrorWeights::Uniform,
+            &ec_opts,
+            fixed.bits_per_weight(),
+            8,
+        )
+        .unwrap()
+        .unwrap();
+        assert!(size.bits_per_weight() <= fixed.bits_per_weight());
+        let ec_sqnr = sqnr_db(&w, &ec.dequantize());
+        assert!(
+            ec_sqnr > fixed_sqnr + 1.5,
+            "entropy-coded {ec_sqnr} dB, fixed {fixed_sqnr} dB"
         );
     }
 
