@@ -134,12 +134,24 @@ fn main() -> anyhow::Result<()> {
             "nf4-b64".into(),
             figure(&w, &r.dequantized, r.bits_per_weight()),
         );
+        if write {
+            written
+                .entry("f32-nf4-b64".into())
+                .or_default()
+                .insert(name.clone(), r.dequantized);
+        }
         for bits in BITS {
             let r = rtn_clipped(&w, rows, cols, bits, RTN_GROUP)?;
             record(
                 format!("rtn{bits}-g128-clip"),
                 figure(&w, &r.dequantized, r.bits_per_weight()),
             );
+            if write && WRITE_BITS.contains(&bits) {
+                written
+                    .entry(format!("f32-rtn{bits}-g128"))
+                    .or_default()
+                    .insert(name.clone(), r.dequantized);
+            }
 
             let options = FitOptions {
                 index_bits: bits,
