@@ -3,7 +3,11 @@
 //! codebook issue.
 //!
 //! cargo run --release --example codebook_eval -- [MODEL.safetensors] [--json] [--with-embeddings]
-//!     [--uniform-weights] [--rounds N] [--search-steps N] [--clusters K] [--group G] [--write-dir DIR]
+//!     [--uniform-weights | --importance FILE] [--rounds N] [--search-steps N] [--clusters K] [--group G]
+//!     [--write-dir DIR]
+//!
+//! --importance names a safetensors file with one f32 vector per weight tensor, under the tensor's name, of
+//! per-input-channel activation second moments; tensors without one use |w| + sigma.
 //!
 //! Embeddings (names containing "embeddings") are skipped unless --with-embeddings, since the codebook mode
 //! keeps them lossless by default. --write-dir writes the dequantized model at 3 and 4 bits (fixed-rate and
@@ -31,6 +35,7 @@ struct Args {
     json: bool,
     with_embeddings: bool,
     uniform_weights: bool,
+    importance: Option<PathBuf>,
     scale_search: bool,
     rounds: usize,
     search_steps: usize,
@@ -45,6 +50,7 @@ fn parse_args() -> anyhow::Result<Args> {
         json: false,
         with_embeddings: false,
         uniform_weights: false,
+        importance: None,
         scale_search: true,
         rounds: 8,
         search_steps: 8,
@@ -67,6 +73,7 @@ fn parse_args() -> anyhow::Result<Args> {
             "--search-steps" => args.search_steps = value("--search-steps")?.parse()?,
             "--clusters" => args.clusters = value("--clusters")?.parse()?,
             "--group" => args.group = value("--group")?.parse()?,
+            "--importance" => args.importance = Some(PathBuf::from(value("--importance")?)),
             "--write-dir" => args.write_dir = Some(PathBuf::from(value("--write-dir")?)),
             s if !s.starts_with("--") => args.model = PathBuf::from(s),
             s => anyhow::bail!("unknown option {s}"),
@@ -97,10 +104,18 @@ fn main() -> anyhow::Result<()> {
     let model = SafeTensors::deserialize(&bytes)?;
     let mut names: Vec<String> = model.names().into_iter().map(String::from).collect();
     names.sort();
-    let error_weights = if args.uniform_weights {
-        ErrorWeights::Uniform
-    } else {
-        ErrorWeights::AbsPlusSigma
+    let importance_bytes = match &args.importance {
+        Some(path) => std::fs::read(path)?,
+        None => Vec::new(),
+    };
+    let importance = match &args.importance {
+        Some(_) => Some(SafeTensors::deserialize(&importance_bytes)?),
+        None => None,
+    };
+    let weights_name = match (&args.importance, args.uniform_weights) {
+        (Some(path), _) => format!("importance {}", path.display()),
+        (None, true) => "uniform".to_string(),
+        (None, false) => "|w|+sigma".to_string(),
     };
 
     // method -> tensor -> figure, and the dequantized tensors to write.
@@ -124,6 +139,24 @@ fn main() -> anyhow::Result<()> {
             .collect();
         // The written models keep embeddings lossless, as the codebook mode does by default.
         let write = !name.contains("embeddings");
+        // Importance per input channel, when the file has this tensor's name; else the default weights.
+        let channel_importance: Option<Vec<f32>> = match &importance {
+            Some(file) => match file.tensor(name) {
+                Ok(v) => Some(
+                    v.data()
+                        .chunks_exact(4)
+                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                ),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let error_weights = match (&channel_importance, args.uniform_weights) {
+            (Some(v), _) => ErrorWeights::PerInput(v),
+            (None, true) => ErrorWeights::Uniform,
+            (None, false) => ErrorWeights::AbsPlusSigma,
+        };
         let tensor_start = Instant::now();
         let mut record = |method: String, f: Figure| {
             results.entry(method).or_default().insert(name.clone(), f);
@@ -354,7 +387,7 @@ fn main() -> anyhow::Result<()> {
         let out = json!({
             "model": args.model.display().to_string(),
             "tensors": tensors,
-            "error_weights": if args.uniform_weights { "uniform" } else { "abs+sigma" },
+            "error_weights": weights_name,
             "row_clusters": args.clusters,
             "group_size": args.group,
             "rounds": args.rounds,
@@ -368,11 +401,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "{tensors} 2-D tensors of {} (error weights {}, K={}, G={}, {} rounds)",
         args.model.display(),
-        if args.uniform_weights {
-            "uniform"
-        } else {
-            "|w|+sigma"
-        },
+        weights_name,
         args.clusters,
         args.group,
         args.rounds
