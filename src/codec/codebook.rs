@@ -8,15 +8,17 @@
 //! Fitting (`fit`), in order:
 //! 1. normalize by `t` (exact: a power of two) and take the initial scales as the group absmax;
 //! 2. cluster the rows by quantiles of their scaled weights (k-means from a deterministic start);
-//! 3. start each cluster's codebook at the quantiles of its scaled weights (or on a uniform grid), assign every
-//!    weight to its nearest codeword;
+//! 3. start each cluster's codebook by a weighted Lloyd-Max fit to its scaled weights (or on a uniform grid, for
+//!    the entropy-coded mode), assign every weight to its nearest codeword;
 //! 4. repeat `rounds` times the exact block-coordinate descent on the objective
 //!    `J = sum h (x - s c_q)^2 + lambda * sum len(q)`:
-//!    (a) least-squares refit of each scale, (b) centroid update of each codeword (then the codebook is sorted
-//!    and the indices renumbered, which leaves `J` unchanged), (c) proximal assignment: each weight may only move
-//!    to a neighbouring codeword, (d) with `lambda > 0`, the code lengths are refit to the index counts.
-//!    Each step minimizes `J` over its own variables, scales and codewords over the f16 values (the nearest f16
-//!    to the minimizer of a 1-D quadratic is the best f16), so `J` never increases.
+//!    (a) least-squares refit of each scale, (a') optionally, a joint move of each group's scale on a small grid
+//!    with its indices moved to neighbours, (b) centroid update of each codeword (then the codebook is sorted and
+//!    the indices renumbered, which leaves `J` unchanged), (c) proximal assignment: each weight may only move to
+//!    a neighbouring codeword, (d) with `lambda > 0`, the code lengths are refit to the index counts.
+//!    Each step minimizes `J` over its own variables (or, for (a'), over a set that includes the current point);
+//!    scales and codewords range over the f16 values, and the nearest f16 to the minimizer of a 1-D quadratic is
+//!    the best f16, so `J` never increases.
 //!
 //! `h` are the error weights: `|w| + sigma` by default, or an importance per input channel. `lambda = 0` gives
 //! fixed-rate indices; `lambda > 0` trades error for index entropy, which the rANS coder then realizes
