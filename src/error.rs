@@ -113,6 +113,10 @@ pub enum NzError {
     /// zstd failed to compress or decompress.
     #[error("zstd error in {what}: {message}")]
     Zstd { what: String, message: String },
+
+    /// A quantizer parameter or input outside what it accepts (bit width, group size, shape, non-finite data).
+    #[error("invalid quantization input: {what}")]
+    InvalidQuantInput { what: String },
 }
 
 pub type Result<T, E = NzError> = std::result::Result<T, E>;

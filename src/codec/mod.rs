@@ -1,9 +1,14 @@
-//! Codecs: frequency tables, the interleaved rANS coder, bit packing of raw fields, and the two float codecs
-//! built from them: lossless `split` and `lossy` (rounded mantissas, rANS-coded exponents).
+//! Codecs: frequency tables, the interleaved rANS coder (scalar reference and SIMD kernels), bit packing of raw
+//! fields, the two float codecs built from them (lossless `split` and `lossy`: rounded mantissas, rANS-coded
+//! exponents), and the codebook quantizer with its reference baselines and error metrics (not yet in the
+//! format).
 
 pub mod bitpack;
+pub mod codebook;
 pub mod freq;
 pub mod lossy;
+pub mod quant_baselines;
+pub mod quant_metrics;
 pub mod rans;
 pub mod simd;
 pub mod split;
