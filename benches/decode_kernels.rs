@@ -169,6 +169,28 @@ fn main() {
         }
     });
     println!("split decode_block      {gbps:8.3} GB/s");
+    for threads in [1, 2] {
+        use rayon::prelude::*;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .expect("pool");
+        let mut outs: Vec<Vec<u8>> = blocks.iter().map(|b| vec![0u8; b.len()]).collect();
+        let start = Instant::now();
+        let rounds = runs.max(1);
+        pool.install(|| {
+            for _ in 0..rounds {
+                payloads
+                    .par_iter()
+                    .zip(outs.par_iter_mut())
+                    .for_each(|(p, o)| {
+                        decoder.decode_block(p, o).expect("decodes");
+                    });
+            }
+        });
+        let gbps = (data.len() * rounds) as f64 / start.elapsed().as_secs_f64() / 1e9;
+        println!("split decode_block, {threads} threads, wall {gbps:8.3} GB/s");
+    }
     for (p, b) in payloads.iter().zip(&blocks) {
         decoder
             .decode_block(p, &mut block_out[..b.len()])
@@ -181,6 +203,36 @@ fn main() {
         }
     });
     println!("split encode_block      {gbps:8.3} GB/s");
+    if let Ok(nzt_path) = std::env::var("NEUZIP_BENCH_NZT") {
+        let file = neuzip::NztFile::open(std::path::Path::new(&nzt_path)).expect("open .nzt");
+        let total: usize = file.tensors().iter().map(|t| t.byte_len() as usize).sum();
+        for threads in [1, 2] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .expect("pool");
+            let start = Instant::now();
+            let rounds = runs.max(1);
+            pool.install(|| {
+                for _ in 0..rounds {
+                    file.for_each_block(|_, _, _| Ok(())).expect("decodes");
+                }
+            });
+            let gbps = (total * rounds) as f64 / start.elapsed().as_secs_f64() / 1e9;
+            println!("NztFile::for_each_block, {threads} threads, wall {gbps:8.3} GB/s");
+            let start = Instant::now();
+            pool.install(|| {
+                for _ in 0..rounds {
+                    for (i, t) in file.tensors().iter().enumerate() {
+                        let mut out = vec![0u8; t.byte_len() as usize];
+                        file.decode_tensor_into(i, &mut out).expect("decodes");
+                    }
+                }
+            });
+            let gbps = (total * rounds) as f64 / start.elapsed().as_secs_f64() / 1e9;
+            println!("NztFile::decode_tensor_into, {threads} threads, wall {gbps:8.3} GB/s");
+        }
+    }
     let mut copy = vec![0u8; data.len()];
     let gbps = median_gbps(data.len(), runs, || {
         copy.copy_from_slice(black_box(&data));

@@ -910,8 +910,14 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
         for (width, counts) in candidate {
-            let (c, table) = if counts.is_empty() {
-                ((width as u64 * n) as f64, None)
+            let raw = (width as u64 * n) as f64;
+            // A secondary field that cannot save enough even at its entropy stays raw without building tables.
+            let secondary_hopeless = !tables.is_empty()
+                && !counts.is_empty()
+                && raw - super::freq::entropy_bits(&counts) * (n as f64)
+                    < MIN_SECONDARY_GAIN_BITS * n as f64;
+            let (c, table) = if counts.is_empty() || secondary_hopeless {
+                (raw, None)
             } else {
                 best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS)
             };
@@ -1000,6 +1006,14 @@ fn field_histogram<const W: usize>(block: &[u8], shift: u32, width: u32, counts:
         le[..W].copy_from_slice(c);
         (u32::from_le_bytes(le) >> shift) & mask
     };
+    let elements = block.len() / W;
+    if elements < 4 * counts.len() {
+        // Few elements for the alphabet: four sub-histograms would cost more to clear and sum than they save.
+        for e in block.chunks_exact(W) {
+            counts[value(e) as usize] += 1;
+        }
+        return;
+    }
     let mut sub = vec![[0u32; 4]; counts.len()];
     // u32 counters: a block holds fewer than 2^32 elements
     let quads = block.chunks_exact(4 * W);
@@ -1125,16 +1139,18 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
     for (index, (f, c)) in tensor.fields.iter().zip(counts).enumerate() {
         let shared_cost = tensor.table_of_field(index).map(|t| t.coded_bits(c));
         let raw = (f.width as u64 * n) as f64;
-        // An own table costs at least the block's entropy; skip building tables that cannot win.
+        // An own table costs at least the block's entropy; skip building tables that cannot win, either
+        // outright or because a secondary field would not save enough to be coded (`charge_secondary`).
+        let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
         let hopeless = !c.is_empty() && {
             let entropy = super::freq::entropy_bits(c) * n as f64;
             entropy >= shared_cost.unwrap_or(f64::INFINITY).min(raw)
+                || (secondary && raw - entropy < MIN_SECONDARY_GAIN_BITS * n as f64)
         };
         let (mut cost, mut table) = if c.is_empty() || hopeless {
             (raw, None)
         } else {
             let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
-            let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
             charge_secondary(cost, table, f.width, n, secondary)
         };
         let mut is_borrowed = false;
