@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use neuzip::analyze::analyze;
+use neuzip::codec::codebook::MAX_ROW_CLUSTERS;
 use neuzip::codec::lossy::MAX_NORM_BLOCK;
 use neuzip::convert::{
     convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
@@ -19,7 +20,10 @@ use neuzip::convert::{
 use neuzip::format::writer::OutputFile;
 use neuzip::format::MAGIC;
 use neuzip::inspect::report;
-use neuzip::precision::{LossySettings, Precision, DEFAULT_NORM_BLOCK};
+use neuzip::precision::{
+    CodebookChoice, CodebookSettings, LossySettings, Precision, CODEBOOK_BITS,
+    DEFAULT_CODEBOOK_GROUP, DEFAULT_NORM_BLOCK, DEFAULT_ROW_CLUSTERS,
+};
 use neuzip::source::SafetensorsFile;
 use neuzip::verify::verify;
 use neuzip::{DecodeOptions, NztFile};
@@ -108,6 +112,8 @@ struct ConvertArgs {
     zstd_level: i32,
     #[command(flatten)]
     lossy: LossyArgs,
+    #[command(flatten)]
+    codebook: CodebookArgs,
     /// Print a JSON summary instead of text.
     #[arg(long)]
     json: bool,
@@ -159,6 +165,64 @@ impl LossyArgs {
         settings.validate().context("--mantissa-bits")?;
         Ok(settings)
     }
+}
+
+/// Codebook mode: which tensors are quantized to codebook indices, and with what fit.
+#[derive(Args, Debug, Clone)]
+struct CodebookArgs {
+    /// Codebook: quantize every BF16/F16/F32 tensor of rank 2 or more (flattened to rows x last dimension) to
+    /// B-bit indices (2..=8) into per-row-cluster codebooks, with f16 scales per row and group, the indices
+    /// rANS-coded; 1-D tensors and tensors named *embeddings* stay lossless. With it, --tensor-bits values
+    /// are B or `lossless`. Not with --mantissa-bits.
+    #[arg(long, value_name = "B", conflicts_with_all = ["mantissa_bits", "norm_block", "no_norm"])]
+    codebook_bits: Option<u32>,
+    /// Codebook: inputs per scale group (along the last dimension).
+    #[arg(long, value_name = "G", default_value_t = DEFAULT_CODEBOOK_GROUP, requires = "codebook_bits")]
+    group_size: u32,
+    /// Codebook: row clusters per tensor (1..=256), each with its own codebook.
+    #[arg(long, value_name = "K", default_value_t = DEFAULT_ROW_CLUSTERS, requires = "codebook_bits")]
+    row_clusters: u32,
+}
+
+/// The lossy and codebook settings of the flags (`--tensor-bits` rules go to the codebook mode when
+/// --codebook-bits is given).
+fn precision_settings(
+    lossy: &LossyArgs,
+    codebook: &CodebookArgs,
+) -> Result<(LossySettings, CodebookSettings)> {
+    let Some(bits) = codebook.codebook_bits else {
+        return Ok((lossy.settings()?, CodebookSettings::default()));
+    };
+    if !CODEBOOK_BITS.contains(&bits) {
+        bail!(
+            "--codebook-bits must be between {} and {}, not {bits}",
+            CODEBOOK_BITS.start(),
+            CODEBOOK_BITS.end()
+        );
+    }
+    if codebook.group_size == 0 {
+        bail!("--group-size must be at least 1");
+    }
+    if !(1..=MAX_ROW_CLUSTERS as u32).contains(&codebook.row_clusters) {
+        bail!(
+            "--row-clusters must be between 1 and {MAX_ROW_CLUSTERS}, not {}",
+            codebook.row_clusters
+        );
+    }
+    let mut settings = CodebookSettings {
+        default_bits: Some(bits),
+        group_size: codebook.group_size,
+        row_clusters: codebook.row_clusters,
+        ..CodebookSettings::default()
+    };
+    for rule in &lossy.tensor_bits {
+        settings
+            .rules
+            .push_parsed(rule, CodebookChoice::parse)
+            .context("--tensor-bits")?;
+    }
+    settings.validate().context("--tensor-bits")?;
+    Ok((LossySettings::default(), settings))
 }
 
 #[derive(Args, Debug)]
@@ -217,6 +281,8 @@ struct AnalyzeArgs {
     sweep: bool,
     #[command(flatten)]
     lossy: LossyArgs,
+    #[command(flatten)]
+    codebook: CodebookArgs,
 }
 
 pub fn run() -> Result<ExitCode> {
@@ -296,11 +362,13 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
             neuzip::format::MAX_BLOCK_BYTES / 8
         );
     }
+    let (lossy, codebook) = precision_settings(&args.lossy, &args.codebook)?;
     let opts = ConvertOptions {
         float_block_elements: args.block_elements,
         zstd_level: args.zstd_level,
         replace: args.force,
-        lossy: args.lossy.settings()?,
+        lossy,
+        codebook,
         ..ConvertOptions::default()
     };
     let started = Instant::now();
@@ -556,7 +624,7 @@ fn inspect_cmd(args: InspectArgs) -> Result<ExitCode> {
             t.codec,
             format!(
                 "{}/{}/{}/{}",
-                t.blocks[2] + t.blocks[4],
+                t.blocks[2] + t.blocks[4] + t.blocks[5],
                 t.blocks[3],
                 t.blocks[1],
                 t.blocks[0]
@@ -666,6 +734,7 @@ fn print_lossy_verify(result: &neuzip::verify::VerifyReport, against: &str) -> R
             continue;
         };
         let check = match (t.within_bound, t.identical) {
+            (Some(true), _) if t.codec == "codebook" => "finite",
             (Some(true), _) => "bound",
             (None, Some(true)) => "exact",
             _ => "FAIL",
@@ -694,7 +763,7 @@ fn print_lossy_verify(result: &neuzip::verify::VerifyReport, against: &str) -> R
             out,
             "{}: {} tensors, {:.4} bits/weight for the whole file; float tensors together: SQNR {} dB, \
              relative Frobenius error {:.4e}, max abs error {:.4e}, max rel error {:.4e}; lossy tensors \
-             {} the error bound, lossless tensors {} against {against}",
+             {} the error bound (codebook tensors: finite), lossless tensors {} against {against}",
             if passed { "OK" } else { "FAILED" },
             result.tensors.len(),
             result.bits_per_weight,
@@ -719,9 +788,11 @@ fn print_lossy_verify(result: &neuzip::verify::VerifyReport, against: &str) -> R
 fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
     let source = SafetensorsFile::open(&args.file)
         .with_context(|| format!("reading {}", args.file.display()))?;
+    let (lossy, codebook) = precision_settings(&args.lossy, &args.codebook)?;
     let opts = ConvertOptions {
         float_block_elements: args.block_elements.max(1),
-        lossy: args.lossy.settings()?,
+        lossy,
+        codebook,
         ..ConvertOptions::default()
     };
     if args.sweep {

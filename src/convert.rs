@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::codec::codebook::FitOptions;
+use crate::codec::codebook_format::{self, CodebookPlan};
 use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
     block_bound_bits, block_cost, block_field_counts, choose_block_coding, encode_block,
@@ -19,7 +21,7 @@ use crate::format::{
     align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, DEFAULT_FLOAT_BLOCK_ELEMENTS,
     DEFAULT_STORED_BLOCK_BYTES, FILE_HEADER_LEN, TENSOR_ALIGN,
 };
-use crate::precision::LossySettings;
+use crate::precision::{CodebookSettings, LossySettings};
 use crate::source::{SafetensorsFile, SourceTensor};
 
 /// Encoder settings.
@@ -35,6 +37,8 @@ pub struct ConvertOptions {
     pub replace: bool,
     /// Which tensors are lossy, and how (default: none).
     pub lossy: LossySettings,
+    /// Which tensors are codebook-quantized, and how (default: none); not together with `lossy`.
+    pub codebook: CodebookSettings,
 }
 
 impl Default for ConvertOptions {
@@ -45,6 +49,7 @@ impl Default for ConvertOptions {
             zstd_level: 3,
             replace: false,
             lossy: LossySettings::default(),
+            codebook: CodebookSettings::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ pub struct TensorPlan {
     pub entry: TensorEntry,
     split: Option<SplitParams>,
     lossy: Option<(LossyParams, Quantizer)>,
+    codebook: Option<CodebookPlan>,
     /// The tensor's histogram of each split field, for the per-block bound.
     field_counts: Vec<Vec<u64>>,
 }
@@ -72,6 +78,11 @@ impl TensorPlan {
     /// The quantizer of a lossy tensor.
     pub fn quantizer(&self) -> Option<&Quantizer> {
         self.lossy.as_ref().map(|(_, q)| q)
+    }
+
+    /// The fit of a codebook tensor.
+    pub fn codebook(&self) -> Option<&CodebookPlan> {
+        self.codebook.as_ref()
     }
 }
 
@@ -90,6 +101,7 @@ pub fn plan_tensor(
             entry: entry(t, Codec::Stored, block_units, Vec::new(), blocks),
             split: None,
             lossy: None,
+            codebook: None,
             field_counts: Vec::new(),
         }
     };
@@ -98,6 +110,29 @@ pub fn plan_tensor(
     }
     let block_units = opts.float_block_elements.max(1);
     let blocks = elements.div_ceil(block_units as u64);
+    let index_bits = opts
+        .codebook
+        .index_bits_for(&t.name, t.dtype, t.shape.len());
+    if let Some(b) = index_bits {
+        let fit = FitOptions {
+            index_bits: b,
+            group_size: opts.codebook.group_size as usize,
+            row_clusters: opts.codebook.row_clusters as usize,
+            ..FitOptions::default()
+        };
+        // A tensor the codec cannot apply to (a non-finite weight, a row over the block limit) stays lossless.
+        if let Some(p) = codebook_format::plan(t.dtype, &t.shape, data, &fit, block_units) {
+            let units = p.block_units();
+            let blocks = elements.div_ceil(units as u64);
+            return TensorPlan {
+                entry: entry(t, Codec::Codebook, units, p.params.to_bytes(), blocks),
+                split: None,
+                lossy: None,
+                codebook: Some(p),
+                field_counts: Vec::new(),
+            };
+        }
+    }
     // Settings were checked by `check_settings`; a tensor they cannot apply to stays lossless.
     let mantissa_bits = opts
         .lossy
@@ -110,6 +145,7 @@ pub fn plan_tensor(
                 entry: entry(t, Codec::Lossy, block_units, p.params.to_bytes(), blocks),
                 split: None,
                 lossy: Some((p.params, p.quantizer)),
+                codebook: None,
                 field_counts: Vec::new(),
             };
         }
@@ -126,6 +162,7 @@ pub fn plan_tensor(
             ),
             split: Some(p.params),
             lossy: None,
+            codebook: None,
             field_counts: p.field_counts,
         },
         None => stored(),
@@ -170,7 +207,15 @@ pub struct EncodedBlock {
 
 /// Encodes one block, keeping the smallest of split with the tensor's tables, split with the block's own
 /// tables (whichever predicts smaller), zstd and raw.
-fn encode_one(plan: &TensorPlan, raw: &[u8], zstd_level: i32) -> Result<EncodedBlock> {
+fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Result<EncodedBlock> {
+    if let Some(codebook) = &plan.codebook {
+        let payload = codebook.encode_block(k);
+        return Ok(EncodedBlock {
+            mode: BlockMode::Codebook,
+            bound_bits: 8.0 * payload.len() as f64,
+            payload,
+        });
+    }
     if let Some((params, quantizer)) = &plan.lossy {
         let payload = lossy::encode_block(params, quantizer, plan.entry.dtype, raw);
         return Ok(EncodedBlock {
@@ -265,6 +310,12 @@ fn finish(mut best: EncodedBlock, raw: &[u8]) -> EncodedBlock {
 /// error naming the tensor), before anything is planned or written.
 pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<()> {
     opts.lossy.validate()?;
+    opts.codebook.validate()?;
+    if !opts.lossy.is_lossless() && !opts.codebook.is_lossless() {
+        return Err(NzError::InvalidSetting {
+            what: "the lossy (mantissa bits) and codebook modes cannot be combined".into(),
+        });
+    }
     for t in &source.tensors {
         opts.lossy
             .mantissa_bits_for(&t.name, t.dtype, t.shape.len())?;
@@ -302,7 +353,7 @@ pub fn encode_blocks(
             .map(|&(ti, k)| {
                 let plan = &plans[ti];
                 let raw = &source.data(&source.tensors[ti])[plan.entry.block_range(k)];
-                let result = encode_one(plan, raw, opts.zstd_level);
+                let result = encode_one(plan, k, raw, opts.zstd_level);
                 progress(raw.len() as u64);
                 result
             })

@@ -11,8 +11,8 @@ pub struct TensorRow {
     pub dtype: String,
     pub shape: Vec<u64>,
     pub codec: String,
-    /// Block count per mode: raw, zstd, split, split_local, lossy.
-    pub blocks: [usize; 5],
+    /// Block count per mode: raw, zstd, split, split_local, lossy, codebook.
+    pub blocks: [usize; 6],
     pub original_bytes: u64,
     pub stored_bytes: u64,
     pub bits_per_weight: f64,
@@ -47,7 +47,7 @@ pub fn report(file: &NztFile) -> Report {
     let mut rows = Vec::new();
     let (mut elements, mut original) = (0u64, 0u64);
     for t in file.tensors() {
-        let mut blocks = [0usize; 5];
+        let mut blocks = [0usize; 6];
         for b in &t.blocks {
             blocks[match b.mode {
                 BlockMode::Raw => 0,
@@ -55,6 +55,7 @@ pub fn report(file: &NztFile) -> Report {
                 BlockMode::Split => 2,
                 BlockMode::SplitLocal => 3,
                 BlockMode::Lossy => 4,
+                BlockMode::Codebook => 5,
             }] += 1;
         }
         let n = t.elements().unwrap_or(0);

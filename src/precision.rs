@@ -190,6 +190,127 @@ impl LossySettings {
     }
 }
 
+/// Narrowest and widest codebook index accepted from the command line and the library settings.
+pub const CODEBOOK_BITS: std::ops::RangeInclusive<u32> = 2..=8;
+/// Scale group size of the codebook mode when none is given.
+pub const DEFAULT_CODEBOOK_GROUP: u32 = 128;
+/// Row clusters (codebooks per tensor) of the codebook mode when none is given.
+pub const DEFAULT_ROW_CLUSTERS: u32 = 4;
+/// Tensors the codebook mode leaves lossless unless a rule names them: embedding tables, whose rows are
+/// looked up one at a time rather than multiplied.
+pub const CODEBOOK_LOSSLESS_BY_DEFAULT: &str = "*embeddings*";
+
+/// What one tensor gets in codebook mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CodebookChoice {
+    Lossless,
+    /// Codebooks of `2^B` entries.
+    IndexBits(u32),
+}
+
+impl CodebookChoice {
+    /// Parses `lossless`, `full` or an index width B.
+    pub fn parse(text: &str) -> std::result::Result<CodebookChoice, String> {
+        match text {
+            "lossless" | "full" => Ok(CodebookChoice::Lossless),
+            _ => text
+                .parse::<u32>()
+                .map(CodebookChoice::IndexBits)
+                .map_err(|_| format!("'{text}' is not a bit count, 'lossless' or 'full'")),
+        }
+    }
+}
+
+/// Codebook settings of a conversion: a default index width for matrices (rank 2 and more, not embeddings),
+/// rules by name, and the fit's group size and row clusters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CodebookSettings {
+    /// B for tensors no rule matches, when their rank is at least 2 and their name does not match
+    /// `CODEBOOK_LOSSLESS_BY_DEFAULT`; None keeps them lossless.
+    pub default_bits: Option<u32>,
+    /// Per-name choice; overrides the default (a rule may make a 1-D tensor or an embedding quantized).
+    pub rules: NameRules<CodebookChoice>,
+    /// Inputs per scale group G.
+    pub group_size: u32,
+    /// Row clusters K, each with its own codebook.
+    pub row_clusters: u32,
+}
+
+impl Default for CodebookSettings {
+    fn default() -> Self {
+        CodebookSettings {
+            default_bits: None,
+            rules: NameRules::default(),
+            group_size: DEFAULT_CODEBOOK_GROUP,
+            row_clusters: DEFAULT_ROW_CLUSTERS,
+        }
+    }
+}
+
+impl CodebookSettings {
+    /// Checks B (2..=8 in the default and every rule), G (1 or more) and K (1..=256).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(NzError::InvalidSetting { what });
+        let bits = self
+            .default_bits
+            .into_iter()
+            .chain(self.rules.rules.iter().filter_map(|r| match r.value {
+                CodebookChoice::IndexBits(b) => Some(b),
+                CodebookChoice::Lossless => None,
+            }));
+        for b in bits {
+            if !CODEBOOK_BITS.contains(&b) {
+                return bad(format!(
+                    "codebook index width {b} outside {}..={}",
+                    CODEBOOK_BITS.start(),
+                    CODEBOOK_BITS.end()
+                ));
+            }
+        }
+        if self.group_size == 0 {
+            return bad("codebook group size must be at least 1".into());
+        }
+        let max_clusters = crate::codec::codebook::MAX_ROW_CLUSTERS as u32;
+        if !(1..=max_clusters).contains(&self.row_clusters) {
+            return bad(format!(
+                "row clusters {} outside 1..={max_clusters}",
+                self.row_clusters
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_lossless(&self) -> bool {
+        self.default_bits.is_none()
+            && self
+                .rules
+                .rules
+                .iter()
+                .all(|r| r.value == CodebookChoice::Lossless)
+    }
+
+    /// The index width for a tensor, None for lossless: a rule's value if one matches, else the default for
+    /// tensors of rank 2 and more that are not embeddings. Only BF16, F16 and F32 tensors of rank 1 or more
+    /// can be quantized.
+    pub fn index_bits_for(&self, name: &str, dtype: Dtype, rank: usize) -> Option<u32> {
+        let choice = match self.rules.lookup(name) {
+            Some(&c) => c,
+            None if rank >= 2 && !glob_match(CODEBOOK_LOSSLESS_BY_DEFAULT, name) => self
+                .default_bits
+                .map_or(CodebookChoice::Lossless, CodebookChoice::IndexBits),
+            None => CodebookChoice::Lossless,
+        };
+        match choice {
+            CodebookChoice::IndexBits(b)
+                if rank >= 1 && crate::codec::codebook_format::applies_to(dtype) =>
+            {
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +361,61 @@ mod tests {
         assert!(err.to_string().contains("'wide'"), "{err}");
         assert_eq!(s.mantissa_bits_for("wide", Dtype::F32, 2).unwrap(), Some(8));
         assert_eq!(s.mantissa_bits_for("x", Dtype::F64, 2).unwrap(), None);
+    }
+
+    #[test]
+    fn codebook_rules_keep_vectors_and_embeddings_lossless_by_default() {
+        let mut s = CodebookSettings {
+            default_bits: Some(4),
+            ..CodebookSettings::default()
+        };
+        let b = |s: &CodebookSettings, name: &str, dtype, rank| s.index_bits_for(name, dtype, rank);
+        assert_eq!(b(&s, "layer.0.weight", Dtype::BF16, 2), Some(4));
+        assert_eq!(b(&s, "layer.0.weight", Dtype::F32, 3), Some(4));
+        assert_eq!(b(&s, "layer.0.bias", Dtype::F32, 1), None);
+        assert_eq!(
+            b(&s, "embeddings.word_embeddings.weight", Dtype::F32, 2),
+            None
+        );
+        assert_eq!(b(&s, "layer.0.weight", Dtype::F64, 2), None);
+        assert_eq!(b(&s, "layer.0.weight", Dtype::I8, 2), None);
+        s.rules
+            .push_parsed("*word_embeddings*=3", CodebookChoice::parse)
+            .unwrap();
+        s.rules
+            .push_parsed("*.5.*=lossless", CodebookChoice::parse)
+            .unwrap();
+        assert_eq!(
+            b(&s, "embeddings.word_embeddings.weight", Dtype::F16, 2),
+            Some(3)
+        );
+        assert_eq!(b(&s, "layer.5.weight", Dtype::F16, 2), None);
+        assert_eq!(b(&s, "scalar", Dtype::F16, 0), None);
+        assert!(s.validate().is_ok());
+        assert!(!s.is_lossless());
+        assert!(CodebookSettings::default().is_lossless());
+        for bad in [
+            CodebookSettings {
+                default_bits: Some(9),
+                ..CodebookSettings::default()
+            },
+            CodebookSettings {
+                default_bits: Some(1),
+                ..CodebookSettings::default()
+            },
+            CodebookSettings {
+                group_size: 0,
+                ..CodebookSettings::default()
+            },
+            CodebookSettings {
+                row_clusters: 257,
+                ..CodebookSettings::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        s.rules.push_parsed("x=12", CodebookChoice::parse).unwrap();
+        assert!(s.validate().is_err());
     }
 
     #[test]

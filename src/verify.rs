@@ -1,6 +1,6 @@
 //! Decode everything (checking every checksum and stream end) and, given the original, compare: lossless
 //! tensors bit for bit, lossy ones against the error bound of their parameters (format-spec/nzt.md section
-//! 13.3.5), with error statistics (SQNR, relative Frobenius error, largest absolute and relative error) for
+//! 13.3.5), codebook ones (section 13.4, which has no per-element bound) for finite output, with error statistics (SQNR, relative Frobenius error, largest absolute and relative error) for
 //! every float tensor.
 
 use serde::Serialize;
@@ -128,7 +128,8 @@ pub struct TensorCheck {
     pub mismatched_elements: u64,
     /// Error against the original, for BF16, F16 and F32 tensors when an original was given.
     pub error: Option<ErrorReport>,
-    /// For lossy tensors with an original: every element within the bound, NaN and Inf kept.
+    /// For lossy tensors with an original: every element within the bound, NaN and Inf kept. For codebook
+    /// tensors, which have no per-element bound: every element decoded finite (the error is in `error`).
     pub within_bound: Option<bool>,
 }
 
@@ -139,7 +140,7 @@ pub struct VerifyReport {
     /// Whether the source header matches the original's byte for byte (None without an original).
     pub header_identical: Option<bool>,
     pub all_identical: Option<bool>,
-    /// Whether any tensor uses the lossy codec.
+    /// Whether any tensor uses a lossy codec (`lossy` or `codebook`).
     pub lossy: bool,
     /// Error over every BF16, F16 and F32 tensor together (None without an original).
     pub error: Option<ErrorReport>,
@@ -237,12 +238,17 @@ pub fn verify(
             identical,
             mismatched_elements: bad,
             error: has_error.then(|| stats[i].report()),
-            within_bound: (t.codec == Codec::Lossy && original.is_some()).then(|| {
-                has_error
-                    && quantizers[i].is_some()
-                    && stats[i].over_bound == 0
-                    && stats[i].specials_changed == 0
-            }),
+            within_bound: match t.codec {
+                _ if original.is_none() => None,
+                Codec::Lossy => Some(
+                    has_error
+                        && quantizers[i].is_some()
+                        && stats[i].over_bound == 0
+                        && stats[i].specials_changed == 0,
+                ),
+                Codec::Codebook => Some(has_error && stats[i].specials_changed == 0),
+                _ => None,
+            },
         });
     }
     let header_identical =
@@ -269,7 +275,10 @@ pub fn verify(
         decoded_bytes: decoded,
         header_identical,
         all_identical,
-        lossy: file.tensors().iter().any(|t| t.codec == Codec::Lossy),
+        lossy: file
+            .tensors()
+            .iter()
+            .any(|t| matches!(t.codec, Codec::Lossy | Codec::Codebook)),
         error: original.map(|_| total.report()),
         bits_per_weight: if elements == 0 {
             0.0

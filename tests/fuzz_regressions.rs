@@ -138,6 +138,7 @@ fn convert_roundtrip(data: &[u8]) {
         zstd_level: 1,
         replace: false,
         lossy: Default::default(),
+        codebook: Default::default(),
     };
     let file = convert_to_vec(&source, &opts).expect("encode");
     let nzt = NztFile::from_bytes(Bytes::Owned(file)).expect("the encoder's file opens");

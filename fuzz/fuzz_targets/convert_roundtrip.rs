@@ -29,6 +29,7 @@ fuzz_target!(|data: &[u8]| {
         zstd_level: 1,
         replace: false,
         lossy: Default::default(),
+        codebook: Default::default(),
     };
     let file = convert_to_vec(&source, &opts).expect("encoding a valid safetensors file");
 

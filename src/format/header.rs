@@ -5,10 +5,11 @@
 use std::collections::HashSet;
 
 use super::{
-    align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, BLOCK_ENTRY_LEN, FILE_HEADER_LEN,
-    LOSSY_VERSION_MINOR, MAGIC, MAX_BLOCK_BYTES, MAX_RANK, MIN_TENSOR_ENTRY_LEN, TENSOR_ALIGN,
-    VERSION_MAJOR, VERSION_MINOR,
+    align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, BLOCK_ENTRY_LEN, CODEBOOK_VERSION_MINOR,
+    FILE_HEADER_LEN, LOSSY_VERSION_MINOR, MAGIC, MAX_BLOCK_BYTES, MAX_RANK, MIN_TENSOR_ENTRY_LEN,
+    TENSOR_ALIGN, VERSION_MAJOR, VERSION_MINOR,
 };
+use crate::codec::codebook_format::CodebookParams;
 use crate::codec::lossy::LossyParams;
 use crate::codec::split::SplitParams;
 use crate::dtype::Dtype;
@@ -55,7 +56,9 @@ impl TensorEntry {
     pub fn unit_bytes(&self) -> u64 {
         match self.codec {
             Codec::Stored => 1,
-            Codec::FloatSplit | Codec::Lossy => self.dtype.byte_width().unwrap_or(1) as u64,
+            Codec::FloatSplit | Codec::Lossy | Codec::Codebook => {
+                self.dtype.byte_width().unwrap_or(1) as u64
+            }
         }
     }
 
@@ -283,7 +286,11 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64, version_minor: u16) -> Result<Te
     let dtype = Dtype::from_id(c.u8("dtype")?)?;
     let codec_id = c.u8("codec")?;
     let codec = Codec::from_id(codec_id)
-        .filter(|&c| c != Codec::Lossy || version_minor >= LOSSY_VERSION_MINOR)
+        .filter(|&c| match c {
+            Codec::Lossy => version_minor >= LOSSY_VERSION_MINOR,
+            Codec::Codebook => version_minor >= CODEBOOK_VERSION_MINOR,
+            _ => true,
+        })
         .ok_or_else(|| {
             malformed(format!(
                 "tensor '{name}': unknown codec id {codec_id} in a version 1.{version_minor} file"
@@ -337,6 +344,18 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64, version_minor: u16) -> Result<Te
         Codec::Lossy => {
             LossyParams::parse(&params, dtype)
                 .map_err(|e| malformed(format!("'{name}': lossy params: {}", e.0)))?;
+            (elements, dtype.byte_width().unwrap_or(1) as u64)
+        }
+        Codec::Codebook => {
+            CodebookParams::parse(&params, dtype, &shape)
+                .map_err(|e| malformed(format!("'{name}': codebook params: {}", e.0)))?;
+            // The params parser checked the shape: rank >= 1 and no zero dimension.
+            let cols = shape.last().copied().unwrap_or(1);
+            if !(block_units as u64).is_multiple_of(cols) {
+                return Err(malformed(format!(
+                    "'{name}': codebook block_units {block_units} is not a multiple of the row length {cols}"
+                )));
+            }
             (elements, dtype.byte_width().unwrap_or(1) as u64)
         }
     };
@@ -394,6 +413,12 @@ fn parse_tensor(c: &mut Cursor<'_>, index: u64, version_minor: u16) -> Result<Te
             BlockMode::Lossy if codec != Codec::Lossy => {
                 return Err(malformed(format!(
                     "'{name}' block {k}: lossy block in a {} tensor",
+                    codec.name()
+                )))
+            }
+            BlockMode::Codebook if codec != Codec::Codebook => {
+                return Err(malformed(format!(
+                    "'{name}' block {k}: codebook block in a {} tensor",
                     codec.name()
                 )))
             }
@@ -513,7 +538,9 @@ pub fn section_len(source_header: &[u8], tensors: &[TensorEntry]) -> u64 {
 /// The fixed 48-byte file header for a header section and data placement.
 /// The minor version a file with these tensors is written as: the lowest that has every codec they use.
 pub fn version_minor_for(tensors: &[TensorEntry]) -> u16 {
-    if tensors.iter().any(|t| t.codec == Codec::Lossy) {
+    if tensors.iter().any(|t| t.codec == Codec::Codebook) {
+        CODEBOOK_VERSION_MINOR
+    } else if tensors.iter().any(|t| t.codec == Codec::Lossy) {
         LOSSY_VERSION_MINOR
     } else {
         0
@@ -661,7 +688,7 @@ mod tests {
             err(&good[..20]).starts_with("BadMagic") || err(&good[..20]).starts_with("Truncated")
         );
         assert!(err(b"GGUF\0\0\0\0 more bytes than the magic").starts_with("BadMagic"));
-        for (pos, value) in [(8, 2u8), (10, 2), (12, 1)] {
+        for (pos, value) in [(8, 2u8), (10, VERSION_MINOR as u8 + 1), (12, 1)] {
             let mut f = good.clone();
             f[pos] = value;
             assert!(err(&f).starts_with("UnsupportedVersion"), "byte {pos}");
@@ -724,6 +751,20 @@ mod tests {
         let mut plain_v11 = file(&src, &[u8_tensor("a", 10)], None);
         plain_v11[10] = 1;
         assert!(err(&plain_v11).contains("version 1.1 declared"));
+        // The codebook codec and its block mode exist from version 1.2 on, only for BF16, F16 and F32.
+        assert!(with(&|e| e.codec = 3).contains("unknown codec id 3 in a version 1.0 file"));
+        assert!(with(&|e| e.blocks[0].1 = 5).contains("codebook block in a stored tensor"));
+        let mut codebook_u8 = u8_tensor("a", 10);
+        codebook_u8.codec = 3;
+        let mut v12 = file(&src, &[codebook_u8], None);
+        v12[10] = 1;
+        assert!(err(&v12).contains("unknown codec id 3 in a version 1.1 file"));
+        v12[10] = 2;
+        let e = err(&v12);
+        assert!(e.contains("codebook does not apply to U8"), "{e}");
+        let mut plain_v12 = file(&src, &[u8_tensor("a", 10)], None);
+        plain_v12[10] = 2;
+        assert!(err(&plain_v12).contains("version 1.2 declared"));
         assert!(with(&|e| e.name = vec![0xff, 0xfe]).contains("not UTF-8"));
         assert!(with(&|e| e.block_units = 0).contains("block_units is 0"));
         assert!(with(&|e| {

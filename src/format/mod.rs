@@ -8,11 +8,14 @@ pub mod writer;
 /// The first eight bytes of every `.nzt` file.
 pub const MAGIC: [u8; 8] = [0x89, b'N', b'Z', b'T', 0x0d, 0x0a, 0x1a, 0x0a];
 pub const VERSION_MAJOR: u16 = 1;
-/// The highest minor version this build reads and writes. 1.1 added the lossy codec; a file without lossy
-/// tensors is written as 1.0, byte for byte as before.
-pub const VERSION_MINOR: u16 = 1;
+/// The highest minor version this build reads and writes. 1.1 added the lossy codec, 1.2 the codebook codec;
+/// a file is written with the lowest minor version that has every codec it uses, so a file without lossy or
+/// codebook tensors is written as 1.0, byte for byte as before.
+pub const VERSION_MINOR: u16 = 2;
 /// The first minor version with the lossy codec (codec id 2, block mode 4).
 pub const LOSSY_VERSION_MINOR: u16 = 1;
+/// The first minor version with the codebook codec (codec id 3, block mode 5).
+pub const CODEBOOK_VERSION_MINOR: u16 = 2;
 /// Size of the fixed file header.
 pub const FILE_HEADER_LEN: usize = 48;
 /// Alignment of the data section and of each tensor's first block.
@@ -42,6 +45,8 @@ pub enum Codec {
     FloatSplit = 1,
     /// Lossy float codec (format 1.1): mantissas rounded to K bits, the rest rANS-coded or packed.
     Lossy = 2,
+    /// Codebook codec (format 1.2): per-cluster codebooks, group scales, rANS-coded indices.
+    Codebook = 3,
 }
 
 impl Codec {
@@ -50,6 +55,7 @@ impl Codec {
             0 => Some(Codec::Stored),
             1 => Some(Codec::FloatSplit),
             2 => Some(Codec::Lossy),
+            3 => Some(Codec::Codebook),
             _ => None,
         }
     }
@@ -59,6 +65,7 @@ impl Codec {
             Codec::Stored => "stored",
             Codec::FloatSplit => "float_split",
             Codec::Lossy => "lossy",
+            Codec::Codebook => "codebook",
         }
     }
 }
@@ -73,6 +80,8 @@ pub enum BlockMode {
     SplitLocal = 3,
     /// A lossy payload coded with the tensor's lossy parameters (codec `lossy` only).
     Lossy = 4,
+    /// A codebook payload coded with the tensor's codebook parameters (codec `codebook` only).
+    Codebook = 5,
 }
 
 impl BlockMode {
@@ -83,6 +92,7 @@ impl BlockMode {
             2 => Some(BlockMode::Split),
             3 => Some(BlockMode::SplitLocal),
             4 => Some(BlockMode::Lossy),
+            5 => Some(BlockMode::Codebook),
             _ => None,
         }
     }
@@ -94,6 +104,7 @@ impl BlockMode {
             BlockMode::Split => "split",
             BlockMode::SplitLocal => "split_local",
             BlockMode::Lossy => "lossy",
+            BlockMode::Codebook => "codebook",
         }
     }
 }

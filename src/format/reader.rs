@@ -7,6 +7,7 @@ use rayon::prelude::*;
 
 use super::header::{self, Header, TensorEntry};
 use super::{checksum, BlockMode, Codec};
+use crate::codec::codebook_format::{CodebookDecoder, CodebookParams};
 use crate::codec::freq::TableError;
 use crate::codec::lossy::{LossyDecoder, LossyParams};
 use crate::codec::split::{split_local_payload, SplitDecoder, SplitParams};
@@ -40,6 +41,7 @@ enum TensorDecoder {
     Stored,
     Split(SplitDecoder),
     Lossy(LossyDecoder),
+    Codebook(CodebookDecoder),
 }
 
 impl NztFile {
@@ -104,6 +106,16 @@ impl NztFile {
                 let decoder = LossyDecoder::new(params, tensor.dtype)
                     .ok_or_else(|| bad(format!("not valid for {}", tensor.dtype)))?;
                 TensorDecoder::Lossy(decoder)
+            }
+            Codec::Codebook => {
+                let bad = |what: String| {
+                    NzError::malformed(format!("'{}': codebook params: {what}", tensor.name))
+                };
+                let params = CodebookParams::parse(&tensor.params, tensor.dtype, &tensor.shape)
+                    .map_err(|e| bad(e.0))?;
+                let decoder = CodebookDecoder::new(params, tensor.dtype, &tensor.shape)
+                    .ok_or_else(|| bad(format!("not valid for {}", tensor.dtype)))?;
+                TensorDecoder::Codebook(decoder)
             }
         })
     }
@@ -173,8 +185,16 @@ impl NztFile {
             (BlockMode::Split | BlockMode::SplitLocal, _) => {
                 return Err(corrupt("split block in a tensor of another codec".into()))
             }
+            (BlockMode::Codebook, TensorDecoder::Codebook(codebook)) => codebook
+                .decode_block(payload, out)
+                .map_err(|e| corrupt(e.0.to_string()))?,
             (BlockMode::Lossy, _) => {
                 return Err(corrupt("lossy block in a tensor of another codec".into()))
+            }
+            (BlockMode::Codebook, _) => {
+                return Err(corrupt(
+                    "codebook block in a tensor of another codec".into(),
+                ))
             }
         }
         Ok(())

@@ -152,7 +152,7 @@ impl TensorLayout {
                     .sum();
                 Some(params)
             }
-            Codec::Lossy => return Err(lossy_unsupported(&tensor.name)),
+            Codec::Lossy | Codec::Codebook => return Err(lossy_unsupported(&tensor.name)),
         };
         for (k, block) in tensor.blocks.iter().enumerate() {
             let corrupt = |what: String| NzError::CorruptBlock {
@@ -218,7 +218,9 @@ impl TensorLayout {
                 (BlockMode::Split | BlockMode::SplitLocal, None) => {
                     return Err(corrupt("split block in a stored tensor".into()))
                 }
-                (BlockMode::Lossy, _) => return Err(lossy_unsupported(&tensor.name)),
+                (BlockMode::Lossy | BlockMode::Codebook, _) => {
+                    return Err(lossy_unsupported(&tensor.name))
+                }
             };
             let body_offset = in_range + body_start as u64;
             layout.descs.extend_from_slice(&[
@@ -362,7 +364,7 @@ fn lossy_unsupported(tensor: &str) -> NzError {
     NzError::Gpu {
         what: format!("tensor '{tensor}'"),
         message:
-            "lossy (--mantissa-bits) tensors are not decoded on the GPU yet; decode them on the CPU"
+            "lossy (--mantissa-bits) and codebook (--codebook-bits) tensors are not decoded on the GPU yet; decode them on the CPU"
                 .into(),
     }
 }

@@ -1,0 +1,450 @@
+//! The codebook codec in the file (`codebook`, codec id 3; format-spec/nzt.md section 13.4): a BF16, F16 or F32
+//! tensor of rank >= 1, seen as `rows x cols` with `cols` its last dimension, fitted by `codebook::fit` and
+//! stored as tensor parameters (index width, group size, cluster count, tensor scale, the codebooks and one
+//! index frequency table per cluster) and blocks of whole rows (each row's cluster id, its group scales, and
+//! per cluster present one rANS stream of the block's indices of that cluster).
+//!
+//! Decoding computes `t * (s * c)` in f32, exactly as `CodebookQuantized::dequantize` does, and rounds the
+//! result to the dtype, ties to even; so a decoded file equals the fit's reconstruction rounded to the dtype.
+
+use half::{bf16, f16};
+
+use super::codebook::{self, CodebookQuantized, ErrorWeights, FitOptions, INDEX_PROB_BITS};
+use super::codebook::{MAX_INDEX_BITS, MAX_ROW_CLUSTERS};
+use super::freq::{histogram, DecodeTable, FreqTable, TableError};
+use super::rans::{self, FieldOutput, FieldSymbols, StreamError, LANES};
+use super::split::RANS_HEADER_BYTES;
+use crate::dtype::Dtype;
+
+/// Bytes of the fixed part of the codebook params: index_bits, reserved, clusters, group_size, tensor_scale.
+const FIXED_PARAMS_BYTES: usize = 12;
+
+fn align4(x: usize) -> usize {
+    (x + 3) & !3
+}
+
+/// Whether the codebook codec applies to a dtype.
+pub fn applies_to(dtype: Dtype) -> bool {
+    matches!(dtype, Dtype::BF16 | Dtype::F16 | Dtype::F32)
+}
+
+/// `(rows, cols)` of a tensor seen as a matrix: cols is the last dimension, rows the product of the others.
+/// None for rank 0 or an empty tensor.
+pub fn matrix_shape(shape: &[u64]) -> Option<(u64, u64)> {
+    let (&cols, rest) = shape.split_last()?;
+    let rows = rest.iter().try_fold(1u64, |a, &d| a.checked_mul(d))?;
+    (rows > 0 && cols > 0).then_some((rows, cols))
+}
+
+/// The codebook parameters of one tensor (spec: "codebook params").
+#[derive(Clone, Debug, PartialEq)]
+pub struct CodebookParams {
+    /// B: each codebook has `2^B` entries.
+    pub index_bits: u32,
+    /// K: number of row clusters (codebooks).
+    pub clusters: usize,
+    /// G: inputs per scale group, `1..=cols`.
+    pub group_size: usize,
+    /// Tensor scale `t` (finite, positive).
+    pub tensor_scale: f32,
+    /// `K * 2^B` finite f16 entries, cluster-major.
+    pub codebooks: Vec<f16>,
+    /// The index table of each cluster; None for a cluster no row uses.
+    pub tables: Vec<Option<FreqTable>>,
+}
+
+impl CodebookParams {
+    /// The parameters of a fitted matrix: its side data and a table per cluster from the index counts.
+    pub fn from_quantized(q: &CodebookQuantized) -> CodebookParams {
+        let clusters = q.clusters();
+        let mut counts = vec![vec![0u64; 1 << q.index_bits]; clusters];
+        for (r, &k) in q.row_cluster.iter().enumerate() {
+            let row = &q.indices[r * q.cols..(r + 1) * q.cols];
+            for (c, n) in counts[k as usize]
+                .iter_mut()
+                .zip(histogram(row.iter().map(|&i| i as u32), q.index_bits))
+            {
+                *c += n;
+            }
+        }
+        let tables = counts
+            .iter()
+            .map(|c| FreqTable::from_counts(c, q.index_bits, INDEX_PROB_BITS))
+            .collect();
+        CodebookParams {
+            index_bits: q.index_bits,
+            clusters,
+            group_size: q.group_size,
+            tensor_scale: q.tensor_scale,
+            codebooks: q.codebooks.clone(),
+            tables,
+        }
+    }
+
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.push(self.index_bits as u8);
+        out.push(0);
+        out.extend_from_slice(&(self.clusters as u16).to_le_bytes());
+        out.extend_from_slice(&(self.group_size as u32).to_le_bytes());
+        out.extend_from_slice(&self.tensor_scale.to_bits().to_le_bytes());
+        for c in &self.codebooks {
+            out.extend_from_slice(&c.to_bits().to_le_bytes());
+        }
+        for table in &self.tables {
+            match table {
+                Some(t) => {
+                    out.push(1);
+                    t.write(out);
+                }
+                None => out.push(0),
+            }
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+
+    /// Parses the codebook parameters of a tensor of `dtype` and `shape`; all of `bytes` must be used.
+    pub fn parse(bytes: &[u8], dtype: Dtype, shape: &[u64]) -> Result<CodebookParams, TableError> {
+        let err = |s: String| TableError(s);
+        if !applies_to(dtype) {
+            return Err(err(format!("codebook does not apply to {dtype}")));
+        }
+        let (_, cols) = matrix_shape(shape)
+            .ok_or_else(|| err("codebook needs a non-empty tensor of rank 1 or more".into()))?;
+        let head = bytes.get(..FIXED_PARAMS_BYTES).ok_or_else(|| {
+            err(format!(
+                "codebook params shorter than {FIXED_PARAMS_BYTES} bytes"
+            ))
+        })?;
+        let index_bits = head[0] as u32;
+        let clusters = u16::from_le_bytes([head[2], head[3]]) as usize;
+        let group_size = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as u64;
+        let tensor_scale =
+            f32::from_bits(u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")));
+        if !(1..=MAX_INDEX_BITS).contains(&index_bits) {
+            return Err(err(format!(
+                "index_bits {index_bits} outside 1..={MAX_INDEX_BITS}"
+            )));
+        }
+        if head[1] != 0 {
+            return Err(err("reserved byte is not zero".into()));
+        }
+        if !(1..=MAX_ROW_CLUSTERS).contains(&clusters) {
+            return Err(err(format!(
+                "clusters {clusters} outside 1..={MAX_ROW_CLUSTERS}"
+            )));
+        }
+        if !(1..=cols).contains(&group_size) {
+            return Err(err(format!("group_size {group_size} outside 1..={cols}")));
+        }
+        if !(tensor_scale.is_finite() && tensor_scale > 0.0) {
+            return Err(err(format!(
+                "tensor_scale {tensor_scale} is not finite and positive"
+            )));
+        }
+        let entries = clusters << index_bits;
+        let mut pos = FIXED_PARAMS_BYTES;
+        let book_bytes = bytes
+            .get(pos..pos + 2 * entries)
+            .ok_or_else(|| err("codebooks truncated".into()))?;
+        let codebooks: Vec<f16> = book_bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+            .collect();
+        if let Some(i) = codebooks.iter().position(|c| !c.is_finite()) {
+            return Err(err(format!("codebook entry {i} is not finite")));
+        }
+        pos += 2 * entries;
+        let mut tables = Vec::with_capacity(clusters);
+        for k in 0..clusters {
+            let flag = *bytes
+                .get(pos)
+                .ok_or_else(|| err(format!("table flag of cluster {k} missing")))?;
+            pos += 1;
+            tables.push(match flag {
+                0 => None,
+                1 => {
+                    let (table, used) = FreqTable::parse(&bytes[pos..], index_bits)
+                        .map_err(|e| err(format!("table of cluster {k}: {}", e.0)))?;
+                    pos += used;
+                    Some(table)
+                }
+                _ => {
+                    return Err(err(format!(
+                        "table flag {flag} of cluster {k} is not 0 or 1"
+                    )))
+                }
+            });
+        }
+        if pos != bytes.len() {
+            return Err(err(format!(
+                "{} bytes left after the codebook params",
+                bytes.len() - pos
+            )));
+        }
+        Ok(CodebookParams {
+            index_bits,
+            clusters,
+            group_size: group_size as usize,
+            tensor_scale,
+            codebooks,
+            tables,
+        })
+    }
+}
+
+/// A tensor's codebook fit, ready to encode its blocks.
+pub struct CodebookPlan {
+    pub params: CodebookParams,
+    pub quantized: CodebookQuantized,
+    /// Whole rows per block; `block_units` is this times `cols`.
+    pub rows_per_block: usize,
+}
+
+impl CodebookPlan {
+    pub fn block_units(&self) -> u32 {
+        (self.rows_per_block * self.quantized.cols) as u32
+    }
+
+    /// Encodes block `k` (spec: "codebook block payload").
+    pub fn encode_block(&self, k: usize) -> Vec<u8> {
+        let q = &self.quantized;
+        let start = k * self.rows_per_block;
+        let end = (start + self.rows_per_block).min(q.rows);
+        encode_rows(&self.params, q, start..end)
+    }
+}
+
+/// Fits a tensor (little-endian `dtype` bytes of `shape`) with `options` and `|w| + sigma` error weights, in
+/// blocks of whole rows holding at most `max_block_elements` elements (one row if a row is longer). None when
+/// the codec cannot apply: another dtype, rank 0, an empty tensor, a non-finite weight, a tensor scale that
+/// overflows f32, or a row too long for one block.
+pub fn plan(
+    dtype: Dtype,
+    shape: &[u64],
+    data: &[u8],
+    options: &FitOptions,
+    max_block_elements: u32,
+) -> Option<CodebookPlan> {
+    if !applies_to(dtype) {
+        return None;
+    }
+    let (rows, cols) = matrix_shape(shape)?;
+    let (rows, cols) = (usize::try_from(rows).ok()?, usize::try_from(cols).ok()?);
+    let width = dtype.byte_width()?;
+    let rows_per_block = (max_block_elements as usize / cols).clamp(1, rows);
+    let block_bytes = (rows_per_block * cols).checked_mul(width)? as u64;
+    if block_bytes > crate::format::MAX_BLOCK_BYTES || rows_per_block * cols > u32::MAX as usize {
+        return None;
+    }
+    let weights: Vec<f32> = data
+        .chunks_exact(width)
+        .map(|b| match dtype {
+            Dtype::F32 => f32::from_le_bytes(b.try_into().expect("4 bytes")),
+            Dtype::BF16 => bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
+        })
+        .collect();
+    let (quantized, _) =
+        codebook::fit(&weights, rows, cols, ErrorWeights::AbsPlusSigma, options).ok()?;
+    if !quantized.tensor_scale.is_finite() {
+        return None;
+    }
+    Some(CodebookPlan {
+        params: CodebookParams::from_quantized(&quantized),
+        quantized,
+        rows_per_block,
+    })
+}
+
+/// The payload of rows `rows` of a fitted matrix.
+pub fn encode_rows(
+    params: &CodebookParams,
+    q: &CodebookQuantized,
+    rows: std::ops::Range<usize>,
+) -> Vec<u8> {
+    let groups = q.groups_per_row();
+    let mut out = Vec::new();
+    out.extend(rows.clone().map(|r| q.row_cluster[r] as u8));
+    out.resize(align4(out.len()), 0);
+    for s in &q.scales[rows.start * groups..rows.end * groups] {
+        out.extend_from_slice(&s.to_bits().to_le_bytes());
+    }
+    out.resize(align4(out.len()), 0);
+    for (k, table) in params.tables.iter().enumerate() {
+        let symbols: Vec<u16> = rows
+            .clone()
+            .filter(|&r| q.row_cluster[r] as usize == k)
+            .flat_map(|r| q.indices[r * q.cols..(r + 1) * q.cols].iter().copied())
+            .collect();
+        if symbols.is_empty() {
+            continue;
+        }
+        let table = table.as_ref().expect("a cluster with rows has a table");
+        let encoded = rans::encode(
+            &[FieldSymbols {
+                symbols: &symbols,
+                table,
+            }],
+            symbols.len(),
+        );
+        for s in encoded.states {
+            out.extend_from_slice(&s.to_le_bytes());
+        }
+        out.extend_from_slice(&(encoded.words.len() as u32).to_le_bytes());
+        for w in &encoded.words {
+            out.extend_from_slice(&w.to_le_bytes());
+        }
+        out.resize(align4(out.len()), 0);
+    }
+    out
+}
+
+/// A tensor's codebook parameters expanded for decoding; build once, decode many blocks.
+pub struct CodebookDecoder {
+    params: CodebookParams,
+    tables: Vec<Option<DecodeTable>>,
+    dtype: Dtype,
+    width: usize,
+    cols: usize,
+}
+
+impl CodebookDecoder {
+    /// None when the dtype or shape does not allow the codec (the header parser has already checked them).
+    pub fn new(params: CodebookParams, dtype: Dtype, shape: &[u64]) -> Option<CodebookDecoder> {
+        if !applies_to(dtype) {
+            return None;
+        }
+        let (_, cols) = matrix_shape(shape)?;
+        let tables = params
+            .tables
+            .iter()
+            .map(|t| t.as_ref().map(DecodeTable::new))
+            .collect();
+        Some(CodebookDecoder {
+            params,
+            tables,
+            dtype,
+            width: dtype.byte_width()?,
+            cols: usize::try_from(cols).ok()?,
+        })
+    }
+
+    pub fn params(&self) -> &CodebookParams {
+        &self.params
+    }
+
+    /// Decodes a block of whole rows into `out` (little-endian dtype elements).
+    pub fn decode_block(&self, payload: &[u8], out: &mut [u8]) -> Result<(), StreamError> {
+        let row_bytes = self.cols * self.width;
+        if !out.len().is_multiple_of(row_bytes) {
+            return Err(StreamError("block is not a whole number of rows"));
+        }
+        let rows = out.len() / row_bytes;
+        let p = &self.params;
+        let groups = self.cols.div_ceil(p.group_size);
+        let ids = payload
+            .get(..rows)
+            .ok_or(StreamError("payload shorter than its cluster ids"))?;
+        if ids.iter().any(|&k| k as usize >= p.clusters) {
+            return Err(StreamError("cluster id not below the cluster count"));
+        }
+        let mut pos = align4(rows);
+        let scale_bytes = payload
+            .get(pos..pos + 2 * rows * groups)
+            .ok_or(StreamError("payload shorter than its scales"))?;
+        let scales: Vec<f32> = scale_bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32())
+            .collect();
+        if scales.iter().any(|s| !s.is_finite()) {
+            return Err(StreamError("a scale is not finite"));
+        }
+        pos = align4(pos + 2 * rows * groups);
+        let mut indices = vec![0u16; rows * self.cols];
+        let mut symbols = Vec::new();
+        for (k, table) in self.tables.iter().enumerate() {
+            let count = ids.iter().filter(|&&id| id as usize == k).count() * self.cols;
+            if count == 0 {
+                continue;
+            }
+            let table = table
+                .as_ref()
+                .ok_or(StreamError("rows of a cluster that has no table"))?;
+            let header = payload
+                .get(pos..pos + RANS_HEADER_BYTES)
+                .ok_or(StreamError("payload shorter than a stream header"))?;
+            let mut states = [0u32; LANES];
+            for (s, chunk) in states.iter_mut().zip(header.chunks_exact(4)) {
+                *s = u32::from_le_bytes(chunk.try_into().expect("4 bytes"));
+            }
+            let word_count =
+                u32::from_le_bytes(header[LANES * 4..].try_into().expect("4 bytes")) as usize;
+            let words_start = pos + RANS_HEADER_BYTES;
+            let words = payload
+                .get(words_start..words_start + 2 * word_count)
+                .ok_or(StreamError("payload shorter than a stream's words"))?;
+            symbols.clear();
+            symbols.resize(count, 0u16);
+            rans::decode(
+                &states,
+                words,
+                &mut [FieldOutput {
+                    out: &mut symbols,
+                    table,
+                }],
+                count,
+            )?;
+            let mut next = symbols.chunks_exact(self.cols);
+            for (r, &id) in ids.iter().enumerate() {
+                if id as usize == k {
+                    let row = next.next().expect("count rows of the cluster");
+                    indices[r * self.cols..(r + 1) * self.cols].copy_from_slice(row);
+                }
+            }
+            pos = align4(words_start + 2 * word_count);
+        }
+        if pos != payload.len() {
+            return Err(StreamError("payload length does not match its contents"));
+        }
+        let m = 1usize << p.index_bits;
+        for (r, row_out) in out.chunks_exact_mut(row_bytes).enumerate() {
+            let k = ids[r] as usize;
+            let book = &p.codebooks[k * m..(k + 1) * m];
+            let row_scales = &scales[r * groups..(r + 1) * groups];
+            let row_indices = &indices[r * self.cols..(r + 1) * self.cols];
+            for (j, (o, &q)) in row_out
+                .chunks_exact_mut(self.width)
+                .zip(row_indices)
+                .enumerate()
+            {
+                let v = p.tensor_scale * (row_scales[j / p.group_size] * book[q as usize].to_f32());
+                write_element(self.dtype, v, o);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Writes `v` as a little-endian `dtype` element, rounded to nearest even.
+fn write_element(dtype: Dtype, v: f32, out: &mut [u8]) {
+    match dtype {
+        Dtype::F32 => out.copy_from_slice(&v.to_le_bytes()),
+        Dtype::BF16 => out.copy_from_slice(&bf16::from_f32(v).to_le_bytes()),
+        _ => out.copy_from_slice(&f16::from_f32(v).to_le_bytes()),
+    }
+}
+
+/// The fit's reconstruction as the dtype's little-endian bytes: what decoding the tensor gives.
+pub fn reconstruction_bytes(q: &CodebookQuantized, dtype: Dtype) -> Vec<u8> {
+    let width = dtype.byte_width().unwrap_or(4);
+    let mut out = vec![0u8; q.rows * q.cols * width];
+    for (o, v) in out.chunks_exact_mut(width).zip(q.dequantize()) {
+        write_element(dtype, v, o);
+    }
+    out
+}
