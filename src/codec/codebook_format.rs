@@ -448,3 +448,99 @@ pub fn reconstruction_bytes(q: &CodebookQuantized, dtype: Dtype) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seeded matrix of `rows x cols` weights spread over a few magnitudes.
+    fn matrix(rows: usize, cols: usize, seed: u64) -> Vec<f32> {
+        let mut state = seed | 1;
+        (0..rows * cols)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let u = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
+                (u * 0.01 * (1 + i / cols % 5) as f64) as f32
+            })
+            .collect()
+    }
+
+    fn fitted(rows: usize, cols: usize) -> CodebookPlan {
+        let data: Vec<u8> = matrix(rows, cols, 3)
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let options = FitOptions {
+            index_bits: 3,
+            group_size: 16,
+            row_clusters: 3,
+            rounds: 2,
+            ..FitOptions::default()
+        };
+        plan(
+            Dtype::F32,
+            &[rows as u64, cols as u64],
+            &data,
+            &options,
+            100,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn params_round_trip_and_parse_rejects_what_the_spec_forbids() {
+        let p = fitted(12, 40);
+        let shape = [12u64, 40];
+        let bytes = p.params.to_bytes();
+        assert_eq!(
+            CodebookParams::parse(&bytes, Dtype::F32, &shape).unwrap(),
+            p.params
+        );
+        let with = |pos: usize, value: u8| {
+            let mut b = bytes.clone();
+            b[pos] = value;
+            CodebookParams::parse(&b, Dtype::F32, &shape)
+        };
+        assert!(with(0, 0).is_err()); // B = 0
+        assert!(with(0, 11).is_err()); // B over 10
+        assert!(with(1, 1).is_err()); // reserved
+        assert!(with(2, 0).is_err()); // no clusters
+        assert!(with(4, 41).is_err()); // G over cols
+        assert!(with(11, 0xff).is_err()); // tensor scale NaN
+        assert!(with(13, 0x7c).is_err()); // first codebook entry Inf
+        assert!(CodebookParams::parse(&bytes, Dtype::F64, &shape).is_err());
+        assert!(CodebookParams::parse(&bytes, Dtype::F32, &[]).is_err());
+        assert!(CodebookParams::parse(&bytes, Dtype::F32, &[12, 0]).is_err());
+        assert!(CodebookParams::parse(&bytes[..bytes.len() - 1], Dtype::F32, &shape).is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(CodebookParams::parse(&longer, Dtype::F32, &shape).is_err());
+    }
+
+    #[test]
+    fn blocks_decode_to_the_fit_and_reject_bad_lengths_and_ids() {
+        let p = fitted(12, 40);
+        assert_eq!(p.rows_per_block, 2);
+        let decoder = CodebookDecoder::new(p.params.clone(), Dtype::F32, &[12, 40]).unwrap();
+        let want = reconstruction_bytes(&p.quantized, Dtype::F32);
+        let block_bytes = 2 * 40 * 4;
+        for k in 0..6 {
+            let payload = p.encode_block(k);
+            let mut out = vec![0u8; block_bytes];
+            decoder.decode_block(&payload, &mut out).unwrap();
+            assert_eq!(out, want[k * block_bytes..(k + 1) * block_bytes]);
+            let mut longer = payload.clone();
+            longer.extend_from_slice(&[0; 4]);
+            assert!(decoder.decode_block(&longer, &mut out).is_err());
+            assert!(decoder
+                .decode_block(&payload[..payload.len() - 4], &mut out)
+                .is_err());
+            let mut bad_id = payload.clone();
+            bad_id[0] = 3;
+            assert!(decoder.decode_block(&bad_id, &mut out).is_err());
+            assert!(decoder.decode_block(&payload, &mut out[..100]).is_err());
+        }
+    }
+}

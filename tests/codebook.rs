@@ -1,0 +1,410 @@
+//! Codebook mode end to end: every decoded codebook tensor equals the library fit's reconstruction rounded to
+//! the dtype, bit for bit (BF16, F16, F32, rank 2 and 3, several blocks); the default rules keep 1-D tensors
+//! and embeddings lossless; the file bytes do not depend on the thread count; damaged blocks are caught by
+//! their checksums and never panic; the CLI's flags, errors and `verify --against`.
+
+mod common;
+
+use assert_cmd::Command;
+use predicates::str::contains;
+
+use neuzip::codec::codebook::{self, ErrorWeights, FitOptions};
+use neuzip::convert::{convert_to_vec, ConvertOptions};
+use neuzip::format::{BlockMode, Codec};
+use neuzip::mmap::Bytes;
+use neuzip::precision::{CodebookChoice, CodebookSettings};
+use neuzip::source::SafetensorsFile;
+use neuzip::{Dtype, NztFile};
+
+use common::*;
+
+fn neuzip() -> Command {
+    let mut cmd = Command::cargo_bin("neuzip").expect("neuzip binary");
+    cmd.timeout(std::time::Duration::from_secs(120));
+    cmd
+}
+
+fn codebook_opts(bits: u32, group_size: u32, row_clusters: u32, block: u32) -> ConvertOptions {
+    ConvertOptions {
+        float_block_elements: block,
+        codebook: CodebookSettings {
+            default_bits: Some(bits),
+            group_size,
+            row_clusters,
+            ..CodebookSettings::default()
+        },
+        ..ConvertOptions::default()
+    }
+}
+
+fn to_f32(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
+    match dtype {
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        _ => unreachable!(),
+    }
+}
+
+/// `values` rounded to `dtype` (nearest even, by the `half` crate) as little-endian bytes.
+fn to_dtype_bytes(dtype: Dtype, values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for &v in values {
+        match dtype {
+            Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+            Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+            _ => out.extend_from_slice(&v.to_le_bytes()),
+        }
+    }
+    out
+}
+
+fn sqnr_db(original: &[f32], decoded: &[f32]) -> f64 {
+    let signal: f64 = original.iter().map(|&x| (x as f64).powi(2)).sum();
+    let noise: f64 = original
+        .iter()
+        .zip(decoded)
+        .map(|(&x, &y)| (x as f64 - y as f64).powi(2))
+        .sum();
+    10.0 * (signal / noise).log10()
+}
+
+/// Converts `source` and checks every tensor: codebook ones equal the fit (refitted here with the same
+/// options) rounded to the dtype, decoded whole and block by block; the others bit-exact. Returns the
+/// codebook tensors' names and their SQNR.
+fn check_file(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<(String, f64)> {
+    let nzt = convert_to_vec(source, opts).unwrap();
+    assert_eq!(&nzt[8..12], &[1, 0, 2, 0], "version 1.2");
+    let file = open_bytes(nzt).unwrap();
+    let mut quantized = Vec::new();
+    for (index, (t, s)) in file.tensors().iter().zip(&source.tensors).enumerate() {
+        let original = source.data(s);
+        let whole = file.decode_tensor(&t.name).unwrap();
+        for k in 0..t.blocks.len() {
+            let range = t.block_range(k);
+            let mut block = vec![0u8; range.len()];
+            file.decode_block_into(index, k, &mut block).unwrap();
+            assert_eq!(block, whole[range], "{} block {k}", t.name);
+        }
+        let bits = opts
+            .codebook
+            .index_bits_for(&t.name, t.dtype, t.shape.len());
+        let Some(bits) = bits else {
+            assert_ne!(t.codec, Codec::Codebook, "{}", t.name);
+            assert_eq!(whole, original, "{} should be lossless", t.name);
+            continue;
+        };
+        assert_eq!(t.codec, Codec::Codebook, "{}", t.name);
+        assert!(t.blocks.iter().all(|b| b.mode == BlockMode::Codebook));
+        let cols = *t.shape.last().unwrap() as usize;
+        let rows = (t.elements().unwrap() as usize) / cols;
+        assert_eq!(t.block_units as usize % cols, 0);
+        let weights = to_f32(t.dtype, original);
+        let fit = FitOptions {
+            index_bits: bits,
+            group_size: opts.codebook.group_size as usize,
+            row_clusters: opts.codebook.row_clusters as usize,
+            ..FitOptions::default()
+        };
+        let (q, _) = codebook::fit(&weights, rows, cols, ErrorWeights::AbsPlusSigma, &fit).unwrap();
+        let want = to_dtype_bytes(t.dtype, &q.dequantize());
+        assert!(whole == want, "{}: decoded differs from the fit", t.name);
+        quantized.push((t.name.clone(), sqnr_db(&weights, &to_f32(t.dtype, &whole))));
+    }
+    quantized
+}
+
+#[test]
+fn decoded_tensors_are_the_fit_rounded_to_the_dtype() {
+    for name in [
+        "minilm_slice_bf16.safetensors",
+        "minilm_slice_f16.safetensors",
+        "minilm_slice_f32.safetensors",
+    ] {
+        let source = SafetensorsFile::open(&fixture(name)).unwrap();
+        // 3 rows of 384 per block: many blocks, a short last one for the 256-row tensor.
+        let mut by_bits = Vec::new();
+        for bits in [3, 4] {
+            let q = check_file(&source, &codebook_opts(bits, 128, 4, 1200));
+            // The 1-D tensors and the position embeddings stay lossless by default.
+            let names: Vec<&str> = q.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "encoder.layer.0.attention.self.query.weight",
+                    "encoder.layer.0.intermediate.dense.weight"
+                ],
+                "{name}"
+            );
+            by_bits.push(q);
+        }
+        for ((tensor, sqnr3), (_, sqnr4)) in by_bits[0].iter().zip(&by_bits[1]) {
+            // About 6 dB per bit; a broken decoder (wrong scale, codebook or index) is far below.
+            assert!(*sqnr3 > 10.0, "{name} {tensor}: {sqnr3} dB at 3 bits");
+            assert!(
+                sqnr4 > &(sqnr3 + 3.0),
+                "{name} {tensor}: {sqnr4} dB at 4 bits"
+            );
+        }
+    }
+}
+
+#[test]
+fn rules_and_higher_ranks() {
+    let mut rng = SplitMix::new(5);
+    let tensors = vec![
+        TestTensor {
+            name: "a.embeddings.weight".into(),
+            dtype: Dtype::F32,
+            shape: vec![20, 30],
+            data: gaussian_tensor(&mut rng, Dtype::F32, 600, 0.05),
+        },
+        TestTensor {
+            name: "conv.weight".into(),
+            dtype: Dtype::F16,
+            shape: vec![5, 3, 50],
+            data: gaussian_tensor(&mut rng, Dtype::F16, 750, 0.1),
+        },
+        TestTensor {
+            name: "norm.weight".into(),
+            dtype: Dtype::BF16,
+            shape: vec![70],
+            data: gaussian_tensor(&mut rng, Dtype::BF16, 70, 1.0),
+        },
+        TestTensor {
+            name: "head.weight".into(),
+            dtype: Dtype::BF16,
+            shape: vec![9, 40],
+            data: gaussian_tensor(&mut rng, Dtype::BF16, 360, 0.02),
+        },
+    ];
+    let source =
+        SafetensorsFile::from_bytes(Bytes::Owned(safetensors_bytes(&tensors, None))).unwrap();
+    // Rows of 50 with groups of 16 (a short last group), 3 clusters, 2 rows per block.
+    let opts = codebook_opts(3, 16, 3, 100);
+    let q = check_file(&source, &opts);
+    let mut names: Vec<&str> = q.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["conv.weight", "head.weight"]);
+    // Rules override the defaults both ways; a 1-D tensor is one row.
+    let mut opts = codebook_opts(3, 16, 3, 100);
+    for rule in ["*embeddings*=2", "norm.*=4", "head.*=lossless"] {
+        opts.codebook
+            .rules
+            .push_parsed(rule, CodebookChoice::parse)
+            .unwrap();
+    }
+    let q = check_file(&source, &opts);
+    let mut names: Vec<&str> = q.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["a.embeddings.weight", "conv.weight", "norm.weight"]);
+}
+
+#[test]
+fn a_tensor_with_non_finite_weights_stays_lossless() {
+    let mut rng = SplitMix::new(9);
+    let mut data = gaussian_tensor(&mut rng, Dtype::F32, 400, 0.1);
+    data[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
+    let tensors = vec![TestTensor {
+        name: "w".into(),
+        dtype: Dtype::F32,
+        shape: vec![10, 40],
+        data: data.clone(),
+    }];
+    let source =
+        SafetensorsFile::from_bytes(Bytes::Owned(safetensors_bytes(&tensors, None))).unwrap();
+    let nzt = convert_to_vec(&source, &codebook_opts(4, 128, 4, 4096)).unwrap();
+    let file = open_bytes(nzt).unwrap();
+    assert_ne!(file.tensors()[0].codec, Codec::Codebook);
+    assert_eq!(file.decode_tensor("w").unwrap(), data);
+}
+
+#[test]
+fn file_bytes_do_not_depend_on_the_thread_count() {
+    let source = SafetensorsFile::open(&fixture("minilm_slice_bf16.safetensors")).unwrap();
+    let opts = codebook_opts(3, 64, 4, 4096);
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| convert_to_vec(&source, &opts).unwrap())
+    };
+    let one = on(1);
+    assert!(one == on(2), "1 and 2 threads wrote different files");
+    assert!(one == on(3), "1 and 3 threads wrote different files");
+}
+
+#[test]
+fn damaged_codebook_blocks_are_caught_and_never_panic() {
+    let source = SafetensorsFile::open(&fixture("minilm_slice_f16.safetensors")).unwrap();
+    let nzt = convert_to_vec(&source, &codebook_opts(4, 128, 4, 4096)).unwrap();
+    let file = open_bytes(nzt.clone()).unwrap();
+    let t = file
+        .tensors()
+        .iter()
+        .find(|t| t.codec == Codec::Codebook)
+        .unwrap();
+    let block = &t.blocks[0];
+    let (start, len) = (block.offset as usize, block.stored_len as usize);
+    let mut detected = 0;
+    for pos in (start..start + len).step_by((len / 150).max(1)) {
+        let mut damaged = nzt.clone();
+        damaged[pos] ^= 0x5a;
+        let checked = open_bytes(damaged.clone()).unwrap();
+        assert!(
+            decode_everything(&checked).is_err(),
+            "flip at {pos} passed the checksum"
+        );
+        let unchecked = open_bytes(damaged)
+            .unwrap()
+            .with_options(neuzip::DecodeOptions {
+                verify_checksums: false,
+            });
+        // Without checksums a flip may decode to other values, but never panics.
+        detected += u64::from(decode_everything(&unchecked).is_err());
+    }
+    // Cluster ids, scales and stream states and lengths are checked.
+    assert!(detected > 0);
+    // A flip in the tensor's params (in the header section) is caught when the file is opened.
+    let params_at = nzt
+        .windows(t.params.len())
+        .position(|w| w == t.params.as_slice())
+        .unwrap();
+    for offset in [0, 5, 12, t.params.len() - 1] {
+        let mut damaged = nzt.clone();
+        damaged[params_at + offset] ^= 0x21;
+        assert!(open_bytes(damaged).is_err(), "params byte {offset}");
+    }
+}
+
+#[test]
+fn cli_converts_and_verifies_a_codebook_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("minilm_slice_f32.safetensors");
+    let nzt = dir.path().join("m.nzt");
+    neuzip()
+        .args([
+            "convert",
+            "--codebook-bits",
+            "4",
+            "--group-size",
+            "64",
+            "--row-clusters",
+            "2",
+            "--tensor-bits",
+            "*intermediate*=lossless",
+        ])
+        .arg(&input)
+        .arg("-o")
+        .arg(&nzt)
+        .assert()
+        .success();
+    let out = neuzip()
+        .args(["verify", "--json", "--against"])
+        .arg(&input)
+        .arg(&nzt)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["lossy"], true);
+    assert_eq!(r["passed"], true);
+    assert_eq!(r["all_identical"], false);
+    for t in r["tensors"].as_array().unwrap() {
+        let name = t["name"].as_str().unwrap();
+        let quantized = name.ends_with("query.weight");
+        assert_eq!(t["codec"] == "codebook", quantized, "{name}");
+        if quantized {
+            assert_eq!(t["within_bound"], true);
+            let sqnr = t["error"]["sqnr_db"].as_f64().unwrap();
+            assert!((15.0..35.0).contains(&sqnr), "{name}: {sqnr}");
+            // 4-bit indices before entropy coding, plus scales (16 bits per 64 weights) and codebooks.
+            let bpw = t["bits_per_weight"].as_f64().unwrap();
+            assert!((2.0..4.6).contains(&bpw), "{name}: {bpw}");
+        } else {
+            assert_eq!(t["identical"], true, "{name}");
+        }
+    }
+    neuzip()
+        .args(["verify", "--against"])
+        .arg(&input)
+        .arg(&nzt)
+        .assert()
+        .success()
+        .stdout(contains("SQNR"))
+        .stdout(contains("codebook"));
+    let restored = dir.path().join("r.safetensors");
+    neuzip()
+        .arg("decompress")
+        .arg(&nzt)
+        .arg("-o")
+        .arg(&restored)
+        .assert()
+        .success();
+    let source = SafetensorsFile::open(&input).unwrap();
+    let reread = SafetensorsFile::open(&restored).unwrap();
+    assert_eq!(reread.header_json(), source.header_json());
+    let file = NztFile::open(&nzt).unwrap();
+    for t in &reread.tensors {
+        assert_eq!(reread.data(t), file.decode_tensor(&t.name).unwrap());
+    }
+}
+
+#[test]
+fn cli_rejects_bad_codebook_flags_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("minilm_slice_bf16.safetensors");
+    let out = dir.path().join("x.nzt");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--codebook-bits", "1"], "between 2 and 8"),
+        (&["--codebook-bits", "9"], "between 2 and 8"),
+        (
+            &["--codebook-bits", "4", "--group-size", "0"],
+            "--group-size",
+        ),
+        (
+            &["--codebook-bits", "4", "--row-clusters", "0"],
+            "between 1 and 256",
+        ),
+        (
+            &["--codebook-bits", "4", "--row-clusters", "257"],
+            "between 1 and 256",
+        ),
+        (
+            &["--codebook-bits", "4", "--mantissa-bits", "3"],
+            "cannot be used with",
+        ),
+        (&["--group-size", "64"], "--codebook-bits"),
+        (&["--row-clusters", "2"], "--codebook-bits"),
+        (
+            &["--codebook-bits", "4", "--tensor-bits", "*query*=9"],
+            "outside 2..=8",
+        ),
+        (
+            &["--codebook-bits", "4", "--tensor-bits", "*=many"],
+            "not a bit count",
+        ),
+    ];
+    for (flags, message) in cases {
+        neuzip()
+            .arg("convert")
+            .args(*flags)
+            .arg(&input)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .failure()
+            .stderr(contains(*message));
+        assert!(!out.exists(), "{flags:?} left an output");
+    }
+}
