@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::codec::codebook_format::reconstruction_bytes;
 use crate::codec::freq::entropy_bits;
 use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
@@ -199,11 +200,14 @@ pub fn analyze(
     })
 }
 
-/// One point of a lossy sweep.
+/// One point of a lossy or codebook sweep.
 #[derive(Clone, Debug, Serialize)]
 pub struct SweepPoint {
-    /// Mantissa bits kept (tensors whose dtype has no more stay lossless); None for the lossless row.
+    /// Mantissa bits kept (tensors whose dtype has no more stay lossless); None for the lossless row and in a
+    /// codebook sweep.
     pub mantissa_bits: Option<u32>,
+    /// Codebook index width B, in a codebook sweep; None for the lossless row and in a lossy sweep.
+    pub codebook_bits: Option<u32>,
     /// The exact `.nzt` size a conversion with these settings writes.
     pub predicted_bytes: u64,
     pub bits_per_weight: f64,
@@ -225,7 +229,8 @@ pub fn default_sweep_bits(source: &SafetensorsFile) -> Vec<u32> {
 }
 
 /// Dry-runs a conversion for each K of `bits` (with `opts.lossy`'s rules and normalization, K as the
-/// default), then a lossless one, and measures size and error. Nothing is written.
+/// default), then a lossless one, and measures size and error. Nothing is written. When `opts.codebook` has a
+/// default index width, `bits` are codebook widths B instead (with its rules, group size and clusters).
 pub fn sweep(
     source: &SafetensorsFile,
     opts: &ConvertOptions,
@@ -233,13 +238,22 @@ pub fn sweep(
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<SweepPoint>> {
     opts.lossy.validate()?;
+    opts.codebook.validate()?;
+    let codebook_mode = opts.codebook.default_bits.is_some();
     let mut points = Vec::new();
     let settings: Vec<Option<u32>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
     for k in settings {
         let mut point_opts = opts.clone();
         match k {
+            Some(b) if codebook_mode => point_opts.codebook.default_bits = Some(b),
             Some(k) => point_opts.lossy.default_bits = Some(k),
-            None => point_opts.lossy = Default::default(),
+            None => {
+                point_opts.lossy = Default::default();
+                point_opts.codebook = Default::default();
+            }
+        }
+        if codebook_mode {
+            point_opts.codebook.validate()?;
         }
         let plans = plan_all(source, &point_opts);
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
@@ -261,6 +275,17 @@ pub fn sweep(
                 let width = t.dtype.byte_width()?;
                 let data = source.data(t);
                 let mut stats = ErrorStats::default();
+                if let Some(cb) = plan.codebook() {
+                    let original = crate::codec::split::element_values(data, width);
+                    let decoded = crate::codec::split::element_values(
+                        &reconstruction_bytes(&cb.quantized, t.dtype),
+                        width,
+                    );
+                    for (&a, &b) in original.iter().zip(&decoded) {
+                        stats.add(fmt.to_f64(a), fmt.to_f64(b), None);
+                    }
+                    return Some(stats);
+                }
                 let block_bytes = plan.entry.block_units as usize * width;
                 for block in data.chunks(block_bytes.max(width)) {
                     let original = crate::codec::split::element_values(block, width);
@@ -287,7 +312,8 @@ pub fn sweep(
             .map(|t| t.shape.iter().product::<u64>())
             .sum();
         points.push(SweepPoint {
-            mantissa_bits: k,
+            mantissa_bits: k.filter(|_| !codebook_mode),
+            codebook_bits: k.filter(|_| codebook_mode),
             predicted_bytes,
             bits_per_weight: if elements == 0 {
                 0.0

@@ -276,7 +276,8 @@ struct AnalyzeArgs {
     block_elements: u32,
     /// Lossy sweep: the exact .nzt size and the error (SQNR, relative Frobenius, max abs and max rel error)
     /// for each K from 0 up, then lossless, without writing anything. --tensor-bits rules and the
-    /// normalization flags apply; --mantissa-bits, if given, is the largest K visited.
+    /// normalization flags apply; --mantissa-bits, if given, is the largest K visited. With --codebook-bits B
+    /// it is a codebook sweep instead: each B from 2 up to the one given (with --group-size, --row-clusters).
     #[arg(long)]
     sweep: bool,
     #[command(flatten)]
@@ -880,9 +881,13 @@ fn sweep_cmd(
     opts: &ConvertOptions,
     quiet: bool,
 ) -> Result<ExitCode> {
+    let codebook = args.codebook.codebook_bits.is_some();
     let mut bits = neuzip::analyze::default_sweep_bits(source);
     if let Some(max) = args.lossy.mantissa_bits {
         bits = (0..=max).collect();
+    }
+    if let Some(max) = args.codebook.codebook_bits {
+        bits = (*CODEBOOK_BITS.start()..=max).collect();
     }
     let bar = progress_bar(
         source.file_len() * (bits.len() as u64 + 1),
@@ -898,25 +903,43 @@ fn sweep_cmd(
     }
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
-    writeln!(
-        out,
-        "{}: lossy sweep, normalization {}; 1-D tensors lossless unless a --tensor-bits rule says otherwise",
-        args.file.display(),
-        match opts.lossy.norm_block {
-            0 => "off".to_string(),
-            b => format!("every {b} elements"),
-        }
-    )?;
+    if codebook {
+        writeln!(
+            out,
+            "{}: codebook sweep, groups of {}, {} row clusters; 1-D tensors and *embeddings* lossless unless a \
+             --tensor-bits rule says otherwise",
+            args.file.display(),
+            opts.codebook.group_size,
+            opts.codebook.row_clusters
+        )?;
+    } else {
+        writeln!(
+            out,
+            "{}: lossy sweep, normalization {}; 1-D tensors lossless unless a --tensor-bits rule says otherwise",
+            args.file.display(),
+            match opts.lossy.norm_block {
+                0 => "off".to_string(),
+                b => format!("every {b} elements"),
+            }
+        )?;
+    }
     writeln!(
         out,
         "{:>8} {:>12} {:>8} {:>9} {:>10} {:>10} {:>10}",
-        "K", "bytes", "bits/w", "SQNR dB", "rel frob", "max abs", "max rel"
+        if codebook { "B" } else { "K" },
+        "bytes",
+        "bits/w",
+        "SQNR dB",
+        "rel frob",
+        "max abs",
+        "max rel"
     )?;
     for p in &points {
         writeln!(
             out,
             "{:>8} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.3e} {:>10.3e}",
             p.mantissa_bits
+                .or(p.codebook_bits)
                 .map_or("lossless".to_string(), |k| k.to_string()),
             p.predicted_bytes,
             p.bits_per_weight,

@@ -408,3 +408,52 @@ fn cli_rejects_bad_codebook_flags_and_writes_nothing() {
         assert!(!out.exists(), "{flags:?} left an output");
     }
 }
+
+#[test]
+fn codebook_sweep_predicts_the_exact_size_and_the_verified_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("minilm_slice_bf16.safetensors");
+    let out = neuzip()
+        .args(["analyze", "--sweep", "--json", "--codebook-bits", "4"])
+        .args(["--group-size", "64"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let points: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = points.as_array().unwrap();
+    let widths: Vec<_> = points.iter().map(|p| p["codebook_bits"].clone()).collect();
+    assert_eq!(
+        widths,
+        [2.into(), 3.into(), 4.into(), serde_json::Value::Null]
+    );
+    let mut last_sqnr = 0.0;
+    for p in &points[..3] {
+        let b = p["codebook_bits"].as_u64().unwrap();
+        let nzt = dir.path().join(format!("b{b}.nzt"));
+        neuzip()
+            .args(["convert", "--codebook-bits", &b.to_string()])
+            .args(["--group-size", "64"])
+            .arg(&input)
+            .arg("-o")
+            .arg(&nzt)
+            .assert()
+            .success();
+        assert_eq!(
+            p["predicted_bytes"].as_u64().unwrap(),
+            std::fs::metadata(&nzt).unwrap().len(),
+            "B = {b}"
+        );
+        let verified = neuzip()
+            .args(["verify", "--json", "--against"])
+            .arg(&input)
+            .arg(&nzt)
+            .output()
+            .unwrap();
+        let r: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+        let sqnr = p["error"]["sqnr_db"].as_f64().unwrap();
+        assert_eq!(sqnr, r["error"]["sqnr_db"].as_f64().unwrap(), "B = {b}");
+        assert!(sqnr > last_sqnr + 3.0, "B = {b}: {sqnr} dB");
+        last_sqnr = sqnr;
+    }
+}
