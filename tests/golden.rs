@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use neuzip::convert::{convert_file, ConvertOptions};
 use neuzip::format::BlockMode;
 use neuzip::mmap::Bytes;
-use neuzip::precision::{LossySettings, Precision};
+use neuzip::precision::{CodebookChoice, CodebookSettings, LossySettings, Precision};
 use neuzip::NztFile;
 
 const VECTORS: &[&str] = &["tiny", "modes"];
@@ -35,6 +35,30 @@ fn lossy_options() -> ConvertOptions {
     ConvertOptions {
         float_block_elements: BLOCK_ELEMENTS,
         lossy,
+        ..ConvertOptions::default()
+    }
+}
+
+/// The codebook vector (1.2): `modes.safetensors` with 3-bit codebooks, groups of 64 and 2 row clusters, and
+/// `layer.full` (1-D) quantized at 4 bits as one row: `neuzip convert --block-elements 256 --codebook-bits 3
+/// --group-size 64 --row-clusters 2 --tensor-bits 'layer.full=4'`. `layer.noise` (NaNs among its random bits)
+/// and the other tensors stay lossless.
+const CODEBOOK_NAME: &str = "codebook";
+
+fn codebook_options() -> ConvertOptions {
+    let mut codebook = CodebookSettings {
+        default_bits: Some(3),
+        group_size: 64,
+        row_clusters: 2,
+        ..CodebookSettings::default()
+    };
+    codebook
+        .rules
+        .push_parsed("layer.full=4", CodebookChoice::parse)
+        .unwrap();
+    ConvertOptions {
+        float_block_elements: BLOCK_ELEMENTS,
+        codebook,
         ..ConvertOptions::default()
     }
 }
@@ -153,4 +177,51 @@ fn encoder_reproduces_the_lossy_vector_and_it_decodes_to_its_golden_output() {
         .tensors()
         .iter()
         .any(|t| t.blocks.iter().any(|b| b.mode == BlockMode::Lossy)));
+}
+
+#[test]
+fn encoder_reproduces_the_codebook_vector_and_it_decodes_to_its_golden_output() {
+    let encoded = encode_with(LOSSY_SOURCE, CODEBOOK_NAME, &codebook_options());
+    let golden_path = golden_dir().join(format!("{CODEBOOK_NAME}.nzt"));
+    let decoded_path = golden_dir().join(format!("{CODEBOOK_NAME}.decoded.safetensors"));
+    let file = NztFile::from_bytes(Bytes::Owned(encoded.clone())).unwrap();
+    let mut decoded = Vec::new();
+    file.write_safetensors(&mut decoded, |_| {}).unwrap();
+    if std::env::var_os("NEUZIP_BLESS").is_some() {
+        std::fs::write(&golden_path, &encoded).unwrap();
+        std::fs::write(&decoded_path, &decoded).unwrap();
+    }
+    let golden = std::fs::read(&golden_path).unwrap();
+    let golden_decoded = std::fs::read(&decoded_path).unwrap();
+    for (what, bytes) in [
+        ("codebook.nzt", &golden),
+        ("codebook.decoded.safetensors", &golden_decoded),
+    ] {
+        println!(
+            "{what}: {} bytes, xxh3-64 {:016x}",
+            bytes.len(),
+            neuzip::format::checksum(bytes)
+        );
+    }
+    assert!(
+        encoded == golden,
+        "encoder output differs from codebook.nzt"
+    );
+    // The golden file itself decodes to the golden output, and is a 1.2 file with codebook blocks in the three
+    // quantized tensors.
+    let file = NztFile::from_bytes(Bytes::Owned(golden)).unwrap();
+    let mut restored = Vec::new();
+    file.write_safetensors(&mut restored, |_| {}).unwrap();
+    assert!(
+        restored == golden_decoded,
+        "codebook.nzt does not decode to codebook.decoded.safetensors"
+    );
+    assert_eq!(file.header().version_minor, 2);
+    let quantized: Vec<&str> = file
+        .tensors()
+        .iter()
+        .filter(|t| t.blocks.iter().any(|b| b.mode == BlockMode::Codebook))
+        .map(|t| t.name.as_str())
+        .collect();
+    assert_eq!(quantized, ["layer.full", "layer.weight", "layer.half"]);
 }
