@@ -240,6 +240,10 @@ pub fn sweep(
     opts.lossy.validate()?;
     opts.codebook.validate()?;
     let codebook_mode = opts.codebook.default_bits.is_some();
+    if codebook_mode {
+        // The importance file against the tensors it names.
+        crate::convert::check_settings(source, opts)?;
+    }
     let mut points = Vec::new();
     let settings: Vec<Option<u32>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
     for k in settings {

@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use neuzip::analyze::analyze;
 use neuzip::codec::codebook::MAX_ROW_CLUSTERS;
+use neuzip::codec::codebook_format::Importance;
 use neuzip::codec::lossy::MAX_NORM_BLOCK;
 use neuzip::convert::{
     convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
@@ -182,6 +183,24 @@ struct CodebookArgs {
     /// Codebook: row clusters per tensor (1..=256), each with its own codebook.
     #[arg(long, value_name = "K", default_value_t = DEFAULT_ROW_CLUSTERS, requires = "codebook_bits")]
     row_clusters: u32,
+    /// Codebook: a safetensors file of per-input-channel importances (e.g. activation second moments), one
+    /// 1-D F32 vector per weight tensor under its name, as the fit's error weights; tensors without one use
+    /// |w| + sigma.
+    #[arg(long, value_name = "FILE", requires = "codebook_bits")]
+    importance: Option<PathBuf>,
+}
+
+impl CodebookArgs {
+    fn importance(&self) -> Result<Option<std::sync::Arc<Importance>>> {
+        let Some(path) = &self.importance else {
+            return Ok(None);
+        };
+        let file = SafetensorsFile::open(path)
+            .with_context(|| format!("reading --importance {}", path.display()))?;
+        let importance = Importance::from_file(&file)
+            .with_context(|| format!("--importance {}", path.display()))?;
+        Ok(Some(std::sync::Arc::new(importance)))
+    }
 }
 
 /// The lossy and codebook settings of the flags (`--tensor-bits` rules go to the codebook mode when
@@ -370,6 +389,7 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
         replace: args.force,
         lossy,
         codebook,
+        importance: args.codebook.importance()?,
         ..ConvertOptions::default()
     };
     let started = Instant::now();
@@ -794,6 +814,7 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
         float_block_elements: args.block_elements.max(1),
         lossy,
         codebook,
+        importance: args.codebook.importance()?,
         ..ConvertOptions::default()
     };
     if args.sweep {

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
-use crate::codec::codebook::FitOptions;
-use crate::codec::codebook_format::{self, CodebookPlan};
+use crate::codec::codebook::{ErrorWeights, FitOptions};
+use crate::codec::codebook_format::{self, CodebookPlan, Importance};
 use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
     block_bound_bits, block_cost, block_field_counts, choose_block_coding, encode_block,
@@ -39,6 +39,8 @@ pub struct ConvertOptions {
     pub lossy: LossySettings,
     /// Which tensors are codebook-quantized, and how (default: none); not together with `lossy`.
     pub codebook: CodebookSettings,
+    /// Error weights of the codebook fit per input channel, by tensor name (others use `|w| + sigma`).
+    pub importance: Option<std::sync::Arc<Importance>>,
 }
 
 impl Default for ConvertOptions {
@@ -50,6 +52,7 @@ impl Default for ConvertOptions {
             replace: false,
             lossy: LossySettings::default(),
             codebook: CodebookSettings::default(),
+            importance: None,
         }
     }
 }
@@ -120,8 +123,16 @@ pub fn plan_tensor(
             row_clusters: opts.codebook.row_clusters as usize,
             ..FitOptions::default()
         };
+        // `check_settings` checked the importance lengths.
+        let importance = opts.importance.as_ref().and_then(|i| {
+            let cols = t.shape.last().copied().unwrap_or(0);
+            i.for_tensor(&t.name, cols).ok().flatten()
+        });
+        let error_weights = importance.map_or(ErrorWeights::AbsPlusSigma, ErrorWeights::PerInput);
         // A tensor the codec cannot apply to (a non-finite weight, a row over the block limit) stays lossless.
-        if let Some(p) = codebook_format::plan(t.dtype, &t.shape, data, &fit, block_units) {
+        if let Some(p) =
+            codebook_format::plan(t.dtype, &t.shape, data, &fit, error_weights, block_units)
+        {
             let units = p.block_units();
             let blocks = elements.div_ceil(units as u64);
             return TensorPlan {
@@ -319,6 +330,15 @@ pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result
     for t in &source.tensors {
         opts.lossy
             .mantissa_bits_for(&t.name, t.dtype, t.shape.len())?;
+        if let Some(importance) = &opts.importance {
+            if opts
+                .codebook
+                .index_bits_for(&t.name, t.dtype, t.shape.len())
+                .is_some()
+            {
+                importance.for_tensor(&t.name, t.shape.last().copied().unwrap_or(0))?;
+            }
+        }
     }
     Ok(())
 }

@@ -457,3 +457,134 @@ fn codebook_sweep_predicts_the_exact_size_and_the_verified_error() {
         last_sqnr = sqnr;
     }
 }
+
+#[test]
+fn importance_file_weights_the_fit_and_bad_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("minilm_slice_f32.safetensors");
+    let source = SafetensorsFile::open(&input).unwrap();
+    let query = "encoder.layer.0.attention.self.query.weight";
+    // Seeded importances spanning four decades, so that they change which errors the fit prefers.
+    let mut rng = SplitMix::new(17);
+    let values: Vec<f32> = (0..384)
+        .map(|_| 10f64.powf(4.0 * rng.unit() - 2.0) as f32)
+        .collect();
+    let importance_tensor = |values: &[f32], name: &str| TestTensor {
+        name: name.into(),
+        dtype: Dtype::F32,
+        shape: vec![values.len()],
+        data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    };
+    let good = write_file(
+        dir.path(),
+        "importance.safetensors",
+        &safetensors_bytes(&[importance_tensor(&values, query)], None),
+    );
+    // In the library: the query tensor decodes to the fit with those error weights, the other to the default.
+    let mut opts = codebook_opts(3, 128, 4, 4096);
+    let importance = neuzip::codec::codebook_format::Importance::from_file(
+        &SafetensorsFile::open(&good).unwrap(),
+    )
+    .unwrap();
+    opts.importance = Some(std::sync::Arc::new(importance));
+    let file = open_bytes(convert_to_vec(&source, &opts).unwrap()).unwrap();
+    let plain =
+        open_bytes(convert_to_vec(&source, &codebook_opts(3, 128, 4, 4096)).unwrap()).unwrap();
+    for (t, s) in file.tensors().iter().zip(&source.tensors) {
+        if t.codec != Codec::Codebook {
+            continue;
+        }
+        let weights = to_f32(t.dtype, source.data(s));
+        let cols = *t.shape.last().unwrap() as usize;
+        let error_weights = if t.name == query {
+            ErrorWeights::PerInput(&values)
+        } else {
+            ErrorWeights::AbsPlusSigma
+        };
+        let fit = FitOptions {
+            index_bits: 3,
+            ..FitOptions::default()
+        };
+        let (q, _) =
+            codebook::fit(&weights, weights.len() / cols, cols, error_weights, &fit).unwrap();
+        let decoded = file.decode_tensor(&t.name).unwrap();
+        assert!(
+            decoded == to_dtype_bytes(t.dtype, &q.dequantize()),
+            "{}",
+            t.name
+        );
+        let without = plain.decode_tensor(&t.name).unwrap();
+        assert_eq!(decoded == without, t.name != query, "{}", t.name);
+    }
+    // The CLI takes the same file; a vector of the wrong length, a negative value, or the flag without
+    // --codebook-bits is refused before anything is written.
+    let out = dir.path().join("x.nzt");
+    neuzip()
+        .args([
+            "convert",
+            "--codebook-bits",
+            "3",
+            "--block-elements",
+            "4096",
+            "--importance",
+        ])
+        .arg(&good)
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .success();
+    assert!(
+        std::fs::read(&out).unwrap() == convert_to_vec(&source, &opts).unwrap(),
+        "the CLI and the library wrote different files"
+    );
+    std::fs::remove_file(&out).unwrap();
+    let short = write_file(
+        dir.path(),
+        "short.safetensors",
+        &safetensors_bytes(&[importance_tensor(&values[..10], query)], None),
+    );
+    let mut negative_values = values.clone();
+    negative_values[3] = -1.0;
+    let negative = write_file(
+        dir.path(),
+        "negative.safetensors",
+        &safetensors_bytes(&[importance_tensor(&negative_values, query)], None),
+    );
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "--codebook-bits".into(),
+                "3".into(),
+                "--importance".into(),
+                short.display().to_string(),
+            ],
+            "has 10 values, the tensor has 384 inputs",
+        ),
+        (
+            vec![
+                "--codebook-bits".into(),
+                "3".into(),
+                "--importance".into(),
+                negative.display().to_string(),
+            ],
+            "negative or non-finite",
+        ),
+        (
+            vec!["--importance".into(), good.display().to_string()],
+            "--codebook-bits",
+        ),
+    ];
+    for (flags, message) in cases {
+        neuzip()
+            .arg("convert")
+            .args(&flags)
+            .arg(&input)
+            .arg("-o")
+            .arg(&out)
+            .assert()
+            .failure()
+            .stderr(contains(message));
+        assert!(!out.exists(), "{flags:?} left an output");
+    }
+}

@@ -139,6 +139,7 @@ fn convert_roundtrip(data: &[u8]) {
         replace: false,
         lossy: Default::default(),
         codebook: Default::default(),
+        importance: None,
     };
     let file = convert_to_vec(&source, &opts).expect("encode");
     let nzt = NztFile::from_bytes(Bytes::Owned(file)).expect("the encoder's file opens");

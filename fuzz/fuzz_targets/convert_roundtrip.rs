@@ -30,6 +30,7 @@ fuzz_target!(|data: &[u8]| {
         replace: false,
         lossy: Default::default(),
         codebook: Default::default(),
+        importance: None,
     };
     let file = convert_to_vec(&source, &opts).expect("encoding a valid safetensors file");
 

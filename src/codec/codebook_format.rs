@@ -197,6 +197,56 @@ impl CodebookParams {
     }
 }
 
+/// Per-input-channel importances (activation second moments) by weight tensor name, the error weights of the
+/// fit for the tensors that have one (`neuzip convert --importance FILE`).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Importance {
+    pub per_tensor: std::collections::BTreeMap<String, Vec<f32>>,
+}
+
+impl Importance {
+    /// Reads every tensor of a safetensors file: each must be F32 of rank 1, finite and non-negative.
+    pub fn from_file(file: &crate::source::SafetensorsFile) -> crate::error::Result<Importance> {
+        let bad = |what: String| crate::error::NzError::InvalidSetting { what };
+        let mut per_tensor = std::collections::BTreeMap::new();
+        for t in &file.tensors {
+            if t.dtype != Dtype::F32 || t.shape.len() != 1 {
+                return Err(bad(format!(
+                    "importance '{}' is {} {:?}, not a 1-D F32 vector",
+                    t.name, t.dtype, t.shape
+                )));
+            }
+            let values: Vec<f32> = file
+                .data(t)
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect();
+            if values.iter().any(|v| !(v.is_finite() && *v >= 0.0)) {
+                return Err(bad(format!(
+                    "importance '{}' has a negative or non-finite value",
+                    t.name
+                )));
+            }
+            per_tensor.insert(t.name.clone(), values);
+        }
+        Ok(Importance { per_tensor })
+    }
+
+    /// The importance of tensor `name`, checked against its row length `cols`.
+    pub fn for_tensor(&self, name: &str, cols: u64) -> crate::error::Result<Option<&[f32]>> {
+        match self.per_tensor.get(name) {
+            None => Ok(None),
+            Some(v) if v.len() as u64 == cols => Ok(Some(v)),
+            Some(v) => Err(crate::error::NzError::InvalidSetting {
+                what: format!(
+                    "importance '{name}' has {} values, the tensor has {cols} inputs",
+                    v.len()
+                ),
+            }),
+        }
+    }
+}
+
 /// A tensor's codebook fit, ready to encode its blocks.
 pub struct CodebookPlan {
     pub params: CodebookParams,
@@ -219,7 +269,7 @@ impl CodebookPlan {
     }
 }
 
-/// Fits a tensor (little-endian `dtype` bytes of `shape`) with `options` and `|w| + sigma` error weights, in
+/// Fits a tensor (little-endian `dtype` bytes of `shape`) with `options` and `error_weights`, in
 /// blocks of whole rows holding at most `max_block_elements` elements (one row if a row is longer). None when
 /// the codec cannot apply: another dtype, rank 0, an empty tensor, a non-finite weight, a tensor scale that
 /// overflows f32, or a row too long for one block.
@@ -228,6 +278,7 @@ pub fn plan(
     shape: &[u64],
     data: &[u8],
     options: &FitOptions,
+    error_weights: ErrorWeights<'_>,
     max_block_elements: u32,
 ) -> Option<CodebookPlan> {
     if !applies_to(dtype) {
@@ -249,8 +300,7 @@ pub fn plan(
             _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
         })
         .collect();
-    let (quantized, _) =
-        codebook::fit(&weights, rows, cols, ErrorWeights::AbsPlusSigma, options).ok()?;
+    let (quantized, _) = codebook::fit(&weights, rows, cols, error_weights, options).ok()?;
     if !quantized.tensor_scale.is_finite() {
         return None;
     }
@@ -484,6 +534,7 @@ mod tests {
             &[rows as u64, cols as u64],
             &data,
             &options,
+            ErrorWeights::AbsPlusSigma,
             100,
         )
         .unwrap()
