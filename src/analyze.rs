@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::codec::codebook_format::reconstruction_bytes;
+use crate::codec::codebook_format::{reconstruction_bytes, CodebookParams};
 use crate::codec::freq::entropy_bits;
 use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
@@ -28,7 +28,8 @@ pub struct TensorAnalysis {
     pub dtype: String,
     pub elements: u64,
     /// Field layout, most significant first, e.g. "10c+6r" (c = rANS-coded, r = raw), "stored", or for a lossy
-    /// tensor "K3:12c" (K mantissa bits kept, then the narrow code's coded and raw bits).
+    /// tensor "K3:12c" (K mantissa bits kept, then the narrow code's coded and raw bits), or for a codebook
+    /// tensor "B3:K4:G128" (index bits, row clusters, group size).
     pub layout: String,
     /// Zero-order bound of the codec's scheme, bits per weight (tables and stream flushes excluded).
     pub bound_bits_per_weight: f64,
@@ -88,6 +89,12 @@ fn layout_name(entry: &TensorEntry) -> String {
             .map(|(w, c)| format!("{w}{c}"))
             .collect();
         return format!("K{}:{}", p.mantissa_bits, fields.join("+"));
+    }
+    if entry.codec == Codec::Codebook {
+        return match CodebookParams::parse(&entry.params, entry.dtype, &entry.shape) {
+            Ok(p) => format!("B{}:K{}:G{}", p.index_bits, p.clusters, p.group_size),
+            Err(_) => "?".into(),
+        };
     }
     if entry.codec != Codec::FloatSplit {
         return "stored".into();
