@@ -35,9 +35,16 @@ fn every_kernel_compiles_to_ptx() {
             Ok(kernels) => {
                 assert_eq!(kernels.len(), neuzip::gpu::KERNELS.len());
                 let (_, ptx) = &kernels[0];
+                for entry in [neuzip::gpu::DECODE_KERNEL, neuzip::gpu::LOSSY_DECODE_KERNEL] {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}")),
+                        "no entry point {entry} in the PTX for {arch}"
+                    );
+                }
+                // The lossy expansion is compiled in: f64 round-to-nearest-even (`rint`) and f64 products.
                 assert!(
-                    ptx.contains(&format!(".entry {}", neuzip::gpu::DECODE_KERNEL)),
-                    "no entry point in the PTX for {arch}"
+                    ptx.contains("cvt.rni.f64.f64") && ptx.contains("mul.rn.f64"),
+                    "no f64 rounding in the PTX for {arch}"
                 );
                 assert!(ptx.contains(&format!(".target sm_{}", &arch["compute_".len()..])));
                 let header = ptx
