@@ -431,7 +431,7 @@ fn corrupt_streams_are_reported_per_block() {
 }
 
 /// Real all-MiniLM-L6-v2 checkpoints (bf16, f16, f32; 22.7 M weights each), converted with the default
-/// options, through the twin. Too slow for CI; run with
+/// options and lossy (K = 3, without and with groups of 64), through the twin. Too slow for CI; run with
 /// `NEUZIP_MINILM_DIR=/path/to/minilm cargo test --release --test gpu_twin -- --ignored`.
 #[test]
 #[ignore]
@@ -462,6 +462,16 @@ fn twin_matches_the_reference_on_real_minilm() {
             "minilm {dtype}: {} tensors, blocks by mode {modes:?}",
             file.tensors().len()
         );
+        // Lossy matrices beside lossless 1-D tensors, with and without normalization.
+        for norm_block in [0, 64] {
+            let opts = lossy_opts(3, norm_block, false, 1 << 17);
+            let bytes = convert_bytes(&source, &opts);
+            let file = open_bytes(bytes.clone()).expect("open");
+            let label = format!("{dtype} K=3 B={norm_block}");
+            let modes = check_file_with(&label, &bytes, &file, &[8]);
+            check_on_gpu(&label, &bytes, &file);
+            eprintln!("minilm {label}: blocks by mode {modes:?}");
+        }
     }
 }
 
