@@ -1,7 +1,8 @@
 //! What the GPU decoder is given for one tensor: the file range copied to the device unchanged, and three small
 //! `u32` arrays that describe its blocks, field layouts and frequency tables (the layout is documented at the top
-//! of `kernels/split_decode.cu`; a lossy tensor's narrow codes are described as a split layout plus its format). Built on the host from the mapped file, with every length the kernel relies on
-//! checked here, so the kernel (and its CPU twin, `twin.rs`) only has to check the rANS stream itself.
+//! of `kernels/split_decode.cu`; a lossy tensor's narrow codes are described as a split layout plus its format).
+//! Built on the host from the mapped file, with every length the kernel relies on checked here, so the kernel (and
+//! its CPU twin, `twin.rs`) only has to check the rANS stream itself.
 
 use std::ops::Range;
 
