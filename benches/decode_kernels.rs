@@ -145,6 +145,29 @@ fn main() {
             kernel.name()
         );
     }
+    if Kernel::available().contains(&Kernel::Avx512) {
+        let mut ranks_b = vec![0u8; block_elements];
+        let gbps = median_gbps(data.len(), runs, || {
+            for pair in encoded.chunks(2).zip(symbols.chunks(2)) {
+                let (enc, sym) = pair;
+                if let ([(ea, wa), (eb, wb)], [sa, sb]) = (enc, sym) {
+                    let (mut xa, mut xb, mut pa, mut pb) = (ea.states, eb.states, 0, 0);
+                    let done = neuzip::codec::simd::decode_steps_pair(
+                        Kernel::Avx512,
+                        [&mut xa, &mut xb],
+                        [&mut pa, &mut pb],
+                        [wa, wb],
+                        &packed,
+                        [&mut ranks[..sa.len()], &mut ranks_b[..sb.len()]],
+                    );
+                    black_box(done);
+                }
+            }
+        });
+        println!(
+            "rans kernel avx512 pair {gbps:8.3} GB/s (bulk steps only, two streams interleaved)"
+        );
+    }
     let gbps = median_gbps(data.len(), runs, || {
         for ((e, words), s) in encoded.iter().zip(&symbols) {
             rans::decode_ranks(&e.states, words, &packed, &mut ranks[..s.len()]).expect("decodes");

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: builds with the `cuda` feature and checks the GPU decoder end to end.
 #   1. tests/gpu.rs and tests/gpu_twin.rs with NEUZIP_REQUIRE_GPU=1: every fixture, the golden files and the
-#      forced-float-codec files (all BF16/F16 patterns, F32 layouts) decoded on the GPU, bit for bit against
-#      the CPU decoder; with NEUZIP_MINILM_DIR set, the real MiniLM checkpoints too;
+#      forced-float-codec files (all BF16/F16 patterns, F32 layouts) and the lossy files (all BF16/F16 patterns,
+#      MiniLM slices, forced rANS/raw splits) decoded on the GPU, bit for bit against the CPU decoder; with
+#      NEUZIP_MINILM_DIR set, the real MiniLM checkpoints too, lossless and lossy;
 #   2. neuzip bench --gpu on a 1 GiB BF16 tensor (scripts/make_big_bf16.py): decode GB/s beside a D2D copy.
 # NVRTC: set NVRTC_LIB_DIR to a directory holding libnvrtc.so.12 or libnvrtc.so (a CUDA 13 toolkit has
 # libnvrtc.so in its lib64), or have the pip wheel nvidia-cuda-nvrtc-cu12 installed.

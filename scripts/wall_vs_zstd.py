@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Whole-process wall time of `neuzip convert` / `neuzip decompress` against `zstd -3` / `zstd -d` on the same
 file, measured in the same run, interleaved (one of each per round) so that load on a shared machine hits both
-alike. Prints medians and the ratios.
+alike. Prints medians and the ratios. neuzip fsyncs its output before giving it a name (a crash never leaves a
+partial file); zstd does not, so zstd is also timed followed by `sync FILE` (fsync of its output, as neuzip
+does), the like-for-like comparison.
 
     python3 scripts/wall_vs_zstd.py FILE.safetensors [--rounds N] [--threads T] [--json]
 
@@ -40,8 +42,10 @@ def main():
         jobs = {
             "neuzip convert": [NEUZIP, "convert", a.file, "-o", nzt, "--force", "-q", "--threads", t],
             "zstd -3": ["zstd", "-3", f"-T{t}", "-q", "-f", a.file, "-o", zst],
+            "zstd -3 + sync": ["sh", "-c", f'zstd -3 -T{t} -q -f "$0" -o "$1" && sync "$1"', a.file, zst],
             "neuzip decompress": [NEUZIP, "decompress", nzt, "-o", back, "--force", "-q", "--threads", t],
             "zstd -d": ["zstd", "-d", "-q", "-f", zst, "-o", zback],
+            "zstd -d + sync": ["sh", "-c", 'zstd -d -q -f "$0" -o "$1" && sync "$1"', zst, zback],
         }
         times = {k: [] for k in jobs}
         for k, cmd in jobs.items():  # warm-up, and the inputs of the decoders
@@ -61,6 +65,8 @@ def main():
         "compressed_bytes": sizes,
         "convert_over_zstd3": med["neuzip convert"] / med["zstd -3"],
         "decompress_over_zstd_d": med["neuzip decompress"] / med["zstd -d"],
+        "convert_over_zstd3_sync": med["neuzip convert"] / med["zstd -3 + sync"],
+        "decompress_over_zstd_d_sync": med["neuzip decompress"] / med["zstd -d + sync"],
     }
     if a.json:
         print(json.dumps(report, indent=1))
@@ -70,6 +76,8 @@ def main():
         print(f"  {k:<18} {v * 1000:8.1f} ms")
     print(f"  convert / zstd -3    = {report['convert_over_zstd3']:.2f}  (below 1: neuzip faster)")
     print(f"  decompress / zstd -d = {report['decompress_over_zstd_d']:.2f}")
+    print(f"  convert / (zstd -3 + sync)    = {report['convert_over_zstd3_sync']:.2f}")
+    print(f"  decompress / (zstd -d + sync) = {report['decompress_over_zstd_d_sync']:.2f}")
     print(f"  sizes: neuzip {sizes['neuzip']}, zstd -3 {sizes['zstd -3']}")
 
 

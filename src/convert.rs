@@ -214,6 +214,8 @@ pub struct EncodedBlock {
     /// Zero-order bound of the block under the codec's scheme (tables excluded); for zstd and raw blocks,
     /// their stored size.
     pub bound_bits: f64,
+    /// XXH3 of `payload`, computed by the worker that encoded it.
+    pub checksum: u64,
 }
 
 /// Encodes one block, keeping the smallest of split with the tensor's tables, split with the block's own
@@ -224,6 +226,7 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
         return Ok(EncodedBlock {
             mode: BlockMode::Codebook,
             bound_bits: 8.0 * payload.len() as f64,
+            checksum: checksum(&payload),
             payload,
         });
     }
@@ -232,10 +235,12 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
         return Ok(EncodedBlock {
             mode: BlockMode::Lossy,
             bound_bits: 8.0 * payload.len() as f64,
+            checksum: checksum(&payload),
             payload,
         });
     }
     let mut best = EncodedBlock {
+        checksum: 0,
         mode: BlockMode::Raw,
         payload: Vec::new(),
         bound_bits: 8.0 * raw.len() as f64,
@@ -261,6 +266,7 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
             best_len = payload.len();
             let bound_bits = block_bound_bits(&params.fields, &plan.field_counts, &counts, n);
             best = EncodedBlock {
+                checksum: 0,
                 mode,
                 payload,
                 bound_bits,
@@ -295,6 +301,7 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
     let z = zstd(raw)?;
     if z.len() < best_len {
         best = EncodedBlock {
+            checksum: 0,
             mode: BlockMode::Zstd,
             bound_bits: 8.0 * z.len() as f64,
             payload: z,
@@ -314,6 +321,7 @@ fn finish(mut best: EncodedBlock, raw: &[u8]) -> EncodedBlock {
     if best.mode == BlockMode::Raw {
         best.payload = raw.to_vec();
     }
+    best.checksum = checksum(&best.payload);
     best
 }
 
@@ -353,13 +361,14 @@ pub fn plan_all(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<TensorPl
 }
 
 /// Encodes every block of every planned tensor in bounded parallel batches, calling `sink` in file order.
-/// Memory stays at a few blocks per thread whatever the model size.
+/// While `sink` takes one batch the pool encodes the next, so memory stays at two batches of a few blocks per
+/// thread whatever the model size.
 pub fn encode_blocks(
     source: &SafetensorsFile,
     plans: &[TensorPlan],
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
-    mut sink: impl FnMut(usize, usize, EncodedBlock) -> Result<()>,
+    mut sink: impl FnMut(usize, usize, EncodedBlock) -> Result<()> + Send,
 ) -> Result<()> {
     let jobs: Vec<(usize, usize)> = plans
         .iter()
@@ -367,8 +376,8 @@ pub fn encode_blocks(
         .flat_map(|(ti, p)| (0..p.entry.blocks.len()).map(move |k| (ti, k)))
         .collect();
     let batch = (rayon::current_num_threads() * 4).max(8);
-    for chunk in jobs.chunks(batch) {
-        let encoded: Vec<Result<EncodedBlock>> = chunk
+    let encode_chunk = |chunk: &[(usize, usize)]| -> Vec<Result<EncodedBlock>> {
+        chunk
             .par_iter()
             .map(|&(ti, k)| {
                 let plan = &plans[ti];
@@ -377,13 +386,35 @@ pub fn encode_blocks(
                 progress(raw.len() as u64);
                 result
             })
-            .collect();
-        for (&(ti, k), result) in chunk.iter().zip(encoded) {
-            sink(ti, k, result?)?;
-        }
+            .collect()
+    };
+    let mut sink_chunk =
+        |chunk: &[(usize, usize)], encoded: Vec<Result<EncodedBlock>>| -> Result<()> {
+            for (&(ti, k), result) in chunk.iter().zip(encoded) {
+                sink(ti, k, result?)?;
+            }
+            Ok(())
+        };
+    let mut pending: Option<PendingChunk<'_>> = None;
+    for chunk in jobs.chunks(batch) {
+        let (encoded, sunk) = rayon::join(
+            || encode_chunk(chunk),
+            || match pending.take() {
+                Some((previous, results)) => sink_chunk(previous, results),
+                None => Ok(()),
+            },
+        );
+        sunk?;
+        pending = Some((chunk, encoded));
     }
-    Ok(())
+    match pending {
+        Some((previous, results)) => sink_chunk(previous, results),
+        None => Ok(()),
+    }
 }
+
+/// A batch of block jobs and their encoded results, waiting for the sink.
+type PendingChunk<'a> = (&'a [(usize, usize)], Vec<Result<EncodedBlock>>);
 
 /// Tracks where the next block goes in the data section (spec: "Data-section placement").
 #[derive(Default)]
@@ -454,7 +485,7 @@ impl NztPlan {
         source: &SafetensorsFile,
         opts: &ConvertOptions,
         progress: &(dyn Fn(u64) + Sync),
-        mut write_data: impl FnMut(&[u8]) -> Result<()>,
+        mut write_data: impl FnMut(&[u8]) -> Result<()> + Send,
     ) -> Result<NztHead> {
         let mut placement = Placement::default();
         let mut records = Vec::new();
@@ -462,13 +493,7 @@ impl NztPlan {
             let padding = placement.place(ti, block.payload.len() as u64);
             write_data(&[0u8; 64][..padding as usize])?;
             write_data(&block.payload)?;
-            records.push((
-                ti,
-                k,
-                block.mode,
-                block.payload.len(),
-                checksum(&block.payload),
-            ));
+            records.push((ti, k, block.mode, block.payload.len(), block.checksum));
             Ok(())
         })?;
         for (ti, k, mode, len, sum) in records {

@@ -1,6 +1,6 @@
 //! The GPU API on this machine: typed errors where there is no CUDA build, driver or device; every kernel
 //! compiled to PTX by NVRTC (with the `cuda` feature); and, where a GPU is present, GPU decodes bit for bit
-//! equal to the CPU decoder.
+//! equal to the CPU decoder, lossless and lossy.
 //!
 //! CI sets `NEUZIP_REQUIRE_NVRTC=1` (see `.ci/run`), which turns a missing NVRTC into a failure; elsewhere the
 //! PTX test prints why it did not run.
@@ -10,6 +10,7 @@ mod common;
 use common::{convert_bytes, fixture, open_bytes, ROUND_TRIP_FIXTURES};
 use neuzip::convert::ConvertOptions;
 use neuzip::gpu::{enabled, GpuModel};
+use neuzip::precision::LossySettings;
 use neuzip::NzError;
 
 fn nvrtc_required() -> bool {
@@ -35,9 +36,16 @@ fn every_kernel_compiles_to_ptx() {
             Ok(kernels) => {
                 assert_eq!(kernels.len(), neuzip::gpu::KERNELS.len());
                 let (_, ptx) = &kernels[0];
+                for entry in [neuzip::gpu::DECODE_KERNEL, neuzip::gpu::LOSSY_DECODE_KERNEL] {
+                    assert!(
+                        ptx.contains(&format!(".entry {entry}")),
+                        "no entry point {entry} in the PTX for {arch}"
+                    );
+                }
+                // The lossy expansion is compiled in: f64 round-to-nearest-even (`rint`) and f64 products.
                 assert!(
-                    ptx.contains(&format!(".entry {}", neuzip::gpu::DECODE_KERNEL)),
-                    "no entry point in the PTX for {arch}"
+                    ptx.contains("cvt.rni.f64.f64") && ptx.contains("mul.rn.f64"),
+                    "no f64 rounding in the PTX for {arch}"
                 );
                 assert!(ptx.contains(&format!(".target sm_{}", &arch["compute_".len()..])));
                 let header = ptx
@@ -77,9 +85,21 @@ fn a_kernel_error_shows_the_nvrtc_log() {
 #[test]
 fn gpu_decode_matches_the_cpu_or_fails_with_a_typed_error() {
     let dir = tempfile::tempdir().expect("tempdir");
-    for name in ROUND_TRIP_FIXTURES {
+    // Lossless, and lossy matrices (K = 3, groups of 64) beside lossless 1-D tensors.
+    let lossy = ConvertOptions {
+        lossy: LossySettings {
+            default_bits: Some(3),
+            norm_block: 64,
+            ..LossySettings::default()
+        },
+        ..ConvertOptions::default()
+    };
+    let runs = ROUND_TRIP_FIXTURES
+        .iter()
+        .flat_map(|name| [(name, ConvertOptions::default()), (name, lossy.clone())]);
+    for (name, options) in runs {
         let source = std::fs::read(fixture(name)).expect("fixture");
-        let bytes = convert_bytes(&source, &ConvertOptions::default());
+        let bytes = convert_bytes(&source, &options);
         let path = dir.path().join("model.nzt");
         std::fs::write(&path, &bytes).expect("write");
         let model = match GpuModel::load(&path, 0) {

@@ -1,8 +1,10 @@
 //! The GPU decoder's CPU twin (`neuzip::gpu::twin`) against the reference decoder, bit for bit: every fixture as
 //! the library converts it, the golden files, and files whose blocks are forced through the float codec (all
 //! BF16 and F16 bit patterns, random F32 bits) in layouts with several rANS fields, raw fields of odd widths and
-//! block-local tables, own and borrowed. Where a GPU is present, the same files are decoded on it too. Each is run with 1, 3 and 8 warps per CTA, so blocks share a CTA's tables in
-//! different groupings.
+//! block-local tables, own and borrowed; and lossy files (section 13.3), from the library and with forced
+//! numbers of rANS-coded bits, mixed with lossless tensors, intact and damaged. Where a GPU is present, the same
+//! files are decoded on it too. Each is run with 1, 3 and 8 warps per CTA (the slow sweeps with 3), so blocks
+//! share a CTA's tables in different groupings.
 
 mod common;
 
@@ -13,6 +15,7 @@ use common::{
     ROUND_TRIP_FIXTURES,
 };
 use neuzip::codec::freq::{histogram, FreqTable};
+use neuzip::codec::lossy::{self, LossyParams, Quantizer};
 use neuzip::codec::split::{
     encode_block, encode_local_block, Coding, Field, LocalChoice, SplitParams,
 };
@@ -21,12 +24,22 @@ use neuzip::format::header::{self, BlockEntry, TensorEntry};
 use neuzip::format::{align_up, checksum, BlockMode, Codec, FILE_HEADER_LEN};
 use neuzip::gpu::layout::{TensorLayout, DESC_WORDS};
 use neuzip::gpu::{twin, GpuModel};
+use neuzip::precision::{LossySettings, Precision};
 use neuzip::{Dtype, NzError, NztFile};
 
 const WARPS: [u32; 3] = [1, 3, 8];
 
 /// Decodes every tensor of `file` with the twin and with the reference; returns the block modes seen.
 fn check_file(label: &str, bytes: &[u8], file: &NztFile) -> BTreeMap<&'static str, usize> {
+    check_file_with(label, bytes, file, &WARPS)
+}
+
+fn check_file_with(
+    label: &str,
+    bytes: &[u8],
+    file: &NztFile,
+    warp_counts: &[u32],
+) -> BTreeMap<&'static str, usize> {
     let mut modes = BTreeMap::new();
     for (i, tensor) in file.tensors().iter().enumerate() {
         let mut expected = vec![0u8; tensor.byte_len() as usize];
@@ -34,7 +47,7 @@ fn check_file(label: &str, bytes: &[u8], file: &NztFile) -> BTreeMap<&'static st
             .unwrap_or_else(|e| panic!("{label}: reference decode of '{}': {e}", tensor.name));
         let layout = TensorLayout::build(bytes, tensor, true)
             .unwrap_or_else(|e| panic!("{label}: layout of '{}': {e}", tensor.name));
-        for warps in WARPS {
+        for &warps in warp_counts {
             let mut out = vec![0x5Au8; expected.len()];
             twin::decode_tensor(bytes, &layout, &mut out, warps)
                 .unwrap_or_else(|e| panic!("{label}: twin decode of '{}': {e}", tensor.name));
@@ -132,17 +145,41 @@ fn forced_nzt(
     local: impl Fn(usize, &[u8]) -> Option<LocalChoice>,
 ) -> Vec<u8> {
     let width = dtype.byte_width().expect("float");
-    let name = format!("forced_{dtype}");
-    let mut payloads = Vec::new();
-    let mut blocks = Vec::new();
-    for (k, block) in data.chunks(block_units as usize * width).enumerate() {
-        let (mode, payload) = match local(k, block) {
+    let blocks = data
+        .chunks(block_units as usize * width)
+        .enumerate()
+        .map(|(k, block)| match local(k, block) {
             None => (BlockMode::Split, encode_block(tensor, dtype, block)),
             Some(choice) => (
                 BlockMode::SplitLocal,
                 encode_local_block(&choice, dtype, block),
             ),
-        };
+        })
+        .collect();
+    assemble_nzt(
+        data,
+        dtype,
+        Codec::FloatSplit,
+        tensor.to_bytes(),
+        block_units,
+        blocks,
+    )
+}
+
+/// A complete one-tensor `.nzt` file around already encoded blocks, with the format's own header writer.
+fn assemble_nzt(
+    data: &[u8],
+    dtype: Dtype,
+    codec: Codec,
+    params: Vec<u8>,
+    block_units: u32,
+    encoded: Vec<(BlockMode, Vec<u8>)>,
+) -> Vec<u8> {
+    let width = dtype.byte_width().expect("float");
+    let name = format!("forced_{dtype}");
+    let mut payloads = Vec::new();
+    let mut blocks = Vec::new();
+    for (mode, payload) in encoded {
         blocks.push(BlockEntry {
             stored_len: payload.len() as u32,
             mode,
@@ -165,16 +202,17 @@ fn forced_nzt(
     let mut entries = vec![TensorEntry {
         name,
         dtype,
-        codec: Codec::FloatSplit,
+        codec,
         shape: vec![(data.len() / width) as u64],
         block_units,
-        params: tensor.to_bytes(),
+        params,
         blocks,
     }];
     let section = header::write_section(source_header, &entries);
     let data_offset = align_up(FILE_HEADER_LEN as u64 + section.len() as u64, 64).unwrap();
     let data_len = header::assign_offsets(&mut entries, data_offset).expect("offsets");
-    let mut file = header::file_header(&section, 0, data_offset, data_len).to_vec();
+    let version_minor = header::version_minor_for(&entries);
+    let mut file = header::file_header(&section, version_minor, data_offset, data_len).to_vec();
     file.extend_from_slice(&section);
     file.resize(data_offset as usize, 0);
     for (b, payload) in entries[0].blocks.iter().zip(&payloads) {
@@ -393,7 +431,7 @@ fn corrupt_streams_are_reported_per_block() {
 }
 
 /// Real all-MiniLM-L6-v2 checkpoints (bf16, f16, f32; 22.7 M weights each), converted with the default
-/// options, through the twin. Too slow for CI; run with
+/// options and lossy (K = 3, without and with groups of 64), through the twin. Too slow for CI; run with
 /// `NEUZIP_MINILM_DIR=/path/to/minilm cargo test --release --test gpu_twin -- --ignored`.
 #[test]
 #[ignore]
@@ -424,5 +462,360 @@ fn twin_matches_the_reference_on_real_minilm() {
             "minilm {dtype}: {} tensors, blocks by mode {modes:?}",
             file.tensors().len()
         );
+        // Lossy matrices beside lossless 1-D tensors, with and without normalization.
+        for norm_block in [0, 64] {
+            let opts = lossy_opts(3, norm_block, false, 1 << 17);
+            let bytes = convert_bytes(&source, &opts);
+            let file = open_bytes(bytes.clone()).expect("open");
+            let label = format!("{dtype} K=3 B={norm_block}");
+            let modes = check_file_with(&label, &bytes, &file, &[8]);
+            check_on_gpu(&label, &bytes, &file);
+            eprintln!("minilm {label}: blocks by mode {modes:?}");
+        }
+    }
+}
+
+/// Options that make tensors lossy with `k` mantissa bits and groups of `norm_block`: every tensor if `all`,
+/// else (the default rule) those of rank 2 or more, so 1-D tensors stay lossless beside them.
+fn lossy_opts(k: u32, norm_block: u32, all: bool, float_block_elements: u32) -> ConvertOptions {
+    let mut lossy = LossySettings {
+        norm_block,
+        default_bits: (!all).then_some(k),
+        ..LossySettings::default()
+    };
+    if all {
+        lossy
+            .rules
+            .push_parsed(&format!("*={k}"), Precision::parse)
+            .expect("rule");
+    }
+    ConvertOptions {
+        float_block_elements,
+        lossy,
+        ..ConvertOptions::default()
+    }
+}
+
+fn mantissa_width(dtype: Dtype) -> u32 {
+    match dtype {
+        Dtype::BF16 => 7,
+        Dtype::F16 => 10,
+        Dtype::F32 => 23,
+        _ => unreachable!("not a lossy dtype"),
+    }
+}
+
+/// The codecs of a file's tensors and their lossy parameters' coded bits.
+fn codecs_and_coded_bits(file: &NztFile) -> (BTreeMap<&'static str, usize>, Vec<u32>) {
+    let mut codecs = BTreeMap::new();
+    let mut coded = Vec::new();
+    for t in file.tensors() {
+        *codecs.entry(t.codec.name()).or_insert(0) += 1;
+        if t.codec == Codec::Lossy {
+            coded.push(
+                LossyParams::parse(&t.params, t.dtype)
+                    .expect("params")
+                    .coded_bits,
+            );
+        }
+    }
+    (codecs, coded)
+}
+
+#[test]
+fn lossy_twin_matches_the_reference_on_every_bf16_and_f16_pattern() {
+    for (name, dtype) in [
+        ("bf16_all_patterns.safetensors", Dtype::BF16),
+        ("f16_all_patterns.safetensors", Dtype::F16),
+    ] {
+        let source = std::fs::read(fixture(name)).expect("fixture");
+        let m = mantissa_width(dtype);
+        for k in [0, 1, 3, m - 1] {
+            for norm_block in [0, 1, 64, 1024] {
+                let label = format!("{name} K={k} B={norm_block}");
+                let bytes = convert_bytes(&source, &lossy_opts(k, norm_block, true, 8192));
+                let file = open_bytes(bytes.clone()).expect("open");
+                let (codecs, _) = codecs_and_coded_bits(&file);
+                assert!(
+                    codecs.contains_key("lossy") && !codecs.contains_key("float_split"),
+                    "{label}: {codecs:?}"
+                );
+                let warps: &[u32] = if norm_block == 64 { &WARPS } else { &[3] };
+                let modes = check_file_with(&label, &bytes, &file, warps);
+                assert!(
+                    modes.get("lossy").copied().unwrap_or(0) >= 8,
+                    "{label}: {modes:?}"
+                );
+                check_on_gpu(&label, &bytes, &file);
+            }
+        }
+    }
+}
+
+#[test]
+fn lossy_twin_matches_the_reference_on_minilm_slices_at_every_k() {
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let name = format!("minilm_slice_{dtype}.safetensors").to_lowercase();
+        let source = std::fs::read(fixture(&name)).expect("fixture");
+        let mut coded_bits_seen = Vec::new();
+        for k in 0..mantissa_width(dtype) {
+            for norm_block in [0, 32] {
+                let label = format!("{name} K={k} B={norm_block}");
+                let bytes = convert_bytes(&source, &lossy_opts(k, norm_block, false, 16384));
+                let file = open_bytes(bytes.clone()).expect("open");
+                let (codecs, coded) = codecs_and_coded_bits(&file);
+                // Lossy matrices beside lossless 1-D tensors, in one file.
+                assert!(
+                    codecs.contains_key("lossy") && codecs.contains_key("float_split"),
+                    "{label}: {codecs:?}"
+                );
+                coded_bits_seen.extend(coded);
+                check_file_with(&label, &bytes, &file, &[3]);
+                if k == 3 {
+                    check_on_gpu(&label, &bytes, &file);
+                }
+            }
+        }
+        coded_bits_seen.sort_unstable();
+        coded_bits_seen.dedup();
+        eprintln!("{name}: lossy tensors rANS-code {coded_bits_seen:?} top bits");
+    }
+}
+
+/// A one-tensor lossy file with `coded_bits` top bits of each code rANS-coded (table at `prob_bits` from the
+/// tensor's own codes), whatever the planner would pick.
+fn forced_lossy_nzt(
+    data: &[u8],
+    dtype: Dtype,
+    k: u32,
+    norm_block: u32,
+    coded_bits: u32,
+    prob_bits: u32,
+    block_units: u32,
+) -> Vec<u8> {
+    let width = dtype.byte_width().expect("float");
+    let quantizer = Quantizer::new(dtype, k, norm_block).expect("settings");
+    let code_bits = quantizer.code_bits();
+    let table = (coded_bits > 0).then(|| {
+        let tops = data.chunks(block_units as usize * width).flat_map(|block| {
+            let values = field_values(block, dtype, 0, 8 * width as u32);
+            let values: Vec<u64> = values.into_iter().map(u64::from).collect();
+            let (_, codes) = quantizer.quantize_block(&values);
+            codes.into_iter().map(|c| c >> (code_bits - coded_bits))
+        });
+        table_for(tops, coded_bits, prob_bits)
+    });
+    let params = LossyParams {
+        mantissa_bits: k,
+        norm_block,
+        coded_bits,
+        table,
+    };
+    let blocks = data
+        .chunks(block_units as usize * width)
+        .map(|block| {
+            (
+                BlockMode::Lossy,
+                lossy::encode_block(&params, &quantizer, dtype, block),
+            )
+        })
+        .collect();
+    assemble_nzt(
+        data,
+        dtype,
+        Codec::Lossy,
+        params.to_bytes(),
+        block_units,
+        blocks,
+    )
+}
+
+#[test]
+fn lossy_twin_matches_with_every_split_of_the_codes_between_rans_and_raw() {
+    let mut rng = SplitMix::new(64);
+    let n = 20_011;
+    for dtype in [Dtype::BF16, Dtype::F16, Dtype::F32] {
+        let width = dtype.byte_width().unwrap();
+        // Weight-like values, every 13th replaced by random bits (NaN payloads, infinities, subnormals).
+        let data: Vec<u8> = (0..n)
+            .flat_map(|i| {
+                let x = rng.gaussian() * 0.05;
+                let bits = if i % 13 == 0 {
+                    rng.next_u64()
+                } else {
+                    match dtype {
+                        Dtype::F32 => (x as f32).to_bits() as u64,
+                        Dtype::BF16 => ((x as f32).to_bits() >> 16) as u64,
+                        _ => half::f16::from_f64(x).to_bits() as u64,
+                    }
+                };
+                bits.to_le_bytes()[..width].to_vec()
+            })
+            .collect();
+        let m = mantissa_width(dtype);
+        for k in [0, 2, m - 1] {
+            let code_bits = Quantizer::new(dtype, k, 0).unwrap().code_bits();
+            let most = code_bits.min(12);
+            for coded_bits in [0, 1, most / 2, most] {
+                for norm_block in [0, 7] {
+                    let label = format!("{dtype} K={k} h={coded_bits} B={norm_block}");
+                    // Enough probability bits for every symbol of up to 12 bits.
+                    let prob_bits = coded_bits.max(11);
+                    let bytes =
+                        forced_lossy_nzt(&data, dtype, k, norm_block, coded_bits, prob_bits, 3000);
+                    let file = open_bytes(bytes.clone()).expect("the forced file is valid");
+                    check_file_with(&label, &bytes, &file, &[1, 8]);
+                    check_on_gpu(&label, &bytes, &file);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn lossy_twin_matches_the_reference_on_random_f32() {
+    let mut rng = SplitMix::new(23);
+    let n = 50_000;
+    let data = le_bytes((0..n).map(|i| {
+        let v = if i % 5 == 0 {
+            rng.next_u64() as u32
+        } else {
+            ((rng.gaussian() * 0.02) as f32).to_bits()
+        };
+        v.to_le_bytes()
+    }));
+    let source = safetensors_bytes(
+        &[TestTensor {
+            name: "w".into(),
+            dtype: Dtype::F32,
+            shape: vec![n / 100, 100],
+            data: data.clone(),
+        }],
+        None,
+    );
+    for k in [0, 1, 7, 15, 22] {
+        for norm_block in [0, 3, 1024] {
+            let label = format!("random f32 K={k} B={norm_block}");
+            let bytes = convert_bytes(&source, &lossy_opts(k, norm_block, false, 4096));
+            let file = open_bytes(bytes.clone()).expect("open");
+            assert_eq!(file.tensors()[0].codec, Codec::Lossy, "{label}");
+            check_file_with(&label, &bytes, &file, &[3]);
+        }
+    }
+}
+
+#[test]
+fn lossy_corruption_is_caught_or_decoded_as_the_reference_does() {
+    let source = std::fs::read(fixture("minilm_slice_bf16.safetensors")).expect("fixture");
+    let bytes = convert_bytes(&source, &lossy_opts(3, 64, false, 4096));
+    let file = open_bytes(bytes.clone()).expect("open");
+    let (index, tensor) = file
+        .tensors()
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.codec == Codec::Lossy && t.blocks.len() > 4)
+        .expect("a lossy tensor of 5 blocks or more");
+    let params = LossyParams::parse(&tensor.params, tensor.dtype).expect("params");
+    assert!(params.coded_bits > 0, "the planner rANS-codes some bits");
+    let block = &tensor.blocks[3];
+    let n = tensor.block_range(3).len() / 2;
+    let scales = n.div_ceil(64).next_multiple_of(4);
+    let start = block.offset as usize;
+    let rans_start = start + scales;
+    let words = u32::from_le_bytes(
+        bytes[rans_start + 128..rans_start + 132]
+            .try_into()
+            .unwrap(),
+    );
+    let rans_end = rans_start + 132 + 2 * words as usize;
+    let end = start + block.stored_len as usize;
+    let mut rng = SplitMix::new(9);
+    let (mut detected, mut stream_flips) = (0, 0);
+    let trials = 60;
+    for trial in 0..trials {
+        // Thirds: a scale byte, the rANS states and words, the raw plane.
+        let at = match trial % 3 {
+            0 => start + rng.below(scales as u64) as usize,
+            1 => rans_start + rng.below((rans_end - rans_start) as u64) as usize,
+            _ => rans_end + rng.below((end - rans_end) as u64) as usize,
+        };
+        let mut damaged = bytes.clone();
+        damaged[at] ^= 1 << rng.below(8);
+        let layout = TensorLayout::build(&damaged, tensor, false).expect("layout");
+        let mut out = vec![0u8; tensor.byte_len() as usize];
+        let twin_result = twin::decode_tensor(&damaged, &layout, &mut out, 8);
+        let reference = NztFile::from_bytes(neuzip::mmap::Bytes::Owned(damaged))
+            .expect("open")
+            .with_options(neuzip::DecodeOptions {
+                verify_checksums: false,
+            });
+        let mut expected = vec![0u8; out.len()];
+        let reference_result = reference.decode_tensor_into(index, &mut expected);
+        stream_flips += (trial % 3 == 1) as usize;
+        match twin_result {
+            Err(NzError::CorruptBlock { block: 3, .. }) => {
+                detected += 1;
+                assert!(trial % 3 == 1, "a flip outside the stream was reported");
+                assert!(
+                    reference_result.is_err(),
+                    "the reference missed a damage the twin caught"
+                );
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(()) => {
+                reference_result.expect("the reference caught a damage the twin missed");
+                assert!(out == expected, "trial {trial}: the decodes differ");
+            }
+        }
+    }
+    assert!(
+        detected * 10 >= stream_flips * 8,
+        "only {detected} of {stream_flips} stream flips detected"
+    );
+    // A payload one word short of what its word count declares is refused before any decoding, as the
+    // reference refuses it.
+    let mut damaged = bytes.clone();
+    damaged[rans_start + 128..rans_start + 132].copy_from_slice(&(words + 2).to_le_bytes());
+    assert!(matches!(
+        TensorLayout::build(&damaged, tensor, false),
+        Err(NzError::CorruptBlock { block: 3, .. })
+    ));
+    let reference = NztFile::from_bytes(neuzip::mmap::Bytes::Owned(damaged))
+        .expect("open")
+        .with_options(neuzip::DecodeOptions {
+            verify_checksums: false,
+        });
+    let mut sink = vec![0u8; tensor.byte_len() as usize];
+    assert!(reference.decode_tensor_into(index, &mut sink).is_err());
+}
+
+#[test]
+fn a_block_launched_in_the_wrong_entry_point_is_an_error_not_garbage() {
+    let source = std::fs::read(fixture("minilm_slice_f16.safetensors")).expect("fixture");
+    let bytes = convert_bytes(&source, &lossy_opts(4, 0, false, 4096));
+    let file = open_bytes(bytes.clone()).expect("open");
+    for codec in [Codec::Lossy, Codec::FloatSplit] {
+        let tensor = file
+            .tensors()
+            .iter()
+            .find(|t| {
+                t.codec == codec
+                    && t.blocks.iter().any(|b| {
+                        matches!(
+                            b.mode,
+                            BlockMode::Split | BlockMode::SplitLocal | BlockMode::Lossy
+                        )
+                    })
+            })
+            .expect("a tensor of each codec");
+        let mut layout = TensorLayout::build(&bytes, tensor, true).expect("layout");
+        layout.lossy = !layout.lossy;
+        let mut out = vec![0u8; tensor.byte_len() as usize];
+        match twin::decode_tensor(&bytes, &layout, &mut out, 3) {
+            Err(NzError::CorruptBlock { what, .. }) => {
+                assert!(what.contains("launched kernel"), "{what}")
+            }
+            other => panic!("{}: expected an error, got {other:?}", tensor.name),
+        }
     }
 }

@@ -225,6 +225,50 @@ pub fn decode_ranks_with(
     cursor.packed_steps(words, table, ranks, done * LANES);
     cursor.finish(words)
 }
+/// `decode_ranks` for two blocks coded with the same table, their full steps interleaved in one kernel (where
+/// the CPU has one) so that each block's table lookups overlap the other's. Same results as two calls.
+pub fn decode_ranks_pair(
+    blocks: [(&[u32; LANES], &[u8], &mut [u8]); 2],
+    table: &PackedTable,
+) -> [Result<(), StreamError>; 2] {
+    let [(states_a, words_a, ranks_a), (states_b, words_b, ranks_b)] = blocks;
+    let (mut a, mut b) = match (
+        Cursor::start(states_a, words_a),
+        Cursor::start(states_b, words_b),
+    ) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => {
+            return [
+                decode_ranks(states_a, words_a, table, ranks_a),
+                decode_ranks(states_b, words_b, table, ranks_b),
+            ]
+        }
+    };
+    let kernel = super::simd::Kernel::selected();
+    let together = super::simd::decode_steps_pair(
+        kernel,
+        [&mut a.x, &mut b.x],
+        [&mut a.pos, &mut b.pos],
+        [words_a, words_b],
+        table,
+        [&mut *ranks_a, &mut *ranks_b],
+    );
+    let finish = |mut cursor: Cursor, words: &[u8], ranks: &mut [u8]| {
+        let from = together * LANES;
+        let more = super::simd::decode_steps_with(
+            kernel,
+            &mut cursor.x,
+            &mut cursor.pos,
+            words,
+            table,
+            &mut ranks[from..],
+        );
+        cursor.packed_steps(words, table, ranks, from + more * LANES);
+        cursor.finish(words)
+    };
+    [finish(a, words_a, ranks_a), finish(b, words_b, ranks_b)]
+}
+
 /// Decoder state between steps: the lane states, the next word and whether a lane read past the end.
 struct Cursor {
     x: [u32; LANES],

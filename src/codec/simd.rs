@@ -96,6 +96,29 @@ pub fn decode_steps_with(
     }
 }
 
+/// `decode_steps` for two independent streams with the same table, interleaved step by step so that each
+/// stream's gathers overlap the other's (one stream's steps form a dependency chain). Runs while both
+/// streams can take a full step; returns the common step count (only AVX-512 has a two-stream kernel).
+#[allow(clippy::too_many_arguments)]
+pub fn decode_steps_pair(
+    kernel: Kernel,
+    x: [&mut [u32; LANES]; 2],
+    pos: [&mut usize; 2],
+    words: [&[u8]; 2],
+    table: &PackedTable,
+    ranks: [&mut [u8]; 2],
+) -> usize {
+    if table.entries.len() != 1 << table.prob_bits || !Kernel::available().contains(&kernel) {
+        return 0;
+    }
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
+        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, table, ranks) },
+        _ => 0,
+    }
+}
+
 /// Encodes the last full steps of `symbols` (a multiple of 32 long) backwards with AVX-512 when the CPU has it,
 /// writing words below `pos` in `buffer` as `rans::encode_single` does; returns the steps done (from the end).
 pub fn encode_steps(
@@ -348,6 +371,75 @@ mod x86 {
         _mm512_storeu_si512(x.as_mut_ptr() as *mut _, states[0]);
         _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
         *pos = p;
+        step
+    }
+
+    /// # Safety
+    /// As for `avx512_steps`, for each of the two streams: a step runs only while both streams have a full
+    /// step of ranks left and at least 32 words after their read positions.
+    #[target_feature(enable = "avx512f,popcnt")]
+    pub(super) unsafe fn avx512_steps_pair(
+        x: [&mut [u32; LANES]; 2],
+        pos: [&mut usize; 2],
+        words: [&[u8]; 2],
+        table: &PackedTable,
+        ranks: [&mut [u8]; 2],
+    ) -> usize {
+        let word_count = [words[0].len() / 2, words[1].len() / 2];
+        let steps = (ranks[0].len() / LANES).min(ranks[1].len() / LANES);
+        let mask = _mm512_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
+        let low12 = _mm512_set1_epi32(0xfff);
+        let one = _mm512_set1_epi32(1);
+        let lower = _mm512_set1_epi32(L);
+        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
+        let entries = table.entries.as_ptr() as *const i32;
+        let word_ptr = [words[0].as_ptr(), words[1].as_ptr()];
+        let [ranks_a, ranks_b] = ranks;
+        let rank_ptr = [ranks_a.as_mut_ptr(), ranks_b.as_mut_ptr()];
+        let mut states = [
+            _mm512_loadu_si512(x[0].as_ptr() as *const _),
+            _mm512_loadu_si512(x[0].as_ptr().add(16) as *const _),
+            _mm512_loadu_si512(x[1].as_ptr() as *const _),
+            _mm512_loadu_si512(x[1].as_ptr().add(16) as *const _),
+        ];
+        let mut p = [*pos[0], *pos[1]];
+        let mut step = 0;
+        while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
+            let base = step * LANES;
+            let entry: [__m512i; 4] = std::array::from_fn(|v| {
+                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[v], mask), entries)
+            });
+            for v in 0..4 {
+                let stream = v / 2;
+                let half = v % 2;
+                let e = entry[v];
+                let freq =
+                    _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e), low12), one);
+                let decoded = _mm512_add_epi32(
+                    _mm512_mullo_epi32(freq, _mm512_srl_epi32(states[v], shift)),
+                    _mm512_and_si512(e, low12),
+                );
+                let need = _mm512_cmplt_epu32_mask(decoded, lower);
+                let fresh = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                    word_ptr[stream].add(2 * p[stream]) as *const _,
+                ));
+                let fresh = _mm512_maskz_expand_epi32(need, fresh);
+                states[v] =
+                    _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
+                p[stream] += need.count_ones() as usize;
+                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
+                _mm_storeu_si128(rank_ptr[stream].add(base + 16 * half) as *mut _, rank);
+            }
+            step += 1;
+        }
+        let [x_a, x_b] = x;
+        _mm512_storeu_si512(x_a.as_mut_ptr() as *mut _, states[0]);
+        _mm512_storeu_si512(x_a.as_mut_ptr().add(16) as *mut _, states[1]);
+        _mm512_storeu_si512(x_b.as_mut_ptr() as *mut _, states[2]);
+        _mm512_storeu_si512(x_b.as_mut_ptr().add(16) as *mut _, states[3]);
+        let [pos_a, pos_b] = pos;
+        *pos_a = p[0];
+        *pos_b = p[1];
         step
     }
 

@@ -3,7 +3,7 @@
 //!
 //! Load: map the file, build every tensor's layout (checksums verified), copy the data section to the device
 //! through two pinned staging buffers used in turn (the host fills one while the other's copy runs), upload the
-//! layouts. Decode: one kernel launch per tensor; zstd blocks are decoded on the host and copied in.
+//! layouts. Decode: one kernel launch per tensor (the lossy entry point for a lossy tensor); zstd blocks are decoded on the host and copied in.
 //!
 //! This is the crate's second `unsafe` boundary (the first is `mmap.rs`): cudarc marks library probing, pinned
 //! allocation and kernel launches `unsafe`; each use below says why it holds.
@@ -20,7 +20,7 @@ use cudarc::driver::{
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
 use super::layout::{host_decode_zstd, status_error, TensorLayout, STATUS_OK};
-use super::{GpuBenchReport, MemoryReport, DECODE_KERNEL, KERNELS};
+use super::{GpuBenchReport, MemoryReport, DECODE_KERNEL, KERNELS, LOSSY_DECODE_KERNEL};
 use crate::error::{NzError, Result};
 use crate::format::header;
 use crate::format::reader::DecodeOptions;
@@ -162,7 +162,10 @@ pub struct GpuModel {
     file: Bytes,
     data_offset: u64,
     stream: Arc<CudaStream>,
+    /// `nzt_decode_blocks`, for lossless tensors.
     function: CudaFunction,
+    /// `nzt_decode_lossy_blocks`, for lossy tensors.
+    lossy_function: CudaFunction,
     data: Option<CudaSlice<u8>>,
     tensors: Vec<DeviceTensor>,
     device_name: String,
@@ -202,6 +205,9 @@ impl GpuModel {
         let function = module
             .load_function(DECODE_KERNEL)
             .map_err(gpu_error("finding the decode kernel"))?;
+        let lossy_function = module
+            .load_function(LOSSY_DECODE_KERNEL)
+            .map_err(gpu_error("finding the lossy decode kernel"))?;
         let smem_limit = ctx
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
             .map_err(gpu_error("reading the shared memory limit"))? as u32;
@@ -234,12 +240,13 @@ impl GpuModel {
                 warps,
             });
         }
-        function
-            .set_attribute(
+        for f in [&function, &lossy_function] {
+            f.set_attribute(
                 CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                 most_smem as i32,
             )
             .map_err(gpu_error("raising the kernel's shared memory limit"))?;
+        }
         let data_range =
             header.data_offset as usize..(header.data_offset + header.data_len) as usize;
         let payloads = file.get(data_range).ok_or_else(|| NzError::Truncated {
@@ -254,6 +261,7 @@ impl GpuModel {
             data_offset: header.data_offset,
             stream,
             function,
+            lossy_function,
             data,
             tensors,
             device_name,
@@ -368,7 +376,12 @@ impl GpuModel {
             block_dim: (32 * tensor.warps, 1, 1),
             shared_mem_bytes: layout.smem_bytes(tensor.warps),
         };
-        let mut launch = self.stream.launch_builder(&self.function);
+        let function = if layout.lossy {
+            &self.lossy_function
+        } else {
+            &self.function
+        };
+        let mut launch = self.stream.launch_builder(function);
         launch
             .arg(&payload)
             .arg(&tensor.descs)
@@ -381,8 +394,8 @@ impl GpuModel {
             .arg(&layout.unit_bytes)
             .arg(&mut dense)
             .arg(&mut status);
-        // SAFETY: the arguments match the kernel's signature in kernels/split_decode.cu, in order and type
-        // (pointers to u8/u32 device memory, u32 scalars). Every offset the kernel derives from the descriptors
+        // SAFETY: the arguments match the signature of both entry points in kernels/split_decode.cu, in order and
+        // type (pointers to u8/u32 device memory, u32 scalars). Every offset the kernel derives from the descriptors
         // was checked against the payload and output sizes by `TensorLayout::build`; the grid covers
         // `blocks` warps and the dynamic shared memory is what the layout asks for `tensor.warps` warps.
         unsafe { launch.launch(config) }

@@ -1,11 +1,13 @@
 //! What the GPU decoder is given for one tensor: the file range copied to the device unchanged, and three small
 //! `u32` arrays that describe its blocks, field layouts and frequency tables (the layout is documented at the top
-//! of `kernels/split_decode.cu`). Built on the host from the mapped file, with every length the kernel relies on
-//! checked here, so the kernel (and its CPU twin, `twin.rs`) only has to check the rANS stream itself.
+//! of `kernels/split_decode.cu`; a lossy tensor's narrow codes are described as a split layout plus its format).
+//! Built on the host from the mapped file, with every length the kernel relies on checked here, so the kernel (and
+//! its CPU twin, `twin.rs`) only has to check the rANS stream itself.
 
 use std::ops::Range;
 
 use crate::codec::freq::FreqTable;
+use crate::codec::lossy::{LossyParams, Quantizer};
 use crate::codec::rans::LANES;
 use crate::codec::split::{split_local_payload, Coding, SplitParams, RANS_HEADER_BYTES};
 use crate::dtype::Dtype;
@@ -28,6 +30,8 @@ pub const STATUS_STATE_BELOW_L: u32 = 1;
 pub const STATUS_STREAM_ENDS_EARLY: u32 = 2;
 pub const STATUS_WORDS_LEFT_OVER: u32 = 3;
 pub const STATUS_FINAL_STATE: u32 = 4;
+/// A block of a mode the launched entry point does not decode (a host bug, never the file's fault).
+pub const STATUS_WRONG_KERNEL: u32 = 5;
 
 fn align4(x: usize) -> usize {
     (x + 3) & !3
@@ -64,6 +68,8 @@ pub struct TensorLayout {
     pub local_smem_bytes: u32,
     /// Blocks in mode `zstd`, which the host decodes.
     pub zstd_blocks: Vec<usize>,
+    /// Codec `lossy`: decoded by the kernel's lossy entry point (`nzt_decode_lossy_blocks`).
+    pub lossy: bool,
 }
 
 impl TensorLayout {
@@ -136,7 +142,9 @@ impl TensorLayout {
             tensor_smem_bytes: 0,
             local_smem_bytes: 0,
             zstd_blocks: Vec::new(),
+            lossy: tensor.codec == Codec::Lossy,
         };
+        let mut lossy_params = None;
         let tensor_params = match tensor.codec {
             Codec::Stored => None,
             Codec::FloatSplit => {
@@ -152,7 +160,20 @@ impl TensorLayout {
                     .sum();
                 Some(params)
             }
-            Codec::Lossy | Codec::Codebook => return Err(lossy_unsupported(&tensor.name)),
+            Codec::Codebook => return Err(codebook_unsupported(&tensor.name)),
+            Codec::Lossy => {
+                let bad =
+                    |what: String| NzError::malformed(format!("'{}': params: {what}", tensor.name));
+                let params =
+                    LossyParams::parse(&tensor.params, tensor.dtype).map_err(|e| bad(e.0))?;
+                let quantizer = params
+                    .quantizer(tensor.dtype)
+                    .ok_or_else(|| bad("lossy settings do not fit the dtype".into()))?;
+                layout.tensor_layout = layout.layouts.len() as u32;
+                layout.tensor_smem_bytes = layout.push_lossy_layout(&params, &quantizer);
+                lossy_params = Some((params, quantizer));
+                None
+            }
         };
         for (k, block) in tensor.blocks.iter().enumerate() {
             let corrupt = |what: String| NzError::CorruptBlock {
@@ -216,11 +237,23 @@ impl TensorLayout {
                     )
                 }
                 (BlockMode::Split | BlockMode::SplitLocal, None) => {
-                    return Err(corrupt("split block in a stored tensor".into()))
+                    return Err(corrupt("split block in a tensor of another codec".into()))
                 }
-                (BlockMode::Lossy | BlockMode::Codebook, _) => {
-                    return Err(lossy_unsupported(&tensor.name))
+                (BlockMode::Lossy, _) => {
+                    let (params, quantizer) = lossy_params.as_ref().ok_or_else(|| {
+                        corrupt("lossy block in a tensor of another codec".into())
+                    })?;
+                    let scales =
+                        check_lossy_payload(params, quantizer, bytes, n_units).map_err(corrupt)?;
+                    (
+                        BlockMode::Lossy,
+                        n_units,
+                        scales,
+                        bytes.len() - scales,
+                        layout.tensor_layout,
+                    )
                 }
+                (BlockMode::Codebook, _) => return Err(codebook_unsupported(&tensor.name)),
             };
             let body_offset = in_range + body_start as u64;
             layout.descs.extend_from_slice(&[
@@ -266,6 +299,35 @@ impl TensorLayout {
             self.layouts.push(table_ref);
         }
         Ok(own_smem)
+    }
+
+    /// Appends a lossy tensor's layout: the narrow code as one rANS field of the top `h` bits (if `h >= 1`) and
+    /// one raw field of the other `W - h` (if any), then the format word `E | M << 8 | K << 16 | k << 24` and
+    /// the group size `B`. Returns the shared bytes of its table.
+    fn push_lossy_layout(&mut self, params: &LossyParams, quantizer: &Quantizer) -> u32 {
+        let code_bits = quantizer.code_bits();
+        let raw_bits = code_bits - params.coded_bits;
+        let fields = (params.table.is_some() as u32) + (raw_bits > 0) as u32;
+        self.layouts.push(fields);
+        self.layouts.push(params.table.is_some() as u32);
+        let mut smem = 0;
+        if let Some(table) = &params.table {
+            let word = params.coded_bits | (Coding::Rans as u32) << 8 | raw_bits << 16;
+            let table_ref = self.push_table(table);
+            self.layouts.extend_from_slice(&[word, table_ref]);
+            smem = table_smem_bytes(table.prob_bits, table.symbol_bits);
+        }
+        if raw_bits > 0 {
+            self.layouts
+                .extend_from_slice(&[raw_bits | (Coding::Raw as u32) << 8, 0]);
+        }
+        let format = quantizer.format();
+        let stored = code_bits - 1 - format.exp_bits;
+        self.layouts.push(
+            format.exp_bits | format.man_bits << 8 | quantizer.mantissa_bits() << 16 | stored << 24,
+        );
+        self.layouts.push(quantizer.norm_block());
+        smem
     }
 
     fn push_table(&mut self, table: &FreqTable) -> u32 {
@@ -318,6 +380,38 @@ fn check_body(params: &SplitParams, body: &[u8], n: usize) -> std::result::Resul
     Ok(())
 }
 
+/// Checks a lossy payload of `n` elements (spec section 13.3.4): the rANS header is there and the length is
+/// exactly what it declares. Returns the bytes of the scales and their padding, where the rANS part starts.
+fn check_lossy_payload(
+    params: &LossyParams,
+    quantizer: &Quantizer,
+    payload: &[u8],
+    n: usize,
+) -> std::result::Result<usize, String> {
+    let scales = align4(quantizer.scale_count(n));
+    let mut size = scales;
+    if params.coded_bits > 0 {
+        let header = payload
+            .get(scales..scales + RANS_HEADER_BYTES)
+            .ok_or("payload shorter than its scales and rANS header")?;
+        let bytes: [u8; 4] = header[LANES * 4..].try_into().expect("4 bytes");
+        let word_count = u32::from_le_bytes(bytes) as usize;
+        // A valid stream reads at most one word per symbol (spec 14.2), which also bounds the size arithmetic.
+        if word_count > n {
+            return Err(format!("{word_count} words for {n} elements"));
+        }
+        size = align4(size + RANS_HEADER_BYTES + 2 * word_count);
+    }
+    let raw_bits = (quantizer.code_bits() - params.coded_bits) as usize;
+    if raw_bits > 0 {
+        size = align4(size + (n * raw_bits).div_ceil(8));
+    }
+    if size != payload.len() {
+        return Err("payload length does not match its contents".into());
+    }
+    Ok(scales)
+}
+
 /// Decodes a zstd block on the host into `out` (exactly the block's bytes), with the reader's checks: one frame
 /// that ends where the payload ends, and exactly `out.len()` bytes of output.
 pub fn host_decode_zstd(name: &str, k: usize, payload: &[u8], out: &mut [u8]) -> Result<()> {
@@ -350,6 +444,7 @@ pub fn status_error(name: &str, k: usize, status: u32) -> NzError {
         STATUS_STREAM_ENDS_EARLY => "word stream ends early",
         STATUS_WORDS_LEFT_OVER => "words left over after the last element",
         STATUS_FINAL_STATE => "final state is not the encoder's initial state",
+        STATUS_WRONG_KERNEL => "block mode not decoded by the launched kernel",
         _ => "unknown decoder status",
     };
     NzError::CorruptBlock {
@@ -359,12 +454,11 @@ pub fn status_error(name: &str, k: usize, status: u32) -> NzError {
     }
 }
 
-/// Lossy tensors have no GPU kernel yet.
-fn lossy_unsupported(tensor: &str) -> NzError {
+/// Codebook tensors have no GPU kernel yet.
+fn codebook_unsupported(tensor: &str) -> NzError {
     NzError::Gpu {
         what: format!("tensor '{tensor}'"),
-        message:
-            "lossy (--mantissa-bits) and codebook (--codebook-bits) tensors are not decoded on the GPU yet; decode them on the CPU"
-                .into(),
+        message: "codebook (--codebook-bits) tensors are not decoded on the GPU yet; decode them on the CPU"
+            .into(),
     }
 }

@@ -32,8 +32,11 @@ pub const KERNELS: &[(&str, &str)] = &[(
     include_str!("../../kernels/split_decode.cu"),
 )];
 
-/// The decoding kernel's entry point in `split_decode.cu`.
+/// The decoding kernel's entry point in `split_decode.cu` for lossless tensors (codecs `float_split`, `stored`).
 pub const DECODE_KERNEL: &str = "nzt_decode_blocks";
+
+/// The entry point in `split_decode.cu` for tensors of codec `lossy`.
+pub const LOSSY_DECODE_KERNEL: &str = "nzt_decode_lossy_blocks";
 
 /// Whether this build has the GPU backend (cargo feature `cuda`).
 pub fn enabled() -> bool {

@@ -1,15 +1,17 @@
-//! The CPU twin of `kernels/split_decode.cu`: the same algorithm, step for step, with the GPU's structure
+//! The CPU twin of `kernels/split_decode.cu` (both entry points: `nzt_decode_blocks` for lossless tensors,
+//! `nzt_decode_lossy_blocks` for lossy ones): the same algorithm, step for step, with the GPU's structure
 //! simulated: CTAs of `warps` warps sharing the tensor's expanded tables in a byte array standing for shared
 //! memory, one warp per block, 32 lanes per warp, and the shared word stream split between lanes by a ballot
 //! and a prefix population count. It reads the same descriptor arrays and the same payload bytes as the
 //! kernel, so a test that matches it bit for bit against the reference decoder (`NztFile`) checks the kernel's
-//! algorithm and the host's layout on machines without a GPU. (The kernel's fast paths for common field counts
+//! algorithm and the host's layout on machines without a GPU. The lossy expansion (`lossy_expand`) repeats the
+//! kernel's f64 steps rather than calling the reference's `Quantizer`, so the tests compare two implementations. (The kernel's fast paths for common field counts
 //! are its general loop with the counts fixed at compile time; the twin has the general loop only.)
 
 use super::layout::{
     host_decode_zstd, status_error, table_smem_bytes, TensorLayout, DESC_WORDS, NO_LAYOUT,
     STATUS_FINAL_STATE, STATUS_OK, STATUS_STATE_BELOW_L, STATUS_STREAM_ENDS_EARLY,
-    STATUS_WORDS_LEFT_OVER, TENSOR_TABLE,
+    STATUS_WORDS_LEFT_OVER, STATUS_WRONG_KERNEL, TENSOR_TABLE,
 };
 use crate::codec::rans::{LANES, STATE_LOWER};
 use crate::error::{NzError, Result};
@@ -19,6 +21,7 @@ const WARP: u32 = LANES as u32;
 const MODE_RAW: u32 = BlockMode::Raw as u32;
 const MODE_SPLIT: u32 = BlockMode::Split as u32;
 const MODE_SPLIT_LOCAL: u32 = BlockMode::SplitLocal as u32;
+const MODE_LOSSY: u32 = BlockMode::Lossy as u32;
 const CODING_RANS: u32 = 1;
 const RANS_HEADER_BYTES: u32 = 132;
 
@@ -91,7 +94,8 @@ fn expand_table(tables: &[u32], table: u32, smem: &mut [u8], base: u32, nthreads
 }
 
 /// Runs the kernel over every block of `layout`, `warps` warps per CTA, reading `payload` (the tensor's payload
-/// range) and writing `out` (the tensor's bytes). Returns each block's status, as the kernel writes them.
+/// range) and writing `out` (the tensor's bytes): the lossy entry point for a lossy tensor, as the loader
+/// launches it. Returns each block's status, as the kernel writes them.
 pub fn run_kernel(layout: &TensorLayout, payload: &[u8], out: &mut [u8], warps: u32) -> Vec<u32> {
     let blocks = layout.block_count() as u32;
     let mut status = vec![STATUS_OK; blocks as usize];
@@ -115,16 +119,18 @@ pub fn run_kernel(layout: &TensorLayout, payload: &[u8], out: &mut [u8], warps: 
         for warp in 0..warps {
             let k = cta * warps + warp;
             if k < blocks {
-                status[k as usize] = run_warp(layout, payload, out, &mut smem, warp, k);
+                status[k as usize] =
+                    run_warp(layout, layout.lossy, payload, out, &mut smem, warp, k);
             }
         }
     }
     status
 }
 
-/// One warp decoding block `k`: the kernel's steps 2 to 5.
+/// One warp decoding block `k`: the kernel's steps 2 to 5, in the lossy entry point if `lossy_kernel`.
 fn run_warp(
     layout: &TensorLayout,
+    lossy_kernel: bool,
     payload: &[u8],
     out: &mut [u8],
     smem: &mut [u8],
@@ -151,8 +157,11 @@ fn run_warp(
         }
         return STATUS_OK;
     }
-    if mode != MODE_SPLIT && mode != MODE_SPLIT_LOCAL {
+    if mode != MODE_SPLIT && mode != MODE_SPLIT_LOCAL && mode != MODE_LOSSY {
         return STATUS_OK; // zstd: the host's
+    }
+    if (mode == MODE_LOSSY) != lossy_kernel {
+        return STATUS_WRONG_KERNEL;
     }
 
     // 2. Fields and their expanded tables.
@@ -204,6 +213,23 @@ fn run_warp(
         }
     }
     // __syncwarp()
+    let lossy = lossy_kernel.then(|| {
+        let format = word(layouts, l + 2 + 2 * field_count);
+        let norm_block = word(layouts, l + 3 + 2 * field_count);
+        let groups = if norm_block == 0 {
+            0
+        } else {
+            n.div_ceil(norm_block)
+        };
+        LossyFormat {
+            exp_bits: format & 0xff,
+            man_bits: (format >> 8) & 0xff,
+            kept: (format >> 16) & 0xff,
+            stored: format >> 24,
+            norm_block,
+            scales: body.wrapping_sub(align4(groups) as u64),
+        }
+    });
 
     // 3. States, word count, planes.
     let mut x = [0u32; LANES];
@@ -273,6 +299,9 @@ fn run_warp(
                 v &= (1u64 << width) - 1;
                 value[lane] |= v << shift;
             }
+            if let Some(f) = &lossy {
+                value[lane] = lossy_expand(f, payload, value[lane] as u32, i as u32);
+            }
             let bytes = value[lane].to_le_bytes();
             store(out, dst + i * elem_bytes, &bytes[..elem_bytes as usize]);
         }
@@ -288,6 +317,90 @@ fn run_warp(
         }
     }
     STATUS_OK
+}
+
+/// A lossy tensor's dtype, narrow format and group size (the kernel's `LossyFormat`); `scales` is the offset of
+/// the block's scale bytes in the payload range.
+struct LossyFormat {
+    exp_bits: u32,
+    man_bits: u32,
+    kept: u32,
+    stored: u32,
+    norm_block: u32,
+    scales: u64,
+}
+
+/// `2^k` for `-1022 <= k <= 1023` (the kernel's `lossy_pow2`; out of range gives garbage, never a panic).
+fn lossy_pow2(k: i32) -> f64 {
+    f64::from_bits(((k as i64 + 1023) as u64 & 0x7ff) << 52)
+}
+
+/// `floor(log2(v))` of a positive normal f64.
+fn lossy_floor_log2(v: f64) -> i32 {
+    ((v.to_bits() >> 52) & 0x7ff) as i32 - 1023
+}
+
+fn lossy_bias(exp_bits: u32) -> i32 {
+    (1 << (exp_bits - 1)) - 1
+}
+
+/// The magnitude of finite fields of a format with `exp_bits` / `man_bits` (the kernel's `lossy_value`).
+fn lossy_value(exp_bits: u32, man_bits: u32, exp: u32, man: u32) -> f64 {
+    let significand = if exp == 0 { man } else { (1 << man_bits) + man };
+    let e = exp.max(1) as i32 - lossy_bias(exp_bits) - man_bits as i32;
+    significand as f64 * lossy_pow2(e)
+}
+
+/// Rounds `v >= 0` to the dtype's grid, ties to even (the kernel's `lossy_round`; CUDA's `rint` is
+/// `round_ties_even`).
+fn lossy_round(exp_bits: u32, man_bits: u32, v: f64) -> f64 {
+    if v == 0.0 {
+        return 0.0;
+    }
+    let e = lossy_floor_log2(v).max(1 - lossy_bias(exp_bits));
+    let quantum = lossy_pow2(e - man_bits as i32);
+    (v / quantum).round_ties_even() * quantum
+}
+
+/// The kernel's `lossy_expand`: the dtype bits of element `i` from its narrow code.
+fn lossy_expand(f: &LossyFormat, payload: &[u8], code: u32, i: u32) -> u64 {
+    let (fe, fm, k) = (f.exp_bits, f.man_bits, f.stored);
+    let all_ones = (1u32 << fe) - 1;
+    let sign = ((code >> (fe + k)) & 1) as u64;
+    let exp = (code >> k) & all_ones;
+    let field = code & ((1u32 << k) - 1);
+    let head = sign << (fe + fm);
+    if exp == all_ones {
+        let man = if field == 0 { 0 } else { field << (fm - k) };
+        return head | (exp as u64) << fm | man as u64;
+    }
+    let m = field >> (k - f.kept);
+    if f.norm_block == 0 {
+        return head | (exp as u64) << fm | (m as u64) << (fm - f.kept);
+    }
+    let byte = payload
+        .get((f.scales + (i / f.norm_block) as u64) as usize)
+        .copied()
+        .unwrap_or(0);
+    let scale = 1.0 + byte as f64 / 256.0;
+    let v = lossy_value(fe, f.kept, exp, m) * scale;
+    let bias = lossy_bias(fe);
+    let max_finite = (2.0 - lossy_pow2(-(fm as i32))) * lossy_pow2(bias);
+    let mut rounded = lossy_round(fe, fm, v);
+    if rounded > max_finite {
+        rounded = max_finite;
+    }
+    let emin = 1 - bias;
+    let (e_field, m_field) = if rounded < lossy_pow2(emin) {
+        (0, (rounded / lossy_pow2(emin - fm as i32)) as u32)
+    } else {
+        let e = lossy_floor_log2(rounded);
+        (
+            (e + bias) as u32,
+            ((rounded / lossy_pow2(e - fm as i32)) as u32).wrapping_sub(1 << fm),
+        )
+    };
+    head | (e_field as u64) << fm | m_field as u64
 }
 
 /// `__ballot_sync(0xFFFFFFFF, predicate)`: bit `lane` set where the predicate holds.
