@@ -465,7 +465,7 @@ impl Batch {
 
 /// Most decoded bytes one batch of `for_each_block` holds (a single larger block is still decoded alone);
 /// two batches are alive at once.
-pub const DECODE_BATCH_BYTES: u64 = 4 << 20;
+pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
 
 fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
     if expected != found {
