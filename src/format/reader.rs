@@ -127,12 +127,13 @@ impl NztFile {
         k: usize,
         out: &mut [u8],
     ) -> Result<()> {
+        let payload = self.checked_payload(tensor, k)?;
+        self.decode_payload(tensor, decoder, k, payload, out)
+    }
+
+    /// Block `k`'s stored bytes, after its checksum (unless checksums are off).
+    fn checked_payload(&self, tensor: &TensorEntry, k: usize) -> Result<&[u8]> {
         let block = &tensor.blocks[k];
-        let corrupt = |what: String| NzError::CorruptBlock {
-            tensor: tensor.name.clone(),
-            block: k,
-            what,
-        };
         // The header parser checked that every block lies inside the file.
         let payload =
             &self.bytes[block.offset as usize..block.offset as usize + block.stored_len as usize];
@@ -146,25 +147,27 @@ impl NztFile {
                 });
             }
         }
+        Ok(payload)
+    }
+
+    /// Decodes block `k`'s checked `payload` into `out`.
+    fn decode_payload(
+        &self,
+        tensor: &TensorEntry,
+        decoder: &TensorDecoder,
+        k: usize,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<()> {
+        let block = &tensor.blocks[k];
+        let corrupt = |what: String| NzError::CorruptBlock {
+            tensor: tensor.name.clone(),
+            block: k,
+            what,
+        };
         match (block.mode, decoder) {
             (BlockMode::Raw, _) => out.copy_from_slice(payload),
-            (BlockMode::Zstd, _) => {
-                // Exactly one frame that ends where the payload ends (spec: block modes).
-                match zstd::zstd_safe::find_frame_compressed_size(payload) {
-                    Ok(len) if len == payload.len() => {}
-                    _ => return Err(corrupt("zstd payload is not exactly one frame".into())),
-                }
-                let mut z = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
-                let written = z
-                    .decompress_to_buffer(payload, out)
-                    .map_err(|e| corrupt(format!("zstd: {e}")))?;
-                if written != out.len() {
-                    return Err(corrupt(format!(
-                        "zstd gave {written} bytes, expected {}",
-                        out.len()
-                    )));
-                }
-            }
+            (BlockMode::Zstd, _) => decode_zstd_block(&tensor.name, k, payload, out)?,
             (BlockMode::Split, TensorDecoder::Split(split)) => split
                 .decode_block(payload, out)
                 .map_err(|e| corrupt(e.0.to_string()))?,
@@ -377,46 +380,27 @@ impl NztFile {
         outs: [&mut [u8]; 2],
     ) -> [Result<()>; 2] {
         let [out_a, out_b] = outs;
-        let payload = |j: usize| {
-            let block = &tensor.blocks[j];
-            &self.bytes[block.offset as usize..block.offset as usize + block.stored_len as usize]
-        };
-        let checked = |j: usize| -> Result<()> {
-            if self.options.verify_checksums {
-                let computed = checksum(payload(j));
-                if computed != tensor.blocks[j].checksum {
-                    return Err(NzError::ChecksumMismatch {
-                        what: format!("tensor '{}' block {j}", tensor.name),
-                        stored: tensor.blocks[j].checksum,
-                        computed,
-                    });
-                }
-            }
-            Ok(())
-        };
-        let TensorDecoder::Split(split) = decoder else {
-            return [
-                self.decode_block_with(tensor, decoder, k, out_a),
-                self.decode_block_with(tensor, decoder, k + 1, out_b),
-            ];
-        };
-        match (checked(k), checked(k + 1)) {
-            (Ok(()), Ok(())) => {
+        let payloads = [
+            self.checked_payload(tensor, k),
+            self.checked_payload(tensor, k + 1),
+        ];
+        match (decoder, payloads) {
+            (TensorDecoder::Split(split), [Ok(a), Ok(b)]) => {
                 let corrupt =
                     |j: usize, e: crate::codec::rans::StreamError| NzError::CorruptBlock {
                         tensor: tensor.name.clone(),
                         block: j,
                         what: e.0.to_string(),
                     };
-                let [a, b] = split.decode_block_pair([payload(k), payload(k + 1)], [out_a, out_b]);
+                let [ra, rb] = split.decode_block_pair([a, b], [out_a, out_b]);
                 [
-                    a.map_err(|e| corrupt(k, e)),
-                    b.map_err(|e| corrupt(k + 1, e)),
+                    ra.map_err(|e| corrupt(k, e)),
+                    rb.map_err(|e| corrupt(k + 1, e)),
                 ]
             }
-            (a, b) => [
-                a.and_then(|()| self.decode_block_with(tensor, decoder, k, out_a)),
-                b.and_then(|()| self.decode_block_with(tensor, decoder, k + 1, out_b)),
+            (_, [a, b]) => [
+                a.and_then(|a| self.decode_payload(tensor, decoder, k, a, out_a)),
+                b.and_then(|b| self.decode_payload(tensor, decoder, k + 1, b, out_b)),
             ],
         }
     }
@@ -466,6 +450,32 @@ impl Batch {
 /// Most decoded bytes one batch of `for_each_block` holds (a single larger block is still decoded alone);
 /// two batches are alive at once.
 pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
+
+/// Decodes zstd block `k` of tensor `name` into `out` (exactly the block's bytes): one frame that ends where the
+/// payload ends (spec: block modes), giving exactly `out.len()` bytes. The GPU loader decodes zstd blocks on the
+/// host with it too.
+pub fn decode_zstd_block(name: &str, k: usize, payload: &[u8], out: &mut [u8]) -> Result<()> {
+    let corrupt = |what: String| NzError::CorruptBlock {
+        tensor: name.to_string(),
+        block: k,
+        what,
+    };
+    match zstd::zstd_safe::find_frame_compressed_size(payload) {
+        Ok(len) if len == payload.len() => {}
+        _ => return Err(corrupt("zstd payload is not exactly one frame".into())),
+    }
+    let mut z = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
+    let written = z
+        .decompress_to_buffer(payload, out)
+        .map_err(|e| corrupt(format!("zstd: {e}")))?;
+    if written != out.len() {
+        return Err(corrupt(format!(
+            "zstd gave {written} bytes, expected {}",
+            out.len()
+        )));
+    }
+    Ok(())
+}
 
 fn check_len(tensor: &TensorEntry, expected: usize, found: usize) -> Result<()> {
     if expected != found {

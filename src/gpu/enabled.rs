@@ -19,10 +19,11 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::{compile_ptx_with_opts, CompileError, CompileOptions, Ptx};
 
-use super::layout::{host_decode_zstd, status_error, TensorLayout, STATUS_OK};
+use super::layout::{status_error, TensorLayout, STATUS_OK};
 use super::{GpuBenchReport, MemoryReport, DECODE_KERNEL, KERNELS, LOSSY_DECODE_KERNEL};
 use crate::error::{NzError, Result};
 use crate::format::header;
+use crate::format::reader::decode_zstd_block;
 use crate::format::reader::DecodeOptions;
 use crate::mmap::{map_file, Bytes};
 
@@ -402,7 +403,7 @@ impl GpuModel {
             .map_err(gpu_error(format!("launching the decode of '{name}'")))?;
         for &k in &layout.zstd_blocks {
             let mut block = vec![0u8; layout.block_output(k).len()];
-            host_decode_zstd(name, k, &self.file[layout.block_file_range(k)], &mut block)?;
+            decode_zstd_block(name, k, &self.file[layout.block_file_range(k)], &mut block)?;
             let mut dst = dense.slice_mut(layout.block_output(k));
             self.stream
                 .memcpy_htod(&block, &mut dst)

@@ -412,31 +412,6 @@ fn check_lossy_payload(
     Ok(scales)
 }
 
-/// Decodes a zstd block on the host into `out` (exactly the block's bytes), with the reader's checks: one frame
-/// that ends where the payload ends, and exactly `out.len()` bytes of output.
-pub fn host_decode_zstd(name: &str, k: usize, payload: &[u8], out: &mut [u8]) -> Result<()> {
-    let corrupt = |what: String| NzError::CorruptBlock {
-        tensor: name.to_string(),
-        block: k,
-        what,
-    };
-    match zstd::zstd_safe::find_frame_compressed_size(payload) {
-        Ok(len) if len == payload.len() => {}
-        _ => return Err(corrupt("zstd payload is not exactly one frame".into())),
-    }
-    let mut z = zstd::bulk::Decompressor::new().map_err(|e| corrupt(e.to_string()))?;
-    let written = z
-        .decompress_to_buffer(payload, out)
-        .map_err(|e| corrupt(format!("zstd: {e}")))?;
-    if written != out.len() {
-        return Err(corrupt(format!(
-            "zstd gave {written} bytes, expected {}",
-            out.len()
-        )));
-    }
-    Ok(())
-}
-
 /// The error for a nonzero kernel status of block `k`.
 pub fn status_error(name: &str, k: usize, status: u32) -> NzError {
     let what = match status {

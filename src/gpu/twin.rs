@@ -9,12 +9,13 @@
 //! are its general loop with the counts fixed at compile time; the twin has the general loop only.)
 
 use super::layout::{
-    host_decode_zstd, status_error, table_smem_bytes, TensorLayout, DESC_WORDS, NO_LAYOUT,
-    STATUS_FINAL_STATE, STATUS_OK, STATUS_STATE_BELOW_L, STATUS_STREAM_ENDS_EARLY,
-    STATUS_WORDS_LEFT_OVER, STATUS_WRONG_KERNEL, TENSOR_TABLE,
+    status_error, table_smem_bytes, TensorLayout, DESC_WORDS, NO_LAYOUT, STATUS_FINAL_STATE,
+    STATUS_OK, STATUS_STATE_BELOW_L, STATUS_STREAM_ENDS_EARLY, STATUS_WORDS_LEFT_OVER,
+    STATUS_WRONG_KERNEL, TENSOR_TABLE,
 };
 use crate::codec::rans::{LANES, STATE_LOWER};
 use crate::error::{NzError, Result};
+use crate::format::reader::decode_zstd_block;
 use crate::format::BlockMode;
 
 const WARP: u32 = LANES as u32;
@@ -432,7 +433,7 @@ pub fn decode_tensor(file: &[u8], layout: &TensorLayout, out: &mut [u8], warps: 
         let dst = out.get_mut(range).ok_or_else(|| {
             NzError::malformed(format!("'{}' block {k}: output out of range", layout.name))
         })?;
-        host_decode_zstd(&layout.name, k, &file[layout.block_file_range(k)], dst)?;
+        decode_zstd_block(&layout.name, k, &file[layout.block_file_range(k)], dst)?;
     }
     Ok(())
 }
