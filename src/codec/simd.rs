@@ -314,6 +314,72 @@ mod x86 {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
     }
 
+    /// One packed table's constants for the AVX-512 decode step of 16 lanes, shared by the one- and two-stream
+    /// kernels.
+    #[derive(Clone, Copy)]
+    struct Lanes512 {
+        mask: __m512i,
+        low12: __m512i,
+        one: __m512i,
+        lower: __m512i,
+        shift: __m128i,
+        entries: *const i32,
+    }
+
+    impl Lanes512 {
+        #[target_feature(enable = "avx512f")]
+        fn new(table: &PackedTable) -> Lanes512 {
+            Lanes512 {
+                mask: _mm512_set1_epi32(((1u32 << table.prob_bits) - 1) as i32),
+                low12: _mm512_set1_epi32(0xfff),
+                one: _mm512_set1_epi32(1),
+                lower: _mm512_set1_epi32(L),
+                shift: _mm_cvtsi32_si128(table.prob_bits as i32),
+                entries: table.entries.as_ptr() as *const i32,
+            }
+        }
+
+        /// The packed entries of 16 lanes' slots.
+        ///
+        /// # Safety
+        /// `entries` holds `2^prob_bits` entries (checked by `decode_steps_with`), and slots are masked below it.
+        #[inline]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn gather(&self, state: __m512i) -> __m512i {
+            _mm512_i32gather_epi32::<4>(_mm512_and_si512(state, self.mask), self.entries)
+        }
+
+        /// Decodes 16 lanes whose entries are `e`: their new states, refilled in lane order from the 16 words at
+        /// `words`, how many words they took, and their 16 ranks.
+        ///
+        /// # Safety
+        /// 16 words (32 bytes) must be readable at `words`.
+        #[inline]
+        #[target_feature(enable = "avx512f,popcnt")]
+        unsafe fn advance(
+            &self,
+            state: __m512i,
+            e: __m512i,
+            words: *const u8,
+        ) -> (__m512i, usize, __m128i) {
+            let freq = _mm512_add_epi32(
+                _mm512_and_si512(_mm512_srli_epi32::<12>(e), self.low12),
+                self.one,
+            );
+            let decoded = _mm512_add_epi32(
+                _mm512_mullo_epi32(freq, _mm512_srl_epi32(state, self.shift)),
+                _mm512_and_si512(e, self.low12),
+            );
+            let need = _mm512_cmplt_epu32_mask(decoded, self.lower);
+            let fresh = _mm512_cvtepu16_epi32(_mm256_loadu_si256(words as *const _));
+            let fresh = _mm512_maskz_expand_epi32(need, fresh);
+            let state =
+                _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
+            let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
+            (state, need.count_ones() as usize, rank)
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX-512F and POPCNT. Memory: gathers index `entries` with `slot < 2^prob_bits ==
     /// entries.len()`; each half reads 16 words at `p`, and a step starts only while `p + 32 <= word_count`
@@ -328,12 +394,7 @@ mod x86 {
     ) -> usize {
         let word_count = words.len() / 2;
         let steps = ranks.len() / LANES;
-        let mask = _mm512_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
-        let low12 = _mm512_set1_epi32(0xfff);
-        let one = _mm512_set1_epi32(1);
-        let lower = _mm512_set1_epi32(L);
-        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
-        let entries = table.entries.as_ptr() as *const i32;
+        let lanes = Lanes512::new(table);
         let word_ptr = words.as_ptr();
         let rank_ptr = ranks.as_mut_ptr();
         let mut states = [
@@ -344,26 +405,12 @@ mod x86 {
         let mut step = 0;
         while step < steps && p + 32 <= word_count {
             let base = step * LANES;
-            let entry = [
-                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[0], mask), entries),
-                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[1], mask), entries),
-            ];
+            let entry = [lanes.gather(states[0]), lanes.gather(states[1])];
             for half in 0..2 {
-                let e = entry[half];
-                let freq =
-                    _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e), low12), one);
-                let decoded = _mm512_add_epi32(
-                    _mm512_mullo_epi32(freq, _mm512_srl_epi32(states[half], shift)),
-                    _mm512_and_si512(e, low12),
-                );
-                let need = _mm512_cmplt_epu32_mask(decoded, lower);
-                let fresh =
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256(word_ptr.add(2 * p) as *const _));
-                let fresh = _mm512_maskz_expand_epi32(need, fresh);
-                states[half] =
-                    _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
-                p += need.count_ones() as usize;
-                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
+                let (state, used, rank) =
+                    lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
+                states[half] = state;
+                p += used;
                 _mm_storeu_si128(rank_ptr.add(base + 16 * half) as *mut _, rank);
             }
             step += 1;
@@ -387,12 +434,7 @@ mod x86 {
     ) -> usize {
         let word_count = [words[0].len() / 2, words[1].len() / 2];
         let steps = (ranks[0].len() / LANES).min(ranks[1].len() / LANES);
-        let mask = _mm512_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
-        let low12 = _mm512_set1_epi32(0xfff);
-        let one = _mm512_set1_epi32(1);
-        let lower = _mm512_set1_epi32(L);
-        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
-        let entries = table.entries.as_ptr() as *const i32;
+        let lanes = Lanes512::new(table);
         let word_ptr = [words[0].as_ptr(), words[1].as_ptr()];
         let [ranks_a, ranks_b] = ranks;
         let rank_ptr = [ranks_a.as_mut_ptr(), ranks_b.as_mut_ptr()];
@@ -406,28 +448,13 @@ mod x86 {
         let mut step = 0;
         while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
             let base = step * LANES;
-            let entry: [__m512i; 4] = std::array::from_fn(|v| {
-                _mm512_i32gather_epi32::<4>(_mm512_and_si512(states[v], mask), entries)
-            });
+            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes.gather(states[v]));
             for v in 0..4 {
-                let stream = v / 2;
-                let half = v % 2;
-                let e = entry[v];
-                let freq =
-                    _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32::<12>(e), low12), one);
-                let decoded = _mm512_add_epi32(
-                    _mm512_mullo_epi32(freq, _mm512_srl_epi32(states[v], shift)),
-                    _mm512_and_si512(e, low12),
-                );
-                let need = _mm512_cmplt_epu32_mask(decoded, lower);
-                let fresh = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                    word_ptr[stream].add(2 * p[stream]) as *const _,
-                ));
-                let fresh = _mm512_maskz_expand_epi32(need, fresh);
-                states[v] =
-                    _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
-                p[stream] += need.count_ones() as usize;
-                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
+                let (stream, half) = (v / 2, v % 2);
+                let words_at = word_ptr[stream].add(2 * p[stream]);
+                let (state, used, rank) = lanes.advance(states[v], entry[v], words_at);
+                states[v] = state;
+                p[stream] += used;
                 _mm_storeu_si128(rank_ptr[stream].add(base + 16 * half) as *mut _, rank);
             }
             step += 1;
