@@ -474,15 +474,11 @@ impl SplitDecoder {
                 ],
                 packed,
             );
-            let merge = |ranks: &[u8], raw: &[u8], out: &mut [u8]| match self.width {
-                2 => self.merge::<2>(ranks, &packed.alphabet, raw, out),
-                _ => self.merge::<4>(ranks, &packed.alphabet, raw, out),
-            };
             if results[0].is_ok() {
-                merge(ranks_a, &payloads[0][*raw_a..], out_a);
+                self.merge_fast(ranks_a, packed, &payloads[0][*raw_a..], out_a);
             }
             if results[1].is_ok() {
-                merge(ranks_b, &payloads[1][*raw_b..], out_b);
+                self.merge_fast(ranks_b, packed, &payloads[1][*raw_b..], out_b);
             }
             results
         })
@@ -512,10 +508,7 @@ impl SplitDecoder {
                 ranks.clear();
                 ranks.resize(n, 0);
                 rans::decode_ranks(&states, words, packed, ranks)?;
-                match self.width {
-                    2 => self.merge::<2>(ranks, &packed.alphabet, &payload[raw_start..], out),
-                    _ => self.merge::<4>(ranks, &packed.alphabet, &payload[raw_start..], out),
-                }
+                self.merge_fast(ranks, packed, &payload[raw_start..], out);
                 Ok(())
             });
         }
@@ -610,6 +603,14 @@ impl SplitDecoder {
                 .iter()
                 .all(|f| f.coding == Coding::Rans || f.width <= 8);
         self.tables[..].first().filter(|_| fits)?.packed.as_ref()
+    }
+
+    /// `merge` for the element width of the fast path (2 or 4 bytes, as `fast_table` requires).
+    fn merge_fast(&self, ranks: &[u8], packed: &PackedTable, raw: &[u8], out: &mut [u8]) {
+        match self.width {
+            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out),
+            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out),
+        }
     }
 
     /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each).
