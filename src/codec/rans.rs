@@ -397,6 +397,13 @@ mod tests {
             .collect()
     }
 
+    /// `encode` of one field with the reference encoder, and its words as little-endian bytes.
+    fn encode_one_field(symbols: &[u16], table: &FreqTable) -> (Encoded, Vec<u8>) {
+        let enc = encode(&[FieldSymbols { symbols, table }], symbols.len());
+        let bytes = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        (enc, bytes)
+    }
+
     fn round_trip(n: usize, field_bits: &[u32], prob_bits: u32, seed: u64) {
         let symbols: Vec<Vec<u16>> = field_bits
             .iter()
@@ -470,14 +477,7 @@ mod tests {
             };
             let packed = PackedTable::new(&table).expect("small alphabet packs");
             let dt = DecodeTable::new(&table);
-            let enc = encode(
-                &[FieldSymbols {
-                    symbols: &symbols,
-                    table: &table,
-                }],
-                n,
-            );
-            let bytes: Vec<u8> = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+            let (enc, bytes) = encode_one_field(&symbols, &table);
             let mut cases = vec![(enc.states, bytes.clone())];
             for _ in 0..6 {
                 let mut damaged = bytes.clone();
@@ -534,13 +534,7 @@ mod tests {
             let Some(table) = FreqTable::from_counts(&counts, bits, prob_bits) else {
                 continue;
             };
-            let reference = encode(
-                &[FieldSymbols {
-                    symbols: &symbols,
-                    table: &table,
-                }],
-                n,
-            );
+            let (reference, _) = encode_one_field(&symbols, &table);
             assert_eq!(
                 encode_single(&symbols, &EncodeTable::new(&table)),
                 reference,
@@ -550,13 +544,7 @@ mod tests {
         // a one-symbol table: frequency 2^prob_bits, reciprocal 2^63
         let table = FreqTable::from_counts(&[0, 5, 0, 0], 2, 10).unwrap();
         let symbols = vec![1u16; 100];
-        let reference = encode(
-            &[FieldSymbols {
-                symbols: &symbols,
-                table: &table,
-            }],
-            100,
-        );
+        let (reference, _) = encode_one_field(&symbols, &table);
         assert_eq!(
             encode_single(&symbols, &EncodeTable::new(&table)),
             reference
@@ -568,13 +556,7 @@ mod tests {
         let symbols = vec![3u16; 1000];
         let counts = histogram(symbols.iter().map(|&v| v as u32), 4);
         let table = FreqTable::from_counts(&counts, 4, 12).unwrap();
-        let enc = encode(
-            &[FieldSymbols {
-                symbols: &symbols,
-                table: &table,
-            }],
-            1000,
-        );
+        let (enc, _) = encode_one_field(&symbols, &table);
         assert!(enc.words.is_empty());
         assert!(enc.states.iter().all(|&x| x == STATE_LOWER));
     }
@@ -586,14 +568,7 @@ mod tests {
         let counts = histogram(symbols.iter().map(|&v| v as u32), 10);
         let table = FreqTable::from_counts(&counts, 10, 12).unwrap();
         let dt = DecodeTable::new(&table);
-        let enc = encode(
-            &[FieldSymbols {
-                symbols: &symbols,
-                table: &table,
-            }],
-            n,
-        );
-        let bytes: Vec<u8> = enc.words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let (enc, bytes) = encode_one_field(&symbols, &table);
         let mut out = vec![0u16; n];
         let mut try_decode = |states: &[u32; LANES], words: &[u8]| {
             decode(
