@@ -209,15 +209,12 @@ pub enum CodebookChoice {
 }
 
 impl CodebookChoice {
-    /// Parses `lossless`, `full` or an index width B.
+    /// Parses `lossless`, `full` or an index width B (the same words as `Precision::parse`).
     pub fn parse(text: &str) -> std::result::Result<CodebookChoice, String> {
-        match text {
-            "lossless" | "full" => Ok(CodebookChoice::Lossless),
-            _ => text
-                .parse::<u32>()
-                .map(CodebookChoice::IndexBits)
-                .map_err(|_| format!("'{text}' is not a bit count, 'lossless' or 'full'")),
-        }
+        Precision::parse(text).map(|precision| match precision {
+            Precision::Lossless => CodebookChoice::Lossless,
+            Precision::MantissaBits(bits) => CodebookChoice::IndexBits(bits),
+        })
     }
 }
 
