@@ -14,7 +14,7 @@ use crate::codec::codebook_format::{reconstruction_bytes, CodebookParams};
 use crate::codec::freq::entropy_bits;
 use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
-use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement};
+use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::format::header::{section_len, TensorEntry};
@@ -335,4 +335,43 @@ pub fn sweep(
         });
     }
     Ok(points)
+}
+
+/// Error of a planned tensor's round trip against its original values, without encoding it: the lossy
+/// quantizer's or the codebook fit's reconstruction, or none for tensors stored exactly (then every element
+/// counts as exact). None for tensors that are not BF16, F16 or F32.
+pub fn planned_error(
+    source: &SafetensorsFile,
+    t: &crate::source::SourceTensor,
+    plan: &TensorPlan,
+) -> Option<ErrorStats> {
+    let fmt = FloatFormat::of(t.dtype)?;
+    let width = t.dtype.byte_width()?;
+    let data = source.data(t);
+    let mut stats = ErrorStats::default();
+    if let Some(cb) = plan.codebook() {
+        let original = crate::codec::split::element_values(data, width);
+        let decoded = crate::codec::split::element_values(
+            &reconstruction_bytes(&cb.quantized, t.dtype),
+            width,
+        );
+        for (&a, &b) in original.iter().zip(&decoded) {
+            stats.add(fmt.to_f64(a), fmt.to_f64(b), None);
+        }
+        return Some(stats);
+    }
+    let block_bytes = plan.entry.block_units as usize * width;
+    for block in data.chunks(block_bytes.max(width)) {
+        let original = crate::codec::split::element_values(block, width);
+        let decoded = match plan.quantizer() {
+            Some(q) => q.round_trip_block(block, width),
+            None => original.clone(),
+        };
+        let bound = plan.quantizer().map(|q| move |x: f64| q.error_bound(x));
+        let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
+        for (&a, &b) in original.iter().zip(&decoded) {
+            stats.add(fmt.to_f64(a), fmt.to_f64(b), bound_ref);
+        }
+    }
+    Some(stats)
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions, progress bars and human/JSON output. All real work is in
 //! the library.
 
+use std::collections::BTreeMap;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -113,6 +114,14 @@ struct ConvertArgs {
     zstd_level: i32,
     #[command(flatten)]
     lossy: LossyArgs,
+    /// Lossy with a size target instead of one K: the whole file gets at most R bits per weight, and neuzip
+    /// picks K for each tensor of rank 2 or more that no --tensor-bits rule names, giving bits where they
+    /// lower the error most (every matrix counted as an equal source of relative error, so large embedding
+    /// tables get fewer bits than the matrices every token goes through). It runs one dry conversion per
+    /// candidate K first (K = 0..=10 and lossless), so it takes about that many times longer. With a
+    /// sharded model, each shard meets the target. See the chosen K per tensor with `neuzip inspect`.
+    #[arg(long, value_name = "R", conflicts_with_all = ["mantissa_bits", "codebook_bits"])]
+    target_bits: Option<f64>,
     #[command(flatten)]
     codebook: CodebookArgs,
     /// Print a JSON summary instead of text.
@@ -366,12 +375,48 @@ fn convert_one(
     opts: &ConvertOptions,
     quiet: bool,
 ) -> Result<(OutputFile, ConvertSummary)> {
-    let size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    let mut size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    if opts.target_bits_per_weight.is_some() {
+        // One dry conversion per candidate K, then the conversion itself.
+        if let Ok(source) = SafetensorsFile::open(input) {
+            size *= 1 + neuzip::allocate::candidate_bits(&source, opts).len() as u64;
+        }
+    }
     let bar = progress_bar(size, &format!("convert {}", input.display()), quiet);
     let converted = convert_uncommitted(input, output, opts, &|n| bar.inc(n))
         .with_context(|| format!("converting {} to {}", input.display(), output.display()))?;
     bar.finish_and_clear();
     Ok(converted)
+}
+
+/// "K=2: 1 tensor (11.7 M weights), K=4: 24 tensors (...), ...; 6.55 bits/weight (target 6.6)".
+fn allocation_line(a: &neuzip::allocate::Allocation) -> String {
+    let mut groups: BTreeMap<Option<u32>, (usize, u64)> = BTreeMap::new();
+    for c in &a.choices {
+        let g = groups.entry(c.mantissa_bits).or_default();
+        g.0 += 1;
+        g.1 += c.elements;
+    }
+    // Lossless last.
+    let mut parts: Vec<(Option<u32>, (usize, u64))> = groups.into_iter().collect();
+    parts.sort_by_key(|(k, _)| k.map_or(u32::MAX, |k| k));
+    let parts: Vec<String> = parts
+        .into_iter()
+        .map(|(k, (n, weights))| {
+            format!(
+                "{}: {n} tensor{} ({:.2} M weights)",
+                k.map_or("lossless".to_string(), |k| format!("K={k}")),
+                if n == 1 { "" } else { "s" },
+                weights as f64 / 1e6
+            )
+        })
+        .collect();
+    format!(
+        "mantissa bits chosen for {:.2} bits/weight (target {}): {}",
+        a.predicted_bits_per_weight,
+        a.target_bits_per_weight,
+        parts.join(", ")
+    )
 }
 
 fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
@@ -390,8 +435,14 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
         lossy,
         codebook,
         importance: args.codebook.importance()?,
+        target_bits_per_weight: args.target_bits,
         ..ConvertOptions::default()
     };
+    if let Some(r) = args.target_bits {
+        if !(r.is_finite() && r > 0.0) {
+            bail!("--target-bits must be a positive number of bits per weight, not {r}");
+        }
+    }
     let started = Instant::now();
     let input = &args.input;
     // Every output is committed only once all are written: a failure leaves none behind.
@@ -449,6 +500,7 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
                     "input": s.input, "output": s.output, "input_bytes": s.input_bytes,
                     "output_bytes": s.output_bytes, "tensors": s.tensors,
                     "ratio": s.input_bytes as f64 / s.output_bytes.max(1) as f64,
+                    "allocation": s.allocation,
                 })
             })
             .collect();
@@ -467,6 +519,9 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
                 s.input_bytes as f64 / s.output_bytes.max(1) as f64,
                 s.tensors
             );
+            if let Some(a) = &s.allocation {
+                println!("  {}", allocation_line(a));
+            }
         }
         if summaries.len() > 1 {
             let (i, o): (u64, u64) = summaries

@@ -2,11 +2,13 @@
 //! whole-tensor histograms), then encode blocks in bounded parallel batches, write them in order to a
 //! temporary file, then the header, then rename. The bytes written do not depend on the thread count.
 
+use std::borrow::Cow;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 
+use crate::allocate::{allocate, Allocation};
 use crate::codec::codebook::{ErrorWeights, FitOptions};
 use crate::codec::codebook_format::{self, CodebookPlan, Importance};
 use crate::codec::lossy::{self, LossyParams, Quantizer};
@@ -41,6 +43,9 @@ pub struct ConvertOptions {
     pub codebook: CodebookSettings,
     /// Error weights of the codebook fit per input channel, by tensor name (others use `|w| + sigma`).
     pub importance: Option<std::sync::Arc<Importance>>,
+    /// Lossy with a size target: bits per weight of the whole file; `allocate` chooses K for every tensor
+    /// the lossy rank default would cover (`lossy.default_bits` is then not used).
+    pub target_bits_per_weight: Option<f64>,
 }
 
 impl Default for ConvertOptions {
@@ -53,6 +58,7 @@ impl Default for ConvertOptions {
             lossy: LossySettings::default(),
             codebook: CodebookSettings::default(),
             importance: None,
+            target_bits_per_weight: None,
         }
     }
 }
@@ -65,6 +71,8 @@ pub struct ConvertSummary {
     pub input_bytes: u64,
     pub output_bytes: u64,
     pub tensors: usize,
+    /// The K chosen per tensor, when the options had a size target.
+    pub allocation: Option<Allocation>,
 }
 
 /// A tensor's codec decision, made before any block is encoded.
@@ -330,6 +338,12 @@ fn finish(mut best: EncodedBlock, raw: &[u8]) -> EncodedBlock {
 pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<()> {
     opts.lossy.validate()?;
     opts.codebook.validate()?;
+    if opts.target_bits_per_weight.is_some() && !opts.codebook.is_lossless() {
+        return Err(NzError::InvalidSetting {
+            what: "a bits-per-weight target applies to the lossy mode, not to the codebook mode"
+                .into(),
+        });
+    }
     if !opts.lossy.is_lossless() && !opts.codebook.is_lossless() {
         return Err(NzError::InvalidSetting {
             what: "the lossy (mantissa bits) and codebook modes cannot be combined".into(),
@@ -519,9 +533,30 @@ impl NztPlan {
     }
 }
 
+/// The options with every free tensor's K chosen for the size target, and that allocation; without a
+/// target, the options as given.
+fn resolve_target<'a>(
+    source: &SafetensorsFile,
+    opts: &'a ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<(Cow<'a, ConvertOptions>, Option<Allocation>)> {
+    let Some(target) = opts.target_bits_per_weight else {
+        return Ok((Cow::Borrowed(opts), None));
+    };
+    let allocation = allocate(source, opts, target, progress)?;
+    let mut resolved = opts.clone();
+    resolved.target_bits_per_weight = None;
+    resolved.lossy.default_bits = None;
+    resolved.lossy.assigned = allocation.assignments().collect();
+    check_settings(source, &resolved)?;
+    Ok((Cow::Owned(resolved), Some(allocation)))
+}
+
 /// Encodes `source` into a `.nzt` held in memory (for tests, fuzzing and small files).
 pub fn convert_to_vec(source: &SafetensorsFile, opts: &ConvertOptions) -> Result<Vec<u8>> {
     check_settings(source, opts)?;
+    let (opts, _) = resolve_target(source, opts, &|_| {})?;
+    let opts = opts.as_ref();
     let mut data = Vec::new();
     let head = NztPlan::new(source, opts).encode(source, opts, &|_| {}, |bytes| {
         data.extend_from_slice(bytes);
@@ -543,6 +578,8 @@ pub fn convert_uncommitted(
 ) -> Result<(OutputFile, ConvertSummary)> {
     let source = SafetensorsFile::open(input)?;
     check_settings(&source, opts)?;
+    let (opts, allocation) = resolve_target(&source, opts, progress)?;
+    let opts = opts.as_ref();
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
     let file = out.file();
     let io = |e| NzError::io(output, e);
@@ -566,6 +603,7 @@ pub fn convert_uncommitted(
         input_bytes: source.file_len(),
         output_bytes,
         tensors: head.tensors,
+        allocation,
     };
     Ok((out, summary))
 }

@@ -5,6 +5,7 @@
 //! [`codec`]) → [`format::writer`] (temporary file, checksum, rename). Reading: [`format::reader::NztFile`]
 //! maps the file, [`format::header::parse`] validates the header, and any tensor or block decodes on its own.
 
+pub mod allocate;
 pub mod analyze;
 pub mod bench;
 pub mod codec;

@@ -2,6 +2,8 @@
 //! shell-style globs) mapped to a setting, the last matching pattern winning, and a default by rank.
 //! `NameRules` is generic over the setting so that other per-tensor choices can reuse it.
 
+use std::collections::BTreeMap;
+
 use crate::codec::lossy::{FloatFormat, MAX_NORM_BLOCK};
 use crate::dtype::Dtype;
 use crate::error::{NzError, Result};
@@ -125,6 +127,9 @@ pub struct LossySettings {
     pub rules: NameRules<Precision>,
     /// Elements per scale byte; 0 = no normalization.
     pub norm_block: u32,
+    /// Per-tensor precision by exact name, as chosen by `allocate` for a size target; consulted after the
+    /// rules and before the rank default.
+    pub assigned: BTreeMap<String, Precision>,
 }
 
 impl LossySettings {
@@ -140,11 +145,14 @@ impl LossySettings {
         }
         let bits = self
             .default_bits
+            .map(Precision::MantissaBits)
             .into_iter()
-            .chain(self.rules.rules.iter().filter_map(|r| match r.value {
+            .chain(self.rules.rules.iter().map(|r| r.value))
+            .chain(self.assigned.values().copied())
+            .filter_map(|p| match p {
                 Precision::MantissaBits(k) => Some(k),
                 Precision::Lossless => None,
-            }));
+            });
         for k in bits {
             if k > MAX_MANTISSA_BITS {
                 return Err(NzError::InvalidSetting {
@@ -161,14 +169,16 @@ impl LossySettings {
                 .rules
                 .rules
                 .iter()
-                .all(|r| r.value == Precision::Lossless)
+                .map(|r| &r.value)
+                .chain(self.assigned.values())
+                .all(|&p| p == Precision::Lossless)
     }
 
-    /// The mantissa bits to keep for a tensor, None for lossless: a rule's value if one matches, else the
-    /// default for tensors of rank 2 and more. Only BF16, F16 and F32 can be lossy; K equal to the dtype's
+    /// The mantissa bits to keep for a tensor, None for lossless: a rule's value if one matches, else its
+    /// assigned precision, else the default for tensors of rank 2 and more. Only BF16, F16 and F32 can be lossy; K equal to the dtype's
     /// mantissa width is lossless; K above it is an error.
     pub fn mantissa_bits_for(&self, name: &str, dtype: Dtype, rank: usize) -> Result<Option<u32>> {
-        let precision = match self.rules.lookup(name) {
+        let precision = match self.rules.lookup(name).or(self.assigned.get(name)) {
             Some(&p) => p,
             None if rank >= 2 => self
                 .default_bits

@@ -140,6 +140,7 @@ fn convert_roundtrip(data: &[u8]) {
         lossy: Default::default(),
         codebook: Default::default(),
         importance: None,
+        target_bits_per_weight: None,
     };
     let file = convert_to_vec(&source, &opts).expect("encode");
     let nzt = NztFile::from_bytes(Bytes::Owned(file)).expect("the encoder's file opens");

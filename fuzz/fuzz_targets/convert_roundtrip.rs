@@ -31,6 +31,7 @@ fuzz_target!(|data: &[u8]| {
         lossy: Default::default(),
         codebook: Default::default(),
         importance: None,
+        target_bits_per_weight: None,
     };
     let file = convert_to_vec(&source, &opts).expect("encoding a valid safetensors file");
 

@@ -1,0 +1,378 @@
+//! Mantissa widths per tensor for a size target (`convert --target-bits R`). One dry conversion per
+//! candidate K measures every free tensor's exact encoded size and its relative squared error
+//! (error energy / signal energy); then bits go, one step at a time, to the tensor whose error falls the most
+//! per added byte, until no step fits the target. The objective, the sum of the free tensors' relative
+//! errors, treats every weight matrix as an equal source of relative noise at the model's output: the classic
+//! bit-allocation model, with no calibration data. Its effect is that large tables (an embedding matrix)
+//! get fewer bits than the small matrices every token passes through.
+//!
+//! Free tensors are those the lossy rank default would make lossy: rank 2 or more, BF16/F16/F32, and no
+//! `--tensor-bits` rule naming them. Rules and 1-D tensors keep their settings.
+
+use rayon::prelude::*;
+
+use crate::codec::lossy::FloatFormat;
+use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
+use crate::error::{NzError, Result};
+use crate::format::header::{section_len, TensorEntry};
+use crate::format::{align_up, FILE_HEADER_LEN, TENSOR_ALIGN};
+use crate::precision::Precision;
+use crate::source::SafetensorsFile;
+
+/// Narrowest mantissa kept when the target is larger: candidates stop at this K (and lossless), because
+/// beyond it a bit per weight buys error no checkpoint user can see.
+pub const MAX_CANDIDATE_BITS: u32 = 10;
+
+/// Size steps of the allocation search: its sizes are rounded up to 1/20000 of the room the free tensors
+/// share.
+const KNAPSACK_UNITS: u64 = 20_000;
+
+/// The precision chosen for one free tensor.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct TensorChoice {
+    pub name: String,
+    pub elements: u64,
+    /// Mantissa bits kept; None for lossless.
+    pub mantissa_bits: Option<u32>,
+    /// Block payload bytes at this precision.
+    pub payload_bytes: u64,
+    /// Error energy over signal energy at this precision (0 for lossless).
+    pub relative_error: f64,
+}
+
+/// The result of an allocation: the choice for every free tensor, in file order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Allocation {
+    pub target_bits_per_weight: f64,
+    pub choices: Vec<TensorChoice>,
+    /// The exact size a conversion with these choices writes.
+    pub predicted_bytes: u64,
+    pub predicted_bits_per_weight: f64,
+}
+
+impl Allocation {
+    /// The choices as exact-name settings for `LossySettings::assigned`.
+    pub fn assignments(&self) -> impl Iterator<Item = (String, Precision)> + '_ {
+        self.choices.iter().map(|c| {
+            (
+                c.name.clone(),
+                c.mantissa_bits
+                    .map_or(Precision::Lossless, Precision::MantissaBits),
+            )
+        })
+    }
+}
+
+/// The K values tried: 0 up to one below the widest free dtype's mantissa (at most `MAX_CANDIDATE_BITS`),
+/// then None for lossless.
+pub fn candidate_bits(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<Option<u32>> {
+    let widest = source
+        .tensors
+        .iter()
+        .filter(|t| is_free(t, opts))
+        .filter_map(|t| FloatFormat::of(t.dtype))
+        .map(|f| f.man_bits)
+        .max()
+        .unwrap_or(0);
+    (0..widest.min(MAX_CANDIDATE_BITS + 1))
+        .map(Some)
+        .chain([None])
+        .collect()
+}
+
+fn is_free(t: &crate::source::SourceTensor, opts: &ConvertOptions) -> bool {
+    t.shape.len() >= 2
+        && t.shape.iter().product::<u64>() > 0
+        && FloatFormat::of(t.dtype).is_some()
+        && opts.lossy.rules.lookup(&t.name).is_none()
+}
+
+/// One dry conversion: every tensor's entry and block sizes, and each tensor's relative error.
+struct Candidate {
+    entries: Vec<TensorEntry>,
+    block_lens: Vec<Vec<u64>>,
+    relative_error: Vec<f64>,
+}
+
+impl Candidate {
+    fn measure(
+        source: &SafetensorsFile,
+        opts: &ConvertOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Candidate> {
+        let plans = plan_all(source, opts);
+        let mut block_lens: Vec<Vec<u64>> = plans
+            .iter()
+            .map(|p| Vec::with_capacity(p.entry.blocks.len()))
+            .collect();
+        encode_blocks(source, &plans, opts, progress, |ti, _, block| {
+            block_lens[ti].push(block.payload.len() as u64);
+            Ok(())
+        })?;
+        let relative_error = source
+            .tensors
+            .par_iter()
+            .zip(&plans)
+            .map(|(t, plan)| relative_error(source, t, plan))
+            .collect();
+        Ok(Candidate {
+            entries: plans.into_iter().map(|p| p.entry).collect(),
+            block_lens,
+            relative_error,
+        })
+    }
+}
+
+/// Error energy over signal energy of a lossy tensor's round trip; 0 for tensors stored exactly.
+fn relative_error(
+    source: &SafetensorsFile,
+    t: &crate::source::SourceTensor,
+    plan: &TensorPlan,
+) -> f64 {
+    match crate::analyze::planned_error(source, t, plan) {
+        Some(stats) if stats.signal_energy > 0.0 => stats.error_energy / stats.signal_energy,
+        _ => 0.0,
+    }
+}
+
+/// Chooses K per free tensor so that the converted file is at most `target_bits_per_weight` bits per weight
+/// (file bytes × 8 over all elements) with the least summed relative error that the greedy steps find.
+/// `progress` receives the input bytes of each dry conversion (one per `candidate_bits`).
+pub fn allocate(
+    source: &SafetensorsFile,
+    opts: &ConvertOptions,
+    target_bits_per_weight: f64,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Allocation> {
+    if !(target_bits_per_weight.is_finite() && target_bits_per_weight > 0.0) {
+        return Err(NzError::InvalidSetting {
+            what: format!("target of {target_bits_per_weight} bits per weight"),
+        });
+    }
+    let elements: u64 = source
+        .tensors
+        .iter()
+        .map(|t| t.shape.iter().product::<u64>())
+        .sum();
+    let budget = (target_bits_per_weight * elements as f64 / 8.0).floor() as u64;
+    let free: Vec<usize> = (0..source.tensors.len())
+        .filter(|&i| is_free(&source.tensors[i], opts))
+        .collect();
+    let bits = candidate_bits(source, opts);
+    let mut candidates = Vec::with_capacity(bits.len());
+    for &k in &bits {
+        let mut candidate_opts = opts.clone();
+        candidate_opts.lossy.default_bits = k;
+        candidate_opts.lossy.assigned.clear();
+        candidates.push(Candidate::measure(source, &candidate_opts, progress)?);
+    }
+    let payload = |c: usize, ti: usize| candidates[c].block_lens[ti].iter().sum::<u64>();
+    let exact_bytes = |choice: &[usize]| -> u64 {
+        let entries: Vec<TensorEntry> = choice
+            .iter()
+            .enumerate()
+            .map(|(ti, &c)| candidates[c].entries[ti].clone())
+            .collect();
+        let header = section_len(source.header_json(), &entries);
+        let data_offset =
+            align_up(FILE_HEADER_LEN as u64 + header, TENSOR_ALIGN).expect("fits u64");
+        let mut placement = Placement::default();
+        for (ti, &c) in choice.iter().enumerate() {
+            for &len in &candidates[c].block_lens[ti] {
+                placement.place(ti, len);
+            }
+        }
+        data_offset + placement.end
+    };
+
+    // The narrowest candidate everywhere must fit; tensors that are not free are the same in every run.
+    let smallest = exact_bytes(&vec![0usize; source.tensors.len()]);
+    if smallest > budget {
+        return Err(NzError::InvalidSetting {
+            what: format!(
+                "a target of {target_bits_per_weight} bits per weight: the smallest this file reaches, with \
+                 every free tensor at K = 0, is {:.3}",
+                8.0 * smallest as f64 / elements.max(1) as f64
+            ),
+        });
+    }
+    // A multiple-choice knapsack over the free tensors' payloads, solved exactly by dynamic programming on
+    // sizes rounded up to `KNAPSACK_UNITS` steps of the room they share. (Lagrangian prices alone miss the
+    // best choice when one tensor, such as an embedding table, is a large share of the model.) The header and
+    // padding, which change a little with the choices, are checked exactly; if they overshoot, the room
+    // shrinks by that much and the search runs again.
+    let fixed_bytes = smallest - free.iter().map(|&ti| payload(0, ti)).sum::<u64>();
+    let mut room = budget.saturating_sub(fixed_bytes);
+    let mut choice = vec![0usize; source.tensors.len()];
+    loop {
+        let unit = room.div_ceil(KNAPSACK_UNITS).max(1);
+        let options: Vec<Vec<(usize, f64)>> = free
+            .iter()
+            .map(|&ti| {
+                (0..candidates.len())
+                    .map(|c| {
+                        (
+                            payload(c, ti).div_ceil(unit) as usize,
+                            candidates[c].relative_error[ti],
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        // With sizes rounded up, even the narrowest choices may not fit the room: keep them (they fit
+        // exactly, as checked above) and let the steps below use what is left.
+        let Some(picks) = knapsack(&options, (room / unit) as usize) else {
+            choice.fill(0);
+            break;
+        };
+        for (&ti, &c) in free.iter().zip(&picks) {
+            choice[ti] = c;
+        }
+        let total = exact_bytes(&choice);
+        if total <= budget {
+            break;
+        }
+        room = room.saturating_sub(total - budget);
+    }
+    // What the rounding leaves unused goes, one step at a time, to the upgrade with the best error drop
+    // per added byte that still fits.
+    let mut blocked = vec![false; source.tensors.len()];
+    loop {
+        let mut best: Option<(f64, usize, usize)> = None;
+        for &ti in free.iter().filter(|&&ti| !blocked[ti]) {
+            let now = choice[ti];
+            for next in now + 1..candidates.len() {
+                let gain = candidates[now].relative_error[ti] - candidates[next].relative_error[ti];
+                let cost = payload(next, ti) as f64 - payload(now, ti) as f64;
+                let score = gain / cost.max(1.0);
+                if gain > 0.0 && best.is_none_or(|(s, _, _)| score > s) {
+                    best = Some((score, ti, next));
+                }
+            }
+        }
+        let Some((_, ti, next)) = best else { break };
+        let previous = choice[ti];
+        choice[ti] = next;
+        if exact_bytes(&choice) > budget {
+            choice[ti] = previous;
+            blocked[ti] = true;
+        }
+    }
+    let predicted_bytes = exact_bytes(&choice);
+    let choices = free
+        .iter()
+        .map(|&ti| {
+            let c = choice[ti];
+            let t = &source.tensors[ti];
+            let man_bits = FloatFormat::of(t.dtype).map_or(0, |f| f.man_bits);
+            TensorChoice {
+                name: t.name.clone(),
+                elements: t.shape.iter().product(),
+                // K at or past the dtype's mantissa is that dtype's lossless run.
+                mantissa_bits: bits[c].filter(|&k| k < man_bits),
+                payload_bytes: payload(c, ti),
+                relative_error: candidates[c].relative_error[ti],
+            }
+        })
+        .collect();
+    Ok(Allocation {
+        target_bits_per_weight,
+        choices,
+        predicted_bytes,
+        predicted_bits_per_weight: 8.0 * predicted_bytes as f64 / elements.max(1) as f64,
+    })
+}
+
+/// Picks one option per item, each `(size, error)`, minimizing the summed error with the summed size at most
+/// `capacity`; ties go to the earlier option. None when no choice fits.
+fn knapsack(items: &[Vec<(usize, f64)>], capacity: usize) -> Option<Vec<usize>> {
+    // best[s]: least error of the items so far within size s; pick[i][s]: the option item i took there.
+    let mut best = vec![0.0f64; capacity + 1];
+    let mut pick: Vec<Vec<u8>> = Vec::with_capacity(items.len());
+    for options in items {
+        let mut next = vec![f64::INFINITY; capacity + 1];
+        let mut chosen = vec![0u8; capacity + 1];
+        for s in 0..=capacity {
+            for (o, &(size, error)) in options.iter().enumerate() {
+                if size <= s && best[s - size] + error < next[s] {
+                    next[s] = best[s - size] + error;
+                    chosen[s] = o as u8;
+                }
+            }
+        }
+        best = next;
+        pick.push(chosen);
+    }
+    if !best[capacity].is_finite() {
+        return None;
+    }
+    let mut s = capacity;
+    let mut picks = vec![0usize; items.len()];
+    for (i, options) in items.iter().enumerate().rev() {
+        let o = pick[i][s] as usize;
+        picks[i] = o;
+        s -= options[o].0;
+    }
+    Some(picks)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::knapsack;
+
+    /// Every combination, for small cases.
+    fn brute_force(items: &[Vec<(usize, f64)>], capacity: usize) -> Option<f64> {
+        let mut best: Option<f64> = None;
+        let mut index = vec![0usize; items.len()];
+        loop {
+            let size: usize = items.iter().zip(&index).map(|(o, &i)| o[i].0).sum();
+            let error: f64 = items.iter().zip(&index).map(|(o, &i)| o[i].1).sum();
+            if size <= capacity && best.is_none_or(|b| error < b) {
+                best = Some(error);
+            }
+            let mut i = 0;
+            loop {
+                if i == items.len() {
+                    return best;
+                }
+                index[i] += 1;
+                if index[i] < items[i].len() {
+                    break;
+                }
+                index[i] = 0;
+                i += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn knapsack_finds_the_least_error_that_fits() {
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) % n
+        };
+        for _ in 0..300 {
+            let items: Vec<Vec<(usize, f64)>> = (0..1 + next(4))
+                .map(|_| {
+                    (0..1 + next(4))
+                        .map(|_| (next(12) as usize, next(1000) as f64 / 7.0))
+                        .collect()
+                })
+                .collect();
+            let capacity = next(30) as usize;
+            let expected = brute_force(&items, capacity);
+            match knapsack(&items, capacity) {
+                None => assert_eq!(expected, None, "{items:?} in {capacity}"),
+                Some(picks) => {
+                    let size: usize = items.iter().zip(&picks).map(|(o, &i)| o[i].0).sum();
+                    let error: f64 = items.iter().zip(&picks).map(|(o, &i)| o[i].1).sum();
+                    assert!(size <= capacity, "{items:?} in {capacity}: {picks:?}");
+                    assert_eq!(Some(error), expected, "{items:?} in {capacity}");
+                }
+            }
+        }
+    }
+}
