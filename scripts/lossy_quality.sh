@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Lossy-mode quality sweep on real all-MiniLM-L6-v2: for each dtype and K, convert with --mantissa-bits K
-# (default rules: 1-D tensors lossless; optionally with normalization), read bits/weight and SQNR from
+# (default rules: 1-D tensors lossless; default normalization, groups of 256, and none), read bits/weight and SQNR from
 # `neuzip verify --against`, and the sentence-embedding cosine similarity from examples/embedding_check
 # against the original F32 model and against the lossless file of the same dtype.
 #
@@ -18,12 +18,12 @@ declare -A FULL=([bf16]=7 [f16]=10 [f32]=23)
 rows=()
 for dtype in ${DTYPES:-bf16 f32}; do
     src="$DIR/model-$dtype.safetensors"
-    for norm in "" 512; do
+    for norm in 256 none; do
         for k in 0 1 2 3 4 5 6 7; do
-            tag="$dtype-k$k${norm:+-norm$norm}"
-            nzt="$OUT/$tag.nzt"
+            tag="$dtype-k$k"
             args=(--mantissa-bits "$k")
-            [ -n "$norm" ] && args+=(--norm-block "$norm")
+            if [ "$norm" = none ]; then tag+="-nonorm"; args+=(--no-norm); fi
+            nzt="$OUT/$tag.nzt"
             "$NZ" convert "$src" -o "$nzt" --force -q "${args[@]}" > /dev/null
             "$NZ" verify "$nzt" --against "$src" --json > "$OUT/$tag.verify.json"
             "$EMB" --reference "$DIR/model-f32.safetensors" --candidate "$nzt" --json > "$OUT/$tag.emb-f32.json"

@@ -141,11 +141,13 @@ struct LossyArgs {
     /// --tensor-bits '*embeddings*=lossless' --tensor-bits '*.bias=5'.
     #[arg(long, value_name = "PATTERN=K")]
     tensor_bits: Vec<String>,
-    /// Lossy normalization (off by default): divide each group of B elements (1..=1024) by a one-byte scale
-    /// from the group's largest magnitude before rounding, and multiply it back on decode.
+    /// Lossy normalization group (default 256): divide each group of B elements (1..=1024) by a one-byte
+    /// scale in [1, 2) before rounding and multiply it back on decode; the encoder picks the scale of least
+    /// squared error for the group. It costs 8 bits per group and moves the rounding grid onto the group's
+    /// large weights.
     #[arg(long, value_name = "B", conflicts_with = "no_norm")]
     norm_block: Option<u32>,
-    /// Lossy: no normalization (the default).
+    /// Lossy: no normalization (plain rounding of every weight; smaller and faster to convert, less exact).
     #[arg(long)]
     no_norm: bool,
 }

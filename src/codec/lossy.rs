@@ -1,6 +1,6 @@
 //! The lossy float codec (`lossy`, codec id 2; format-spec/nzt.md section 13.3): keep the top K mantissa
 //! bits of each BF16, F16 or F32 weight, rounded to nearest even, optionally after dividing each group of B
-//! elements by a one-byte scale taken from the group's absolute maximum.
+//! elements by a one-byte scale, the one of least squared error for the group.
 //!
 //! Steps: 1. `Quantizer::quantize_block` turns a block into its scale bytes and one *narrow code* per element:
 //! sign, the dtype's exponent field and `k = max(K, 1)` stored mantissa bits (`1 + E + k` bits); 2. `plan`
@@ -22,6 +22,18 @@ pub const SCALE_BITS: u32 = 8;
 
 fn align4(x: usize) -> usize {
     (x + 3) & !3
+}
+
+/// Scale bytes between the candidates of the first pass of the scale search.
+const SCALE_SEARCH_STRIDE: usize = 8;
+
+/// `v >= 0` rounded to `bits` mantissa bits, to nearest with ties to even, in f64 (exact for values whose
+/// rounded form is a normal number of the target format; the search uses it as its error model).
+fn round_mantissa(v: f64, bits: u32) -> f64 {
+    let drop = 52 - bits;
+    let raw = v.to_bits();
+    let odd = (raw >> drop) & 1;
+    f64::from_bits((raw + (1u64 << (drop - 1)) - 1 + odd) & !((1u64 << drop) - 1))
 }
 
 /// `2^k` for `-1022 <= k <= 1023`, exactly.
@@ -229,6 +241,53 @@ impl Quantizer {
         (fraction * (1 << SCALE_BITS) as f64) as u8
     }
 
+    /// The scale byte of least squared error for a group (ties to the byte of `scale_byte(absmax)`, which
+    /// makes a BF16 group's maximum exact): every 8th byte, then the neighbours of the best of those. The
+    /// error is the decoded one for normal values: `x` rounded to K bits after division, multiplied back and
+    /// rounded to the dtype.
+    fn best_scale_byte(&self, group: &[u64], absmax: f64) -> u8 {
+        let max_rule = Self::scale_byte(absmax);
+        if absmax == 0.0 {
+            return max_rule;
+        }
+        let magnitudes: Vec<f64> = group
+            .iter()
+            .filter_map(|&v| {
+                let (_, exp, man) = self.split(v);
+                (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
+            })
+            .collect();
+        let (k, m) = (self.narrow.man_bits, self.fmt.man_bits);
+        let error = |byte: u8| -> f64 {
+            let c = Self::scale(byte);
+            magnitudes
+                .iter()
+                .map(|&x| {
+                    let decoded = round_mantissa(c * round_mantissa(x / c, k), m);
+                    (x - decoded) * (x - decoded)
+                })
+                .sum()
+        };
+        let mut best = (error(max_rule), max_rule);
+        let consider = |byte: u8, best: &mut (f64, u8)| {
+            let e = error(byte);
+            if e < best.0 {
+                *best = (e, byte);
+            }
+        };
+        for byte in (0..=u8::MAX).step_by(SCALE_SEARCH_STRIDE) {
+            consider(byte, &mut best);
+        }
+        let centre = best.1;
+        let half = SCALE_SEARCH_STRIDE as i32 / 2;
+        for byte in
+            (centre as i32 - half..=centre as i32 + half).filter_map(|b| u8::try_from(b).ok())
+        {
+            consider(byte, &mut best);
+        }
+        best.1
+    }
+
     fn split(&self, bits: u64) -> (u64, u32, u32) {
         let m = self.fmt.man_bits;
         let e = self.fmt.exp_bits;
@@ -301,7 +360,7 @@ impl Quantizer {
                     (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
                 })
                 .fold(0.0f64, f64::max);
-            let byte = Self::scale_byte(absmax);
+            let byte = self.best_scale_byte(group, absmax);
             scales.push(byte);
             let scale = Self::scale(byte);
             codes.extend(group.iter().map(|&v| self.quantize(v, scale)));
@@ -823,17 +882,74 @@ mod tests {
     }
 
     #[test]
-    fn normalization_keeps_a_group_maximum_with_8_mantissa_bits_exact() {
-        // bf16 has 7 mantissa bits, so the scale is the maximum's mantissa itself: the maximum becomes a
-        // power of two, which every K represents, and decodes exactly.
+    fn the_max_rule_keeps_a_group_maximum_with_8_mantissa_bits_exact() {
+        // bf16 has 7 mantissa bits, so the max rule's scale is the maximum's mantissa itself: the maximum
+        // becomes a power of two, which every K represents, and decodes exactly.
         let q = Quantizer::new(Dtype::BF16, 0, 4).unwrap();
-        let values: Vec<u64> = [0x3FB5u64, 0x3C00, 0xBF00, 0x0000].to_vec();
-        let (scales, codes) = q.quantize_block(&values);
-        assert_eq!(scales, vec![0x35 << 1]);
-        let mut out = Vec::new();
-        q.dequantize_block(&scales, &codes, &mut out);
-        assert_eq!(out[0], 0x3FB5);
-        assert_eq!(out[3], 0x0000);
+        let fmt = q.format();
+        let max = 0x3FB5u64;
+        let byte = Quantizer::scale_byte(fmt.to_f64(max));
+        assert_eq!(byte, 0x35 << 1);
+        let scale = Quantizer::scale(byte);
+        assert_eq!(q.dequantize(q.quantize(max, scale), scale), max);
+        assert_eq!(q.dequantize(q.quantize(0, scale), scale), 0);
+    }
+
+    #[test]
+    fn the_scale_search_never_loses_to_the_max_rule() {
+        let mut rng = Rng(0x5ca1e);
+        for dtype in DTYPES {
+            let fmt = FloatFormat::of(dtype).unwrap();
+            let width = dtype.byte_width().unwrap();
+            for k in [0, 1, 3, 5] {
+                for norm in [1, 7, 64, 256] {
+                    let q = Quantizer::new(dtype, k, norm).unwrap();
+                    // Weight-like values in the normal range, where the search's error model is exact.
+                    let values: Vec<u64> = (0..2048)
+                        .map(|_| {
+                            let r = rng.next();
+                            let v = ((r >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.2;
+                            let v = if v.abs() < 1e-3 { 1e-3 } else { v };
+                            match dtype {
+                                Dtype::F32 => (v as f32).to_bits() as u64,
+                                Dtype::BF16 => ((v as f32).to_bits() >> 16) as u64,
+                                _ => half::f16::from_f64(v).to_bits() as u64,
+                            }
+                        })
+                        .collect();
+                    let (scales, codes) = q.quantize_block(&values);
+                    let mut decoded = Vec::new();
+                    q.dequantize_block(&scales, &codes, &mut decoded);
+                    let (mut searched, mut max_rule) = (0.0, 0.0);
+                    for (g, group) in values.chunks(norm as usize).enumerate() {
+                        let absmax = group
+                            .iter()
+                            .map(|&v| fmt.to_f64(v).abs())
+                            .fold(0.0, f64::max);
+                        let scale = Quantizer::scale(Quantizer::scale_byte(absmax));
+                        let error = |x: u64, y: u64| (fmt.to_f64(x) - fmt.to_f64(y)).powi(2);
+                        let chosen: f64 = group
+                            .iter()
+                            .zip(&decoded[g * norm as usize..])
+                            .map(|(&x, &y)| error(x, y))
+                            .sum();
+                        let by_max: f64 = group
+                            .iter()
+                            .map(|&x| error(x, q.dequantize(q.quantize(x, scale), scale)))
+                            .sum();
+                        assert!(chosen <= by_max, "{dtype} K={k} B={norm} group {g}");
+                        searched += chosen;
+                        max_rule += by_max;
+                    }
+                    if norm > 1 {
+                        assert!(
+                            searched < max_rule,
+                            "{dtype} K={k} B={norm}: the search gained nothing"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
