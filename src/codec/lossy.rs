@@ -900,7 +900,6 @@ mod tests {
         let mut rng = Rng(0x5ca1e);
         for dtype in DTYPES {
             let fmt = FloatFormat::of(dtype).unwrap();
-            let width = dtype.byte_width().unwrap();
             for k in [0, 1, 3, 5] {
                 for norm in [1, 7, 64, 256] {
                     let q = Quantizer::new(dtype, k, norm).unwrap();
