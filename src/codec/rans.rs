@@ -225,13 +225,13 @@ pub fn decode_ranks_with(
     cursor.packed_steps(words, table, ranks, done * LANES);
     cursor.finish(words)
 }
-/// `decode_ranks` for two blocks coded with the same table, their full steps interleaved in one kernel (where
+/// One block of `decode_ranks_pair`: the arguments of `decode_ranks` (states, words, table, ranks).
+pub type RanksBlock<'a> = (&'a [u32; LANES], &'a [u8], &'a PackedTable, &'a mut [u8]);
+
+/// `decode_ranks` for two blocks, each with its own table, their full steps interleaved in one kernel (where
 /// the CPU has one) so that each block's table lookups overlap the other's. Same results as two calls.
-pub fn decode_ranks_pair(
-    blocks: [(&[u32; LANES], &[u8], &mut [u8]); 2],
-    table: &PackedTable,
-) -> [Result<(), StreamError>; 2] {
-    let [(states_a, words_a, ranks_a), (states_b, words_b, ranks_b)] = blocks;
+pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError>; 2] {
+    let [(states_a, words_a, table_a, ranks_a), (states_b, words_b, table_b, ranks_b)] = blocks;
     let (mut a, mut b) = match (
         Cursor::start(states_a, words_a),
         Cursor::start(states_b, words_b),
@@ -239,8 +239,8 @@ pub fn decode_ranks_pair(
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             return [
-                decode_ranks(states_a, words_a, table, ranks_a),
-                decode_ranks(states_b, words_b, table, ranks_b),
+                decode_ranks(states_a, words_a, table_a, ranks_a),
+                decode_ranks(states_b, words_b, table_b, ranks_b),
             ]
         }
     };
@@ -250,10 +250,10 @@ pub fn decode_ranks_pair(
         [&mut a.x, &mut b.x],
         [&mut a.pos, &mut b.pos],
         [words_a, words_b],
-        table,
+        [table_a, table_b],
         [&mut *ranks_a, &mut *ranks_b],
     );
-    let finish = |mut cursor: Cursor, words: &[u8], ranks: &mut [u8]| {
+    let finish = |mut cursor: Cursor, words: &[u8], table: &PackedTable, ranks: &mut [u8]| {
         let from = together * LANES;
         let more = super::simd::decode_steps_with(
             kernel,
@@ -266,7 +266,10 @@ pub fn decode_ranks_pair(
         cursor.packed_steps(words, table, ranks, from + more * LANES);
         cursor.finish(words)
     };
-    [finish(a, words_a, ranks_a), finish(b, words_b, ranks_b)]
+    [
+        finish(a, words_a, table_a, ranks_a),
+        finish(b, words_b, table_b, ranks_b),
+    ]
 }
 
 /// Decoder state between steps: the lane states, the next word and whether a lane read past the end.

@@ -96,25 +96,26 @@ pub fn decode_steps_with(
     }
 }
 
-/// `decode_steps` for two independent streams with the same table, interleaved step by step so that each
-/// stream's gathers overlap the other's (one stream's steps form a dependency chain). Runs while both
-/// streams can take a full step; returns the common step count (only AVX-512 has a two-stream kernel).
-#[allow(clippy::too_many_arguments)]
+/// `decode_steps` for two independent streams, each with its own table (the same one for two blocks of a
+/// tensor), interleaved step by step so that each stream's gathers overlap the other's (one stream's steps
+/// form a dependency chain). Runs while both streams can take a full step; returns the common step count
+/// (only AVX-512 has a two-stream kernel).
 pub fn decode_steps_pair(
     kernel: Kernel,
     x: [&mut [u32; LANES]; 2],
     pos: [&mut usize; 2],
     words: [&[u8]; 2],
-    table: &PackedTable,
+    tables: [&PackedTable; 2],
     ranks: [&mut [u8]; 2],
 ) -> usize {
-    if table.entries.len() != 1 << table.prob_bits || !Kernel::available().contains(&kernel) {
+    let whole = |t: &PackedTable| t.entries.len() == 1 << t.prob_bits;
+    if !tables.iter().all(|t| whole(t)) || !Kernel::available().contains(&kernel) {
         return 0;
     }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, table, ranks) },
+        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, tables, ranks) },
         _ => 0,
     }
 }
@@ -429,12 +430,12 @@ mod x86 {
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
-        table: &PackedTable,
+        tables: [&PackedTable; 2],
         ranks: [&mut [u8]; 2],
     ) -> usize {
         let word_count = [words[0].len() / 2, words[1].len() / 2];
         let steps = (ranks[0].len() / LANES).min(ranks[1].len() / LANES);
-        let lanes = Lanes512::new(table);
+        let lanes = [Lanes512::new(tables[0]), Lanes512::new(tables[1])];
         let word_ptr = [words[0].as_ptr(), words[1].as_ptr()];
         let [ranks_a, ranks_b] = ranks;
         let rank_ptr = [ranks_a.as_mut_ptr(), ranks_b.as_mut_ptr()];
@@ -448,11 +449,11 @@ mod x86 {
         let mut step = 0;
         while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
             let base = step * LANES;
-            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes.gather(states[v]));
+            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes[v / 2].gather(states[v]));
             for v in 0..4 {
                 let (stream, half) = (v / 2, v % 2);
                 let words_at = word_ptr[stream].add(2 * p[stream]);
-                let (state, used, rank) = lanes.advance(states[v], entry[v], words_at);
+                let (state, used, rank) = lanes[stream].advance(states[v], entry[v], words_at);
                 states[v] = state;
                 p[stream] += used;
                 _mm_storeu_si128(rank_ptr[stream].add(base + 16 * half) as *mut _, rank);

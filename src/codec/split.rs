@@ -445,43 +445,7 @@ impl SplitDecoder {
         payloads: [&[u8]; 2],
         outs: [&mut [u8]; 2],
     ) -> [Result<(), rans::StreamError>; 2] {
-        let [out_a, out_b] = outs;
-        let n = [out_a.len() / self.width, out_b.len() / self.width];
-        let parts = [
-            self.rans_part(payloads[0], n[0]),
-            self.rans_part(payloads[1], n[1]),
-        ];
-        let packed = self.fast_table();
-        let (
-            Some(packed),
-            [Ok((Some((states_a, words_a)), raw_a)), Ok((Some((states_b, words_b)), raw_b))],
-        ) = (packed, &parts)
-        else {
-            return [
-                self.decode_block(payloads[0], out_a),
-                self.decode_block(payloads[1], out_b),
-            ];
-        };
-        PAIR_SCRATCH.with_borrow_mut(|(ranks_a, ranks_b)| {
-            ranks_a.clear();
-            ranks_a.resize(n[0], 0);
-            ranks_b.clear();
-            ranks_b.resize(n[1], 0);
-            let results = rans::decode_ranks_pair(
-                [
-                    (states_a, words_a, &mut ranks_a[..]),
-                    (states_b, words_b, &mut ranks_b[..]),
-                ],
-                packed,
-            );
-            if results[0].is_ok() {
-                self.merge_fast(ranks_a, packed, &payloads[0][*raw_a..], out_a);
-            }
-            if results[1].is_ok() {
-                self.merge_fast(ranks_b, packed, &payloads[1][*raw_b..], out_b);
-            }
-            results
-        })
+        decode_pair([self, self], payloads, outs)
     }
 
     /// `decode_block` on the reference path only: the oracle the fast path is tested against.
@@ -504,9 +468,8 @@ impl SplitDecoder {
         let (rans_part, raw_start) = self.rans_part(payload, n)?;
         let packed = self.fast_table().filter(|_| fast);
         if let (Some((states, words)), Some(packed)) = (rans_part, packed) {
-            return SCRATCH.with_borrow_mut(|ranks| {
-                ranks.clear();
-                ranks.resize(n, 0);
+            return SCRATCH.with_borrow_mut(|scratch| {
+                let ranks = rank_buffer(scratch, n);
                 rans::decode_ranks(&states, words, packed, ranks)?;
                 self.merge_fast(ranks, packed, &payload[raw_start..], out);
                 Ok(())
@@ -654,6 +617,57 @@ impl SplitDecoder {
             _ => merge_fields_any::<W>(ranks, &symbols, &raw_fields, out),
         }
     }
+}
+
+/// Decodes one block with each of two decoders (two blocks of one tensor, each with its tensor's or its own
+/// params), their rANS streams interleaved when both take the fast path; otherwise one after the other. Same
+/// results as two `decode_block` calls.
+pub fn decode_pair(
+    decoders: [&SplitDecoder; 2],
+    payloads: [&[u8]; 2],
+    outs: [&mut [u8]; 2],
+) -> [Result<(), rans::StreamError>; 2] {
+    let [out_a, out_b] = outs;
+    let [dec_a, dec_b] = decoders;
+    let n = [out_a.len() / dec_a.width, out_b.len() / dec_b.width];
+    let parts = [
+        dec_a.rans_part(payloads[0], n[0]),
+        dec_b.rans_part(payloads[1], n[1]),
+    ];
+    let (
+        [Some(packed_a), Some(packed_b)],
+        [Ok((Some((states_a, words_a)), raw_a)), Ok((Some((states_b, words_b)), raw_b))],
+    ) = ([dec_a.fast_table(), dec_b.fast_table()], &parts)
+    else {
+        return [
+            dec_a.decode_block(payloads[0], out_a),
+            dec_b.decode_block(payloads[1], out_b),
+        ];
+    };
+    PAIR_SCRATCH.with_borrow_mut(|(scratch_a, scratch_b)| {
+        let ranks_a = rank_buffer(scratch_a, n[0]);
+        let ranks_b = rank_buffer(scratch_b, n[1]);
+        let results = rans::decode_ranks_pair([
+            (states_a, words_a, packed_a, &mut ranks_a[..]),
+            (states_b, words_b, packed_b, &mut ranks_b[..]),
+        ]);
+        if results[0].is_ok() {
+            dec_a.merge_fast(ranks_a, packed_a, &payloads[0][*raw_a..], out_a);
+        }
+        if results[1].is_ok() {
+            dec_b.merge_fast(ranks_b, packed_b, &payloads[1][*raw_b..], out_b);
+        }
+        results
+    })
+}
+
+/// The first `n` bytes of a reused rank buffer, grown when needed but not cleared: the decoders write every
+/// rank before it is read.
+fn rank_buffer(scratch: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if scratch.len() < n {
+        scratch.resize(n, 0);
+    }
+    &mut scratch[..n]
 }
 
 /// A raw field of a block: its packed bytes, width (at most 8) and shift in the element.
@@ -1421,6 +1435,65 @@ mod tests {
             }
             if results[1].is_ok() {
                 assert!(pair_b == single_b && pair_b == blocks[ib], "block {ib}");
+            }
+        }
+    }
+
+    #[test]
+    fn pair_of_two_decoders_matches_single_decodes() {
+        let dtype = Dtype::BF16;
+        let wide = gaussian_bf16(200_000, 11);
+        // Another seed, scaled by 2^-3: the exponents move, so the table and alphabet differ.
+        let narrow: Vec<u8> = gaussian_bf16(150_000, 12)
+            .chunks_exact(2)
+            .flat_map(|c| {
+                let f = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) * 0.125;
+                (((f.to_bits() + 0x8000) >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        let setup = |data: &[u8]| {
+            let params = plan(&FieldStats::gather(dtype, data), 8)
+                .expect("weights compress")
+                .params;
+            let payload = encode_block(&params, dtype, data);
+            (SplitDecoder::new(params, dtype), payload)
+        };
+        let (dec_wide, pay_wide) = setup(&wide);
+        let (dec_narrow, pay_narrow) = setup(&narrow);
+        let pay_short = encode_block(dec_narrow.params(), dtype, &narrow[..3_000]);
+        assert!(dec_wide.fast_table().is_some() && dec_narrow.fast_table().is_some());
+        assert_ne!(
+            dec_wide.fast_table().unwrap().alphabet,
+            dec_narrow.fast_table().unwrap().alphabet
+        );
+        let mut damaged = pay_narrow.clone();
+        damaged[RANS_HEADER_BYTES + 500] ^= 0x10;
+        let blocks = [
+            (&dec_wide, &pay_wide[..], &wide[..]),
+            (&dec_narrow, &pay_narrow[..], &narrow[..]),
+            (&dec_narrow, &pay_short[..], &narrow[..3_000]),
+            (&dec_narrow, &damaged[..], &narrow[..]),
+        ];
+        for (ia, ib) in [(0, 1), (1, 0), (0, 2), (2, 1), (3, 0), (0, 3)] {
+            let [(da, pa, a), (db, pb, b)] = [blocks[ia], blocks[ib]];
+            let mut pair = [vec![0u8; a.len()], vec![0u8; b.len()]];
+            let mut single = pair.clone();
+            let [pair_a, pair_b] = &mut pair;
+            let results = decode_pair([da, db], [pa, pb], [pair_a, pair_b]);
+            let expected = [
+                da.decode_block(pa, &mut single[0]),
+                db.decode_block(pb, &mut single[1]),
+            ];
+            assert_eq!(results, expected, "blocks {ia} and {ib}");
+            assert_eq!(results[0].is_err(), ia == 3);
+            assert_eq!(results[1].is_err(), ib == 3);
+            for (j, original) in [(0, a), (1, b)] {
+                if results[j].is_ok() {
+                    assert!(
+                        pair[j] == single[j] && pair[j] == original,
+                        "blocks {ia}, {ib}"
+                    );
+                }
             }
         }
     }

@@ -172,13 +172,8 @@ impl NztFile {
                 .decode_block(payload, out)
                 .map_err(|e| corrupt(e.0.to_string()))?,
             (BlockMode::SplitLocal, TensorDecoder::Split(split)) => {
-                let local_error = |e: TableError| corrupt(format!("block params: {}", e.0));
-                let (param_bytes, body) = split_local_payload(payload).map_err(local_error)?;
-                let (params, borrowed) =
-                    SplitParams::parse_local(param_bytes, tensor.dtype, split.params())
-                        .map_err(local_error)?;
-                split
-                    .local(params, &borrowed, tensor.dtype)
+                let (local, body) = self.local_decoder(tensor, split, k, payload)?;
+                local
                     .decode_block(body, out)
                     .map_err(|e| corrupt(e.0.to_string()))?
             }
@@ -201,6 +196,27 @@ impl NztFile {
             }
         }
         Ok(())
+    }
+
+    /// The decoder of `split_local` block `k` (its own params, borrowing the tensor's tables where it says so)
+    /// and the block's coded body.
+    fn local_decoder<'p>(
+        &self,
+        tensor: &TensorEntry,
+        split: &SplitDecoder,
+        k: usize,
+        payload: &'p [u8],
+    ) -> Result<(SplitDecoder, &'p [u8])> {
+        let local_error = |e: TableError| NzError::CorruptBlock {
+            tensor: tensor.name.clone(),
+            block: k,
+            what: format!("block params: {}", e.0),
+        };
+        let (param_bytes, body) = split_local_payload(payload).map_err(local_error)?;
+        let (params, borrowed) =
+            SplitParams::parse_local(param_bytes, tensor.dtype, split.params())
+                .map_err(local_error)?;
+        Ok((split.local(params, &borrowed, tensor.dtype), body))
     }
 
     /// Decodes block `block` of tensor `index` into `out`, which must be exactly that block's decoded size.
@@ -313,8 +329,8 @@ impl NztFile {
         }
     }
 
-    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel. Neighbouring `split` blocks of one
-    /// tensor are decoded as a pair (`SplitDecoder::decode_block_pair`), which keeps the SIMD units busier.
+    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel. Neighbouring `split` or `split_local`
+    /// blocks of one tensor are decoded as a pair (`split::decode_pair`), which keeps the SIMD units busier.
     fn decode_batch(
         &self,
         decoders: &[Option<TensorDecoder>],
@@ -322,8 +338,12 @@ impl NztFile {
         buffer: &mut [u8],
     ) -> Vec<Result<()>> {
         let tensors = &self.header.tensors;
-        let is_split =
-            |&(t, k, _): &(usize, usize, usize)| tensors[t].blocks[k].mode == BlockMode::Split;
+        let is_split = |&(t, k, _): &(usize, usize, usize)| {
+            matches!(
+                tensors[t].blocks[k].mode,
+                BlockMode::Split | BlockMode::SplitLocal
+            )
+        };
         // Units of one or two blocks: (first index into `blocks`, paired?).
         let mut units: Vec<(usize, bool)> = Vec::with_capacity(blocks.len());
         let mut i = 0;
@@ -371,7 +391,8 @@ impl NztFile {
         results.into_iter().flatten().flatten().collect()
     }
 
-    /// Decodes split blocks `k` and `k + 1` of `tensor` as a pair, checksums first; each keeps its own result.
+    /// Decodes split or split_local blocks `k` and `k + 1` of `tensor` as a pair, checksums and block params
+    /// first; each keeps its own result.
     fn decode_pair_with(
         &self,
         tensor: &TensorEntry,
@@ -380,28 +401,49 @@ impl NztFile {
         outs: [&mut [u8]; 2],
     ) -> [Result<()>; 2] {
         let [out_a, out_b] = outs;
-        let payloads = [
-            self.checked_payload(tensor, k),
-            self.checked_payload(tensor, k + 1),
-        ];
-        match (decoder, payloads) {
-            (TensorDecoder::Split(split), [Ok(a), Ok(b)]) => {
-                let corrupt =
-                    |j: usize, e: crate::codec::rans::StreamError| NzError::CorruptBlock {
-                        tensor: tensor.name.clone(),
-                        block: j,
-                        what: e.0.to_string(),
-                    };
-                let [ra, rb] = split.decode_block_pair([a, b], [out_a, out_b]);
+        let TensorDecoder::Split(split) = decoder else {
+            return [
+                self.decode_block_with(tensor, decoder, k, out_a),
+                self.decode_block_with(tensor, decoder, k + 1, out_b),
+            ];
+        };
+        // Each block's decoder (borrowed for `split`, built for `split_local`) and coded body.
+        let prepare = |j: usize| -> Result<(Option<SplitDecoder>, &[u8])> {
+            let payload = self.checked_payload(tensor, j)?;
+            match tensor.blocks[j].mode {
+                BlockMode::SplitLocal => {
+                    let (local, body) = self.local_decoder(tensor, split, j, payload)?;
+                    Ok((Some(local), body))
+                }
+                _ => Ok((None, payload)),
+            }
+        };
+        let corrupt = |j: usize, e: crate::codec::rans::StreamError| NzError::CorruptBlock {
+            tensor: tensor.name.clone(),
+            block: j,
+            what: e.0.to_string(),
+        };
+        match [prepare(k), prepare(k + 1)] {
+            [Ok((local_a, body_a)), Ok((local_b, body_b))] => {
+                let decoders = [
+                    local_a.as_ref().unwrap_or(split),
+                    local_b.as_ref().unwrap_or(split),
+                ];
+                let [ra, rb] =
+                    crate::codec::split::decode_pair(decoders, [body_a, body_b], [out_a, out_b]);
                 [
                     ra.map_err(|e| corrupt(k, e)),
                     rb.map_err(|e| corrupt(k + 1, e)),
                 ]
             }
-            (_, [a, b]) => [
-                a.and_then(|a| self.decode_payload(tensor, decoder, k, a, out_a)),
-                b.and_then(|b| self.decode_payload(tensor, decoder, k + 1, b, out_b)),
-            ],
+            [a, b] => {
+                let single = |prepared: Result<(Option<SplitDecoder>, &[u8])>, j, out| {
+                    let (local, body) = prepared?;
+                    let decoder = local.as_ref().unwrap_or(split);
+                    decoder.decode_block(body, out).map_err(|e| corrupt(j, e))
+                };
+                [single(a, k, out_a), single(b, k + 1, out_b)]
+            }
         }
     }
 
