@@ -9,6 +9,7 @@
 use super::bitpack;
 use super::freq::{DecodeTable, FreqTable, PackedTable, TableError, MAX_SYMBOL_BITS};
 use super::rans::{self, FieldOutput, FieldSymbols, LANES};
+use super::simd::Merge16;
 use crate::dtype::Dtype;
 use std::sync::Arc;
 
@@ -468,10 +469,24 @@ impl SplitDecoder {
         let (rans_part, raw_start) = self.rans_part(payload, n)?;
         let packed = self.fast_table().filter(|_| fast);
         if let (Some((states, words)), Some(packed)) = (rans_part, packed) {
+            let raw = &payload[raw_start..];
             return SCRATCH.with_borrow_mut(|scratch| {
                 let ranks = rank_buffer(scratch, n);
-                rans::decode_ranks(&states, words, packed, ranks)?;
-                self.merge_fast(ranks, packed, &payload[raw_start..], out);
+                let done = match self.merge16_symbols(packed) {
+                    Some(symbols) => rans::decode_merged16(rans::Merged16Block {
+                        states: &states,
+                        words,
+                        table: packed,
+                        merge: self.merge16(&symbols, n, raw),
+                        ranks: &mut *ranks,
+                        out: &mut *out,
+                    })?,
+                    None => {
+                        rans::decode_ranks(&states, words, packed, ranks)?;
+                        0
+                    }
+                };
+                self.merge_fast(ranks, packed, raw, out, done);
                 Ok(())
             });
         }
@@ -569,22 +584,28 @@ impl SplitDecoder {
     }
 
     /// `merge` for the element width of the fast path (2 or 4 bytes, as `fast_table` requires).
-    fn merge_fast(&self, ranks: &[u8], packed: &PackedTable, raw: &[u8], out: &mut [u8]) {
+    fn merge_fast(
+        &self,
+        ranks: &[u8],
+        packed: &PackedTable,
+        raw: &[u8],
+        out: &mut [u8],
+        done: usize,
+    ) {
         match self.width {
-            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out),
-            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out),
+            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out, done),
+            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out, done),
         }
     }
 
-    /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each).
-    fn merge<const W: usize>(&self, ranks: &[u8], alphabet: &[u16], raw: &[u8], out: &mut [u8]) {
-        let coded_shift = self.coded_shifts().next().expect("one coded field");
-        let mut raw_fields: Vec<RawField> = Vec::new();
+    /// The raw fields of a block of `n` elements whose raw part is `raw`, in layout order.
+    fn raw_fields<'p>(&self, n: usize, raw: &'p [u8]) -> Vec<RawField<'p>> {
+        let mut fields = Vec::new();
         let mut pos = 0;
         for (f, &shift) in self.params.fields.iter().zip(&self.shifts) {
             if f.coding == Coding::Raw {
-                let len = bitpack::packed_len(ranks.len(), f.width);
-                raw_fields.push(RawField {
+                let len = bitpack::packed_len(n, f.width);
+                fields.push(RawField {
                     bytes: &raw[pos..pos + len],
                     width: f.width,
                     shift,
@@ -592,23 +613,73 @@ impl SplitDecoder {
                 pos += align4(len);
             }
         }
+        fields
+    }
+
+    /// The coded field's symbols shifted into place, by rank.
+    fn coded_symbols(&self, alphabet: &[u16]) -> [u32; 256] {
+        let coded_shift = self.coded_shifts().next().expect("one coded field");
         let mut symbols = [0u32; 256];
         for (s, &a) in symbols.iter_mut().zip(alphabet) {
             *s = (a as u32) << coded_shift;
         }
-        let mut first_group = 0;
+        symbols
+    }
+
+    /// `coded_symbols` for the 2-byte merge kernels (`simd::Merge16`), when the fast path's elements are 2 bytes
+    /// with at most one raw field.
+    fn merge16_symbols(&self, packed: &PackedTable) -> Option<[u16; 256]> {
+        let raw_count = self.params.fields.len() - self.tables.len();
+        if self.width != 2 || raw_count > 1 {
+            return None;
+        }
+        let symbols = self.coded_symbols(&packed.alphabet);
+        Some(std::array::from_fn(|k| symbols[k] as u16))
+    }
+
+    /// The `simd::Merge16` of a block of `n` elements whose raw part is `raw` (a layout `merge16_symbols`
+    /// accepts).
+    fn merge16<'p>(&self, symbols: &'p [u16; 256], n: usize, raw: &'p [u8]) -> Merge16<'p> {
+        let raw = self
+            .raw_fields(n, raw)
+            .first()
+            .map(|f| (f.bytes, f.width, f.shift));
+        Merge16 { symbols, raw }
+    }
+
+    /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each) after the first
+    /// `done` (a multiple of 32, already in `out`).
+    fn merge<const W: usize>(
+        &self,
+        ranks: &[u8],
+        alphabet: &[u16],
+        raw: &[u8],
+        out: &mut [u8],
+        done: usize,
+    ) {
+        let mut raw_fields = self.raw_fields(ranks.len(), raw);
+        let symbols = self.coded_symbols(alphabet);
+        let mut first_group = done / 8;
+        let skip = |fields: &mut [RawField], groups: usize| {
+            for f in fields {
+                f.bytes = &f.bytes[groups * f.width as usize..];
+            }
+        };
+        skip(&mut raw_fields, first_group);
         if W == 2 && raw_fields.len() <= 1 {
             let symbols16: [u16; 256] = std::array::from_fn(|k| symbols[k] as u16);
-            let raw = raw_fields.first().map(|f| (f.bytes, f.width, f.shift));
-            first_group = super::simd::merge16(ranks, &symbols16, raw, out) / 8;
+            let merge = Merge16 {
+                symbols: &symbols16,
+                raw: raw_fields.first().map(|f| (f.bytes, f.width, f.shift)),
+            };
+            let more = super::simd::merge16(&ranks[done..], merge, &mut out[2 * done..]) / 8;
+            skip(&mut raw_fields, more);
+            first_group += more;
             if first_group * 8 == ranks.len() {
                 return;
             }
         }
         let (ranks, out) = (&ranks[first_group * 8..], &mut out[first_group * 8 * W..]);
-        for f in &mut raw_fields {
-            f.bytes = &f.bytes[first_group * f.width as usize..];
-        }
         match raw_fields[..] {
             [] => merge_fields::<W, 0>(ranks, &symbols, [], out),
             [a] => merge_fields::<W, 1>(ranks, &symbols, [a], out),
@@ -644,20 +715,49 @@ pub fn decode_pair(
             dec_b.decode_block(payloads[1], out_b),
         ];
     };
+    let raw = [&payloads[0][*raw_a..], &payloads[1][*raw_b..]];
     PAIR_SCRATCH.with_borrow_mut(|(scratch_a, scratch_b)| {
         let ranks_a = rank_buffer(scratch_a, n[0]);
         let ranks_b = rank_buffer(scratch_b, n[1]);
-        let results = rans::decode_ranks_pair([
-            (states_a, words_a, packed_a, &mut ranks_a[..]),
-            (states_b, words_b, packed_b, &mut ranks_b[..]),
-        ]);
-        if results[0].is_ok() {
-            dec_a.merge_fast(ranks_a, packed_a, &payloads[0][*raw_a..], out_a);
+        let symbols = [
+            dec_a.merge16_symbols(packed_a),
+            dec_b.merge16_symbols(packed_b),
+        ];
+        let results = match &symbols {
+            [Some(symbols_a), Some(symbols_b)] => rans::decode_merged16_pair([
+                rans::Merged16Block {
+                    states: states_a,
+                    words: words_a,
+                    table: packed_a,
+                    merge: dec_a.merge16(symbols_a, n[0], raw[0]),
+                    ranks: &mut *ranks_a,
+                    out: &mut *out_a,
+                },
+                rans::Merged16Block {
+                    states: states_b,
+                    words: words_b,
+                    table: packed_b,
+                    merge: dec_b.merge16(symbols_b, n[1], raw[1]),
+                    ranks: &mut *ranks_b,
+                    out: &mut *out_b,
+                },
+            ]),
+            _ => {
+                let [ra, rb] = rans::decode_ranks_pair([
+                    (states_a, words_a, packed_a, &mut ranks_a[..]),
+                    (states_b, words_b, packed_b, &mut ranks_b[..]),
+                ]);
+                [ra.map(|()| 0), rb.map(|()| 0)]
+            }
+        };
+        let [ra, rb] = results;
+        if let Ok(done) = ra {
+            dec_a.merge_fast(ranks_a, packed_a, raw[0], out_a, done);
         }
-        if results[1].is_ok() {
-            dec_b.merge_fast(ranks_b, packed_b, &payloads[1][*raw_b..], out_b);
+        if let Ok(done) = rb {
+            dec_b.merge_fast(ranks_b, packed_b, raw[1], out_b, done);
         }
-        results
+        [ra.map(|_| ()), rb.map(|_| ())]
     })
 }
 
