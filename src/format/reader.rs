@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -34,6 +35,9 @@ pub struct NztFile {
     bytes: Bytes,
     header: Header,
     options: DecodeOptions,
+    /// The batch buffers of the last `for_each_block`, kept for the next one (at most two), so repeated
+    /// decodes of a file do not allocate and zero them again.
+    spare_buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// What one tensor needs to decode its blocks: its parameters, expanded once.
@@ -57,6 +61,7 @@ impl NztFile {
             bytes,
             header,
             options: DecodeOptions::default(),
+            spare_buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -270,9 +275,36 @@ impl NztFile {
     /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block) that run
     /// across tensor boundaries, so small tensors keep every thread busy too. Two batch buffers are reused in
     /// turn: while `sink` consumes one batch the pool decodes the next, so memory stays bounded (two batches)
-    /// whatever the model or a hostile header declares.
+    /// whatever the model or a hostile header declares. The two buffers are kept for the next call.
     pub fn for_each_block(
         &self,
+        sink: impl FnMut(usize, usize, &[u8]) -> Result<()> + Send,
+    ) -> Result<()> {
+        let mut spare = self
+            .spare_buffers
+            .lock()
+            .map(|mut kept| std::mem::take(&mut *kept))
+            .unwrap_or_default();
+        let mut decoding = Batch {
+            buffer: spare.pop().unwrap_or_default(),
+            ..Batch::default()
+        };
+        let mut consuming = Batch {
+            buffer: spare.pop().unwrap_or_default(),
+            ..Batch::default()
+        };
+        let result = self.decode_batches(&mut decoding, &mut consuming, sink);
+        if let Ok(mut kept) = self.spare_buffers.lock() {
+            *kept = vec![decoding.buffer, consuming.buffer];
+        }
+        result
+    }
+
+    /// The loop of `for_each_block`, with its two batches: the one being decoded and the one being consumed.
+    fn decode_batches(
+        &self,
+        decoding: &mut Batch,
+        consuming: &mut Batch,
         mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()> + Send,
     ) -> Result<()> {
         let tensors = &self.header.tensors;
@@ -282,9 +314,6 @@ impl NztFile {
             .flat_map(|(t, tensor)| (0..tensor.blocks.len()).map(move |k| (t, k)))
             .peekable();
         let mut decoders: Vec<Option<TensorDecoder>> = (0..tensors.len()).map(|_| None).collect();
-        // The batch being decoded and the one being consumed: (blocks, per-block results, buffer).
-        let mut decoding = Batch::default();
-        let mut consuming = Batch::default();
         loop {
             decoding.blocks.clear();
             let mut batch_bytes = 0usize;
@@ -304,7 +333,9 @@ impl NztFile {
                 return Ok(());
             }
             if decoding.buffer.len() < batch_bytes {
-                decoding.buffer.resize(batch_bytes, 0);
+                // A fresh zeroed allocation rather than `resize`: large ones come zeroed from the system
+                // (calloc), so the buffer is not written twice before the decoders fill it.
+                decoding.buffer = vec![0u8; batch_bytes];
             }
             let decoders_ref = &decoders;
             let (decoded, consumed) = rayon::join(
@@ -325,7 +356,7 @@ impl NztFile {
                     decoders[t] = None;
                 }
             }
-            std::mem::swap(&mut decoding, &mut consuming);
+            std::mem::swap(decoding, consuming);
         }
     }
 
