@@ -360,8 +360,9 @@ impl NztFile {
         }
     }
 
-    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel. Neighbouring `split` or `split_local`
-    /// blocks of one tensor are decoded as a pair (`split::decode_pair`), which keeps the SIMD units busier.
+    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel; returns their results in order.
+    /// `split` and `split_local` blocks are decoded two at a time (`split::decode_pair`), which keeps the SIMD
+    /// units busier.
     fn decode_batch(
         &self,
         decoders: &[Option<TensorDecoder>],
@@ -375,105 +376,138 @@ impl NztFile {
                 BlockMode::Split | BlockMode::SplitLocal
             )
         };
-        // Units of one or two blocks: (first index into `blocks`, paired?).
-        let mut units: Vec<(usize, bool)> = Vec::with_capacity(blocks.len());
-        let mut i = 0;
-        while i < blocks.len() {
-            let pair = i + 1 < blocks.len()
-                && blocks[i].0 == blocks[i + 1].0
-                && is_split(&blocks[i])
-                && is_split(&blocks[i + 1]);
-            units.push((i, pair));
-            i += 1 + pair as usize;
-        }
-        let mut outs: Vec<(&mut [u8], Option<&mut [u8]>)> = Vec::with_capacity(units.len());
+        // Units of one or two blocks (indices into `blocks`). Split blocks pair up by size, longest first,
+        // across tensors too: the two streams of a pair run together only as far as the shorter one goes, and
+        // tensors often end in a short block (a 384 x 384 weight is a full block and an eighth).
+        let mut split_blocks: Vec<usize> = (0..blocks.len())
+            .filter(|&i| is_split(&blocks[i]))
+            .collect();
+        split_blocks.sort_by_key(|&i| std::cmp::Reverse(blocks[i].2));
+        let mut units: Vec<(usize, Option<usize>)> = split_blocks
+            .chunks(2)
+            .map(|unit| (unit[0], unit.get(1).copied()))
+            .collect();
+        units.extend(
+            (0..blocks.len())
+                .filter(|&i| !is_split(&blocks[i]))
+                .map(|i| (i, None)),
+        );
+        // Each block's slice of `buffer`, handed to its unit.
+        let mut slices: Vec<Option<&mut [u8]>> = Vec::with_capacity(blocks.len());
         let mut rest = buffer;
-        for &(i, pair) in &units {
-            let (first, tail) = rest.split_at_mut(blocks[i].2);
+        for &(_, _, len) in blocks {
+            let (slice, tail) = rest.split_at_mut(len);
             rest = tail;
-            let second = if pair {
-                let (second, tail) = rest.split_at_mut(blocks[i + 1].2);
-                rest = tail;
-                Some(second)
-            } else {
-                None
-            };
-            outs.push((first, second));
+            slices.push(Some(slice));
         }
-        let results: Vec<[Option<Result<()>>; 2]> = units
+        let mut take = |i: usize| slices[i].take().expect("each block is in one unit");
+        let mut outs: Vec<(&mut [u8], Option<&mut [u8]>)> = units
+            .iter()
+            .map(|&(i, j)| (take(i), j.map(&mut take)))
+            .collect();
+        let decoder = |t: usize| decoders[t].as_ref().expect("built before the batch");
+        let unit_results: Vec<(usize, Result<()>)> = units
             .par_iter()
             .zip(outs.par_iter_mut())
-            .map(|(&(i, _), (first, second))| {
+            .flat_map_iter(|(&(i, j), (first, second))| {
                 let (t, k, _) = blocks[i];
-                let decoder = decoders[t].as_ref().expect("built before the batch");
-                match second {
-                    None => [
-                        Some(self.decode_block_with(&tensors[t], decoder, k, first)),
+                let results = match (j, second) {
+                    (Some(j), Some(second)) => {
+                        let (t2, k2, _) = blocks[j];
+                        let [a, b] = self.decode_pair_with(
+                            [
+                                (&tensors[t], decoder(t), k),
+                                (&tensors[t2], decoder(t2), k2),
+                            ],
+                            [first, second],
+                        );
+                        [Some((i, a)), Some((j, b))]
+                    }
+                    _ => [
+                        Some((i, self.decode_block_with(&tensors[t], decoder(t), k, first))),
                         None,
                     ],
-                    Some(second) => {
-                        let [a, b] =
-                            self.decode_pair_with(&tensors[t], decoder, k, [first, second]);
-                        [Some(a), Some(b)]
-                    }
-                }
+                };
+                results.into_iter().flatten()
             })
             .collect();
-        results.into_iter().flatten().flatten().collect()
+        let mut results: Vec<Option<Result<()>>> = (0..blocks.len()).map(|_| None).collect();
+        for (i, result) in unit_results {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("each block is in one unit"))
+            .collect()
     }
 
-    /// Decodes split or split_local blocks `k` and `k + 1` of `tensor` as a pair, checksums and block params
-    /// first; each keeps its own result.
+    /// Decodes two split or split_local blocks, each given as (tensor, its decoder, block index), as a pair,
+    /// checksums and block params first; each keeps its own result.
     fn decode_pair_with(
         &self,
-        tensor: &TensorEntry,
-        decoder: &TensorDecoder,
-        k: usize,
+        blocks: [(&TensorEntry, &TensorDecoder, usize); 2],
         outs: [&mut [u8]; 2],
     ) -> [Result<()>; 2] {
         let [out_a, out_b] = outs;
-        let TensorDecoder::Split(split) = decoder else {
+        let [(tensor_a, decoder_a, k_a), (tensor_b, decoder_b, k_b)] = blocks;
+        let (TensorDecoder::Split(split_a), TensorDecoder::Split(split_b)) = (decoder_a, decoder_b)
+        else {
             return [
-                self.decode_block_with(tensor, decoder, k, out_a),
-                self.decode_block_with(tensor, decoder, k + 1, out_b),
+                self.decode_block_with(tensor_a, decoder_a, k_a, out_a),
+                self.decode_block_with(tensor_b, decoder_b, k_b, out_b),
             ];
         };
-        // Each block's decoder (borrowed for `split`, built for `split_local`) and coded body.
-        let prepare = |j: usize| -> Result<(Option<SplitDecoder>, &[u8])> {
-            let payload = self.checked_payload(tensor, j)?;
-            match tensor.blocks[j].mode {
+        // A block's decoder (its tensor's for `split`, built for `split_local`) and coded body.
+        let prepare = |tensor: &TensorEntry,
+                       split: &SplitDecoder,
+                       k: usize|
+         -> Result<(Option<SplitDecoder>, &[u8])> {
+            let payload = self.checked_payload(tensor, k)?;
+            match tensor.blocks[k].mode {
                 BlockMode::SplitLocal => {
-                    let (local, body) = self.local_decoder(tensor, split, j, payload)?;
+                    let (local, body) = self.local_decoder(tensor, split, k, payload)?;
                     Ok((Some(local), body))
                 }
                 _ => Ok((None, payload)),
             }
         };
-        let corrupt = |j: usize, e: crate::codec::rans::StreamError| NzError::CorruptBlock {
-            tensor: tensor.name.clone(),
-            block: j,
-            what: e.0.to_string(),
+        let corrupt = |tensor: &TensorEntry, k: usize, e: crate::codec::rans::StreamError| {
+            NzError::CorruptBlock {
+                tensor: tensor.name.clone(),
+                block: k,
+                what: e.0.to_string(),
+            }
         };
-        match [prepare(k), prepare(k + 1)] {
+        match [
+            prepare(tensor_a, split_a, k_a),
+            prepare(tensor_b, split_b, k_b),
+        ] {
             [Ok((local_a, body_a)), Ok((local_b, body_b))] => {
                 let decoders = [
-                    local_a.as_ref().unwrap_or(split),
-                    local_b.as_ref().unwrap_or(split),
+                    local_a.as_ref().unwrap_or(split_a),
+                    local_b.as_ref().unwrap_or(split_b),
                 ];
                 let [ra, rb] =
                     crate::codec::split::decode_pair(decoders, [body_a, body_b], [out_a, out_b]);
                 [
-                    ra.map_err(|e| corrupt(k, e)),
-                    rb.map_err(|e| corrupt(k + 1, e)),
+                    ra.map_err(|e| corrupt(tensor_a, k_a, e)),
+                    rb.map_err(|e| corrupt(tensor_b, k_b, e)),
                 ]
             }
             [a, b] => {
-                let single = |prepared: Result<(Option<SplitDecoder>, &[u8])>, j, out| {
+                let single = |prepared: Result<(Option<SplitDecoder>, &[u8])>,
+                              (tensor, split, k): (&TensorEntry, &SplitDecoder, usize),
+                              out| {
                     let (local, body) = prepared?;
                     let decoder = local.as_ref().unwrap_or(split);
-                    decoder.decode_block(body, out).map_err(|e| corrupt(j, e))
+                    decoder
+                        .decode_block(body, out)
+                        .map_err(|e| corrupt(tensor, k, e))
                 };
-                [single(a, k, out_a), single(b, k + 1, out_b)]
+                [
+                    single(a, (tensor_a, split_a, k_a), out_a),
+                    single(b, (tensor_b, split_b, k_b), out_b),
+                ]
             }
         }
     }
