@@ -555,8 +555,10 @@ impl Batch {
 }
 
 /// Most decoded bytes one batch of `for_each_block` holds (a single larger block is still decoded alone);
-/// two batches are alive at once.
-pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
+/// two batches are alive at once. Small, because a one-shot `decompress` pays a page fault for every fresh
+/// 4 KiB of them (16 MiB batches: 9,500 faults and 1.2x `zstd -d`'s wall time on MiniLM bf16; 4 MiB: 4,200 and
+/// 0.8-0.9x), while repeated decodes reuse them and, with a few dozen blocks per batch, keep both threads busy.
+pub const DECODE_BATCH_BYTES: u64 = 4 << 20;
 
 /// Decodes zstd block `k` of tensor `name` into `out` (exactly the block's bytes): one frame that ends where the
 /// payload ends (spec: block modes), giving exactly `out.len()` bytes. The GPU loader decodes zstd blocks on the
