@@ -144,7 +144,7 @@ fn main() {
                         [&mut xa, &mut xb],
                         [&mut pa, &mut pb],
                         [wa, wb],
-                        &packed,
+                        [&packed, &packed],
                         [&mut ranks[..sa.len()], &mut ranks_b[..sb.len()]],
                     );
                     black_box(done);

@@ -19,7 +19,7 @@ use neuzip::convert::{
     convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
     SAFETENSORS_INDEX,
 };
-use neuzip::format::writer::OutputFile;
+use neuzip::format::writer::{EarlyWriteback, OutputFile};
 use neuzip::format::MAGIC;
 use neuzip::inspect::report;
 use neuzip::precision::{
@@ -559,12 +559,14 @@ fn decompress_one(
     let total: u64 = file.tensors().iter().map(|t| t.byte_len()).sum();
     let bar = progress_bar(total, &format!("decompress {}", input.display()), quiet);
     {
-        let mut writer = BufWriter::with_capacity(1 << 20, out.file());
+        let writing = || format!("writing {}", output.display());
+        let mut early = EarlyWriteback::new(out.file()).with_context(writing)?;
+        let mut writer = BufWriter::with_capacity(1 << 20, &mut early);
         file.write_safetensors(&mut writer, |n| bar.inc(n))
             .with_context(|| format!("decompressing {}", input.display()))?;
-        writer
-            .flush()
-            .with_context(|| format!("writing {}", output.display()))?;
+        writer.flush().with_context(writing)?;
+        drop(writer);
+        early.finish().with_context(writing)?;
     }
     out.commit()
         .with_context(|| format!("writing {}", output.display()))?;

@@ -474,6 +474,30 @@ fn payload_ranges(h: &Header) -> Vec<(usize, usize, String)> {
         .collect()
 }
 
+/// Streaming decode (`for_each_block`) decodes blocks in pairs, of one tensor or of two, in an order of its
+/// own; a damaged block must still be reported as itself.
+#[test]
+fn streaming_decode_names_the_damaged_block() {
+    let (_, nzt) = small_nzt();
+    let h = header_of(&nzt);
+    let mut checked = 0;
+    for t in &h.tensors {
+        for (k, b) in t.blocks.iter().enumerate() {
+            if b.stored_len == 0 {
+                continue;
+            }
+            let mut damaged = nzt.clone();
+            damaged[b.offset as usize + b.stored_len as usize / 2] ^= 0x10;
+            let file = NztFile::from_bytes(Bytes::Owned(damaged)).expect("header intact");
+            let e = decompress(&file).expect_err("damage detected").to_string();
+            let named = format!("tensor '{}' block {k}", t.name);
+            assert!(e.contains(&named), "{named}: {e}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 8, "only {checked} blocks");
+}
+
 #[test]
 fn every_payload_byte_flip_is_detected() {
     let (original, nzt) = small_nzt();

@@ -225,13 +225,13 @@ pub fn decode_ranks_with(
     cursor.packed_steps(words, table, ranks, done * LANES);
     cursor.finish(words)
 }
-/// `decode_ranks` for two blocks coded with the same table, their full steps interleaved in one kernel (where
+/// One block of `decode_ranks_pair`: the arguments of `decode_ranks` (states, words, table, ranks).
+pub type RanksBlock<'a> = (&'a [u32; LANES], &'a [u8], &'a PackedTable, &'a mut [u8]);
+
+/// `decode_ranks` for two blocks, each with its own table, their full steps interleaved in one kernel (where
 /// the CPU has one) so that each block's table lookups overlap the other's. Same results as two calls.
-pub fn decode_ranks_pair(
-    blocks: [(&[u32; LANES], &[u8], &mut [u8]); 2],
-    table: &PackedTable,
-) -> [Result<(), StreamError>; 2] {
-    let [(states_a, words_a, ranks_a), (states_b, words_b, ranks_b)] = blocks;
+pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError>; 2] {
+    let [(states_a, words_a, table_a, ranks_a), (states_b, words_b, table_b, ranks_b)] = blocks;
     let (mut a, mut b) = match (
         Cursor::start(states_a, words_a),
         Cursor::start(states_b, words_b),
@@ -239,8 +239,8 @@ pub fn decode_ranks_pair(
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             return [
-                decode_ranks(states_a, words_a, table, ranks_a),
-                decode_ranks(states_b, words_b, table, ranks_b),
+                decode_ranks(states_a, words_a, table_a, ranks_a),
+                decode_ranks(states_b, words_b, table_b, ranks_b),
             ]
         }
     };
@@ -250,10 +250,10 @@ pub fn decode_ranks_pair(
         [&mut a.x, &mut b.x],
         [&mut a.pos, &mut b.pos],
         [words_a, words_b],
-        table,
+        [table_a, table_b],
         [&mut *ranks_a, &mut *ranks_b],
     );
-    let finish = |mut cursor: Cursor, words: &[u8], ranks: &mut [u8]| {
+    let finish = |mut cursor: Cursor, words: &[u8], table: &PackedTable, ranks: &mut [u8]| {
         let from = together * LANES;
         let more = super::simd::decode_steps_with(
             kernel,
@@ -266,7 +266,89 @@ pub fn decode_ranks_pair(
         cursor.packed_steps(words, table, ranks, from + more * LANES);
         cursor.finish(words)
     };
-    [finish(a, words_a, ranks_a), finish(b, words_b, ranks_b)]
+    [
+        finish(a, words_a, table_a, ranks_a),
+        finish(b, words_b, table_b, ranks_b),
+    ]
+}
+
+/// One block of `decode_merged16` and `decode_merged16_pair`: states, words, table, how its elements are
+/// merged, its rank buffer (one per element) and its output (2 bytes per element).
+pub struct Merged16Block<'a> {
+    pub states: &'a [u32; LANES],
+    pub words: &'a [u8],
+    pub table: &'a PackedTable,
+    pub merge: super::simd::Merge16<'a>,
+    pub ranks: &'a mut [u8],
+    pub out: &'a mut [u8],
+}
+
+/// `decode_ranks` for a block of 2-byte elements that merges as it decodes where the CPU can (AVX-512 VBMI):
+/// the kernel's full steps write their elements straight to `out`, and only the ranks of the elements after
+/// them go to `ranks`, as `decode_ranks` writes them. Returns how many leading elements are already in `out`
+/// (a multiple of 32); the caller merges the rest. Accepts and rejects exactly what `decode_ranks` does.
+pub fn decode_merged16(block: Merged16Block<'_>) -> Result<usize, StreamError> {
+    let Merged16Block {
+        states,
+        words,
+        table,
+        merge,
+        ranks,
+        out,
+    } = block;
+    let mut cursor = Cursor::start(states, words)?;
+    let done = super::simd::decode_merge16_steps(
+        &mut cursor.x,
+        &mut cursor.pos,
+        words,
+        table,
+        merge,
+        &mut out[..2 * ranks.len()],
+    );
+    cursor.finish_ranks(words, table, ranks, done * LANES)?;
+    Ok(done * LANES)
+}
+
+/// `decode_merged16` for two blocks, their full steps interleaved in one kernel so that each block's table
+/// lookups overlap the other's. Same results as two calls.
+pub fn decode_merged16_pair(blocks: [Merged16Block<'_>; 2]) -> [Result<usize, StreamError>; 2] {
+    let [a, b] = blocks;
+    let mut cursors = match (
+        Cursor::start(a.states, a.words),
+        Cursor::start(b.states, b.words),
+    ) {
+        (Ok(ca), Ok(cb)) => [ca, cb],
+        _ => return [decode_merged16(a), decode_merged16(b)],
+    };
+    let [ca, cb] = &mut cursors;
+    let together = super::simd::decode_merge16_steps_pair(
+        [&mut ca.x, &mut cb.x],
+        [&mut ca.pos, &mut cb.pos],
+        [a.words, b.words],
+        [a.table, b.table],
+        [a.merge, b.merge],
+        [
+            &mut a.out[..2 * a.ranks.len()],
+            &mut b.out[..2 * b.ranks.len()],
+        ],
+    );
+    let finish = |mut cursor: Cursor, block: Merged16Block<'_>| {
+        let from = together * LANES;
+        let n = block.ranks.len();
+        let more = super::simd::decode_merge16_steps(
+            &mut cursor.x,
+            &mut cursor.pos,
+            block.words,
+            block.table,
+            block.merge.advanced(together),
+            &mut block.out[2 * from..2 * n],
+        );
+        let done = from + more * LANES;
+        cursor.finish_ranks(block.words, block.table, block.ranks, done)?;
+        Ok(done)
+    };
+    let [ca, cb] = cursors;
+    [finish(ca, a), finish(cb, b)]
 }
 
 /// Decoder state between steps: the lane states, the next word and whether a lane read past the end.
@@ -354,6 +436,21 @@ impl Cursor {
                 self.pos += need as usize;
             }
         }
+    }
+
+    /// Decodes the ranks of elements `from..ranks.len()` (the selected kernel's full steps, then
+    /// `packed_steps`), then runs the end checks.
+    fn finish_ranks(
+        mut self,
+        words: &[u8],
+        table: &PackedTable,
+        ranks: &mut [u8],
+        from: usize,
+    ) -> Result<(), StreamError> {
+        let more =
+            super::simd::decode_steps(&mut self.x, &mut self.pos, words, table, &mut ranks[from..]);
+        self.packed_steps(words, table, ranks, from + more * LANES);
+        self.finish(words)
     }
 
     /// The end checks: no read past the end, no word left over, every lane back at the encoder's start.
@@ -513,6 +610,148 @@ mod tests {
                             got, expected,
                             "{kernel:?} n={n} bits={bits} prob_bits={prob_bits}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn merged16_matches_the_reference() {
+        use crate::codec::bitpack;
+        use crate::codec::freq::PackedTable;
+        use crate::codec::simd::Merge16;
+        let mut seed = 11u64;
+        for raw_width in 0..=8u32 {
+            let bits = 10.min(16 - raw_width);
+            for n in [31usize, 4099, 70_001] {
+                // Two blocks on one table, so the pair kernel can run too.
+                let blocks: Vec<(Vec<u16>, Vec<u32>)> = (0..2)
+                    .map(|b| {
+                        let symbols = skewed_symbols(n + 37 * b, bits, n as u64 + b as u64);
+                        let raw = symbols
+                            .iter()
+                            .map(|_| (xorshift(&mut seed) as u32) & ((1 << raw_width) - 1))
+                            .collect();
+                        (symbols, raw)
+                    })
+                    .collect();
+                let all = blocks.iter().flat_map(|(s, _)| s.iter().map(|&v| v as u32));
+                let Some(table) = FreqTable::from_counts(&histogram(all, bits), bits, 12) else {
+                    continue;
+                };
+                let packed = PackedTable::new(&table).expect("small alphabet packs");
+                let dt = DecodeTable::new(&table);
+                let mut symbols16 = [0u16; 256];
+                for (s, &a) in symbols16.iter_mut().zip(&packed.alphabet) {
+                    *s = a << raw_width;
+                }
+                // Per block: states, words (intact, then with one flipped bit), packed raw field.
+                let mut cases = Vec::new();
+                for (symbols, raw) in &blocks {
+                    let (enc, bytes) = encode_one_field(symbols, &table);
+                    let mut raw_bytes = Vec::new();
+                    bitpack::pack_slice(raw, raw_width, &mut raw_bytes);
+                    let mut damaged = bytes.clone();
+                    if !damaged.is_empty() {
+                        let at = (xorshift(&mut seed) as usize) % damaged.len();
+                        damaged[at] ^= 1 << (xorshift(&mut seed) % 8);
+                    }
+                    for words in [bytes, damaged] {
+                        cases.push((enc.states, words, raw_bytes.clone(), symbols.len()));
+                    }
+                }
+                // What decode + merge gives, from the reference decoder.
+                let expect = |(states, words, raw_bytes, n): &(_, Vec<u8>, Vec<u8>, usize)| {
+                    let mut symbols = vec![0u16; *n];
+                    let output = FieldOutput {
+                        out: &mut symbols,
+                        table: &dt,
+                    };
+                    decode(states, words, &mut [output], *n).map(|()| {
+                        let mut values: Vec<u16> =
+                            symbols.iter().map(|&s| s << raw_width).collect();
+                        bitpack::unpack(raw_bytes, raw_width, *n, |i, v| values[i] |= v as u16);
+                        values
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                    })
+                };
+                fn merge_of<'a>(symbols: &'a [u16; 256], raw: &'a [u8], width: u32) -> Merge16<'a> {
+                    Merge16 {
+                        symbols,
+                        raw: (width > 0).then_some((raw, width, 0)),
+                    }
+                }
+                // Elements the kernel left to the caller, merged from their ranks.
+                let finish = |done: usize, ranks: &[u8], raw_bytes: &[u8], out: &mut [u8]| {
+                    bitpack::unpack(raw_bytes, raw_width, ranks.len(), |i, v| {
+                        if i >= done {
+                            let value = symbols16[ranks[i] as usize] | v as u16;
+                            out[2 * i..2 * i + 2].copy_from_slice(&value.to_le_bytes());
+                        }
+                    });
+                    if raw_width == 0 {
+                        for i in done..ranks.len() {
+                            let value = symbols16[ranks[i] as usize];
+                            out[2 * i..2 * i + 2].copy_from_slice(&value.to_le_bytes());
+                        }
+                    }
+                };
+                for a in &cases {
+                    let expected = expect(a);
+                    let (mut ranks, mut out) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
+                    let got = decode_merged16(Merged16Block {
+                        states: &a.0,
+                        words: &a.1,
+                        table: &packed,
+                        merge: merge_of(&symbols16, &a.2, raw_width),
+                        ranks: &mut ranks,
+                        out: &mut out,
+                    });
+                    let what = format!("raw width {raw_width}, n {n}");
+                    assert_eq!(
+                        got.as_ref().map(|_| ()),
+                        expected.as_ref().map(|_| ()),
+                        "{what}"
+                    );
+                    if let (Ok(done), Ok(expected)) = (got, &expected) {
+                        finish(done, &ranks, &a.2, &mut out);
+                        assert!(out == *expected, "{what}");
+                    }
+                    for b in &cases {
+                        let (mut ranks_a, mut out_a) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
+                        let (mut ranks_b, mut out_b) = (vec![0u8; b.3], vec![0u8; 2 * b.3]);
+                        let got = decode_merged16_pair([
+                            Merged16Block {
+                                states: &a.0,
+                                words: &a.1,
+                                table: &packed,
+                                merge: merge_of(&symbols16, &a.2, raw_width),
+                                ranks: &mut ranks_a,
+                                out: &mut out_a,
+                            },
+                            Merged16Block {
+                                states: &b.0,
+                                words: &b.1,
+                                table: &packed,
+                                merge: merge_of(&symbols16, &b.2, raw_width),
+                                ranks: &mut ranks_b,
+                                out: &mut out_b,
+                            },
+                        ]);
+                        for (got, (case, ranks, out)) in got
+                            .into_iter()
+                            .zip([(a, &ranks_a, &mut out_a), (b, &ranks_b, &mut out_b)])
+                        {
+                            let expected = expect(case);
+                            assert_eq!(got.as_ref().map(|_| ()), expected.as_ref().map(|_| ()));
+                            if let (Ok(done), Ok(expected)) = (got, expected) {
+                                finish(done, ranks, &case.2, out);
+                                assert!(*out == expected, "pair, {what}");
+                            }
+                        }
                     }
                 }
             }

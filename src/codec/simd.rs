@@ -96,25 +96,26 @@ pub fn decode_steps_with(
     }
 }
 
-/// `decode_steps` for two independent streams with the same table, interleaved step by step so that each
-/// stream's gathers overlap the other's (one stream's steps form a dependency chain). Runs while both
-/// streams can take a full step; returns the common step count (only AVX-512 has a two-stream kernel).
-#[allow(clippy::too_many_arguments)]
+/// `decode_steps` for two independent streams, each with its own table (the same one for two blocks of a
+/// tensor), interleaved step by step so that each stream's gathers overlap the other's (one stream's steps
+/// form a dependency chain). Runs while both streams can take a full step; returns the common step count
+/// (only AVX-512 has a two-stream kernel).
 pub fn decode_steps_pair(
     kernel: Kernel,
     x: [&mut [u32; LANES]; 2],
     pos: [&mut usize; 2],
     words: [&[u8]; 2],
-    table: &PackedTable,
+    tables: [&PackedTable; 2],
     ranks: [&mut [u8]; 2],
 ) -> usize {
-    if table.entries.len() != 1 << table.prob_bits || !Kernel::available().contains(&kernel) {
+    let whole = |t: &PackedTable| t.entries.len() == 1 << t.prob_bits;
+    if !tables.iter().all(|t| whole(t)) || !Kernel::available().contains(&kernel) {
         return 0;
     }
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, table, ranks) },
+        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, tables, ranks) },
         _ => 0,
     }
 }
@@ -140,22 +141,94 @@ pub fn encode_steps(
     0
 }
 
-/// Elements of a 2-byte-element block merged so far by `merge16`: `out[i] = symbols[ranks[i]] | raw[i] << shift`
-/// where `raw` holds `width`-bit values (1..=8) packed LSB-first. It handles whole groups of 32 while 64 raw
-/// bytes can be loaded, and returns how many elements it wrote (a multiple of 32; 0 without AVX-512 VBMI).
-pub fn merge16(
-    ranks: &[u8],
-    symbols: &[u16; 256],
-    raw: Option<(&[u8], u32, u32)>,
+/// How the elements of a 2-byte-element block are put together from the ranks of its one coded field:
+/// `out[i] = symbols[ranks[i]] | raw[i] << shift`, where `symbols` holds the coded field's alphabet already
+/// shifted into place and `raw` the one raw field, if any: (bytes, width 1..=8, shift), packed LSB-first.
+#[derive(Clone, Copy)]
+pub struct Merge16<'a> {
+    pub symbols: &'a [u16; 256],
+    pub raw: Option<(&'a [u8], u32, u32)>,
+}
+
+impl<'a> Merge16<'a> {
+    /// This merge for the elements after the first `groups` groups of 32.
+    pub fn advanced(self, groups: usize) -> Merge16<'a> {
+        let raw = self.raw.map(|(bytes, width, shift)| {
+            let skip = 4 * width as usize * groups;
+            (bytes.get(skip..).unwrap_or(&[]), width, shift)
+        });
+        Merge16 { raw, ..self }
+    }
+
+    /// Whether the fused and bulk merge kernels can run on this CPU with the selected kernel.
+    fn available() -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if x86::has_avx512_vbmi() && Kernel::selected() == Kernel::Avx512 {
+            return true;
+        }
+        false
+    }
+}
+
+/// Elements of a 2-byte-element block merged so far by `merge16`, from `ranks` into `out` as `merge` says.
+/// It handles whole groups of 32 while 64 raw bytes can be loaded, and returns how many elements it wrote (a
+/// multiple of 32; 0 without AVX-512 VBMI).
+pub fn merge16(ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if Merge16::available() {
+        // SAFETY: the CPU has the features (checked by `available`); the kernel bounds every access itself.
+        return unsafe { x86::merge16_avx512(ranks, merge, out) };
+    }
+    let _ = (ranks, merge, out);
+    0
+}
+
+/// `decode_steps` for a 2-byte-element block that merges as it decodes: each full step writes its 32
+/// elements straight to `out` (64 bytes at `64 * step`) as `merge` says, so no ranks are stored. Runs while
+/// the output and the raw field hold the whole step too; returns the step count (0 without AVX-512 VBMI).
+pub fn decode_merge16_steps(
+    x: &mut [u32; LANES],
+    pos: &mut usize,
+    words: &[u8],
+    table: &PackedTable,
+    merge: Merge16<'_>,
     out: &mut [u8],
 ) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx512_vbmi() && Kernel::selected() == Kernel::Avx512 {
-        // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
-        return unsafe { x86::merge16_avx512(ranks, symbols, raw, out) };
+    if table.entries.len() != 1 << table.prob_bits || !Merge16::available() {
+        return 0;
     }
-    let _ = (ranks, symbols, raw, out);
-    0
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
+    return unsafe { x86::avx512_merge16_steps(x, pos, words, table, merge, out) };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, pos, words, merge, out);
+        0
+    }
+}
+
+/// `decode_merge16_steps` for two blocks, their steps interleaved as in `decode_steps_pair`; runs while both
+/// can take a full step and returns the common step count.
+pub fn decode_merge16_steps_pair(
+    x: [&mut [u32; LANES]; 2],
+    pos: [&mut usize; 2],
+    words: [&[u8]; 2],
+    tables: [&PackedTable; 2],
+    merges: [Merge16<'_>; 2],
+    outs: [&mut [u8]; 2],
+) -> usize {
+    let whole = |t: &PackedTable| t.entries.len() == 1 << t.prob_bits;
+    if !tables.iter().all(|t| whole(t)) || !Merge16::available() {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
+    return unsafe { x86::avx512_merge16_steps_pair(x, pos, words, tables, merges, outs) };
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, pos, words, merges, outs);
+        0
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -176,66 +249,234 @@ mod x86 {
             && std::arch::is_x86_feature_detected!("avx512vbmi")
     }
 
+    /// A `Merge16` held in registers: the 256 symbols as eight vectors of 32, and the raw field's unpacking
+    /// constants.
+    struct Merger512 {
+        table: [__m512i; 8],
+        raw: *const u8,
+        /// Raw bytes per group of 32 elements (4 * width), 0 without a raw field.
+        raw_step: usize,
+        byte_index: __m512i,
+        bit_shift: __m512i,
+        field_mask: __m512i,
+        shift: __m128i,
+        bit6: __m512i,
+        bit7: __m512i,
+    }
+
+    impl Merger512 {
+        #[target_feature(enable = "avx512f,avx512bw")]
+        fn new(merge: Merge16<'_>) -> Merger512 {
+            let symbols = merge.symbols;
+            let table = std::array::from_fn(|k| {
+                let chunk: &[u16; 32] = symbols[32 * k..32 * k + 32].try_into().expect("32");
+                // SAFETY: `chunk` is 64 readable bytes.
+                unsafe { _mm512_loadu_si512(chunk.as_ptr() as *const _) }
+            });
+            let (raw_bytes, width, shift) = merge.raw.unwrap_or((&[], 0, 0));
+            // Word lane i takes the two bytes holding bits i*width.. of the group, shifted down by
+            // (i*width) % 8.
+            let mut byte_index = [0u8; 64];
+            let mut bit_shift = [0u16; 32];
+            for i in 0..32 {
+                let bit = i * width as usize;
+                byte_index[2 * i] = (bit / 8) as u8;
+                byte_index[2 * i + 1] = (bit / 8 + 1) as u8;
+                bit_shift[i] = (bit % 8) as u16;
+            }
+            // SAFETY: both arrays are 64 readable bytes.
+            let (byte_index, bit_shift) = unsafe {
+                (
+                    _mm512_loadu_si512(byte_index.as_ptr() as *const _),
+                    _mm512_loadu_si512(bit_shift.as_ptr() as *const _),
+                )
+            };
+            Merger512 {
+                table,
+                raw: raw_bytes.as_ptr(),
+                raw_step: 4 * width as usize,
+                byte_index,
+                bit_shift,
+                field_mask: _mm512_set1_epi16(((1u32 << width) - 1) as i16),
+                shift: _mm_cvtsi32_si128(shift as i32),
+                bit6: _mm512_set1_epi16(0x40),
+                bit7: _mm512_set1_epi16(0x80),
+            }
+        }
+
+        /// Groups of 32 that `out` (64 bytes each) and the raw field (a 64-byte load at `raw_step * g`) hold.
+        fn groups(&self, merge: Merge16<'_>, out: &[u8]) -> usize {
+            let out_groups = out.len() / 64;
+            match merge.raw {
+                None => out_groups,
+                Some((bytes, _, _)) => match bytes.len().checked_sub(64) {
+                    Some(spare) => out_groups.min(spare / self.raw_step + 1),
+                    None => 0,
+                },
+            }
+        }
+
+        /// The 32 elements of group `g` whose ranks are the 16-bit lanes of `idx`.
+        ///
+        /// # Safety
+        /// `g < groups(..)` for the `Merge16` this was built from.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        unsafe fn merge(&self, g: usize, idx: __m512i) -> __m512i {
+            let t = &self.table;
+            let t0 = _mm512_permutex2var_epi16(t[0], idx, t[1]);
+            let t1 = _mm512_permutex2var_epi16(t[2], idx, t[3]);
+            let t2 = _mm512_permutex2var_epi16(t[4], idx, t[5]);
+            let t3 = _mm512_permutex2var_epi16(t[6], idx, t[7]);
+            let high6 = _mm512_test_epi16_mask(idx, self.bit6);
+            let low_half = _mm512_mask_blend_epi16(high6, t0, t1);
+            let high_half = _mm512_mask_blend_epi16(high6, t2, t3);
+            let value = _mm512_mask_blend_epi16(
+                _mm512_test_epi16_mask(idx, self.bit7),
+                low_half,
+                high_half,
+            );
+            if self.raw_step == 0 {
+                return value;
+            }
+            let src = _mm512_loadu_si512(self.raw.add(self.raw_step * g) as *const _);
+            let pairs = _mm512_permutexvar_epi8(self.byte_index, src);
+            let field = _mm512_and_si512(_mm512_srlv_epi16(pairs, self.bit_shift), self.field_mask);
+            _mm512_or_si512(value, _mm512_sll_epi16(field, self.shift))
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX-512F, BW and VBMI. Memory: groups of 32 elements are handled while
-    /// `32 * (g + 1) <= ranks.len()`, `64 * (g + 1) <= out.len()` and the 64-byte raw load at `4 * width * g`
-    /// stays inside `raw`.
+    /// `32 * (g + 1) <= ranks.len()` and `g < Merger512::groups` (output and raw load in bounds).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-    pub(super) unsafe fn merge16_avx512(
-        ranks: &[u8],
-        symbols: &[u16; 256],
-        raw: Option<(&[u8], u32, u32)>,
-        out: &mut [u8],
-    ) -> usize {
-        let table: [__m512i; 8] =
-            std::array::from_fn(|k| _mm512_loadu_si512(symbols.as_ptr().add(32 * k) as *const _));
-        let (raw_bytes, width, shift) = raw.unwrap_or((&[], 1, 0));
-        let mut groups = (ranks.len() / 32).min(out.len() / 64);
-        if raw.is_some() {
-            // the group's 64-byte load starts at 4 * width * g
-            let loadable = match raw_bytes.len().checked_sub(64) {
-                Some(spare) => spare / (4 * width as usize) + 1,
-                None => 0,
-            };
-            groups = groups.min(loadable);
-        }
-        // Word lane i takes the two bytes holding bits i*width.. of the group, shifted down by (i*width) % 8.
-        let mut byte_index = [0u8; 64];
-        let mut bit_shift = [0u16; 32];
-        for i in 0..32 {
-            let bit = i * width as usize;
-            byte_index[2 * i] = (bit / 8) as u8;
-            byte_index[2 * i + 1] = (bit / 8 + 1) as u8;
-            bit_shift[i] = (bit % 8) as u16;
-        }
-        let byte_index = _mm512_loadu_si512(byte_index.as_ptr() as *const _);
-        let bit_shift = _mm512_loadu_si512(bit_shift.as_ptr() as *const _);
-        let field_mask = _mm512_set1_epi16(((1u32 << width) - 1) as i16);
-        let shift = _mm_cvtsi32_si128(shift as i32);
-        let bit6 = _mm512_set1_epi16(0x40);
-        let bit7 = _mm512_set1_epi16(0x80);
+    pub(super) unsafe fn merge16_avx512(ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
+        let merger = Merger512::new(merge);
+        let groups = (ranks.len() / 32).min(merger.groups(merge, out));
         for g in 0..groups {
             let idx =
                 _mm512_cvtepu8_epi16(_mm256_loadu_si256(ranks.as_ptr().add(32 * g) as *const _));
-            let t0 = _mm512_permutex2var_epi16(table[0], idx, table[1]);
-            let t1 = _mm512_permutex2var_epi16(table[2], idx, table[3]);
-            let t2 = _mm512_permutex2var_epi16(table[4], idx, table[5]);
-            let t3 = _mm512_permutex2var_epi16(table[6], idx, table[7]);
-            let high6 = _mm512_test_epi16_mask(idx, bit6);
-            let low_half = _mm512_mask_blend_epi16(high6, t0, t1);
-            let high_half = _mm512_mask_blend_epi16(high6, t2, t3);
-            let mut value =
-                _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, bit7), low_half, high_half);
-            if raw.is_some() {
-                let src =
-                    _mm512_loadu_si512(raw_bytes.as_ptr().add(4 * width as usize * g) as *const _);
-                let pairs = _mm512_permutexvar_epi8(byte_index, src);
-                let field = _mm512_and_si512(_mm512_srlv_epi16(pairs, bit_shift), field_mask);
-                value = _mm512_or_si512(value, _mm512_sll_epi16(field, shift));
-            }
+            let value = merger.merge(g, idx);
             _mm512_storeu_si512(out.as_mut_ptr().add(64 * g) as *mut _, value);
         }
         groups * 32
+    }
+
+    /// The ranks of two 16-lane halves' packed entries as one vector of 32 16-bit lanes: the high words of
+    /// the entries (permuted together in lane order), shifted down to their top byte.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    fn ranks16(high_words: __m512i, e0: __m512i, e1: __m512i) -> __m512i {
+        _mm512_srli_epi16::<8>(_mm512_permutex2var_epi16(e0, high_words, e1))
+    }
+
+    /// The index vector of `ranks16`: word 2i+1 of the 64 words of two vectors, for i in 0..32.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn high_word_index() -> __m512i {
+        let index: [u16; 32] = std::array::from_fn(|i| 2 * i as u16 + 1);
+        // SAFETY: `index` is 64 readable bytes.
+        unsafe { _mm512_loadu_si512(index.as_ptr() as *const _) }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX-512F, BW, VBMI and POPCNT. Memory: as `avx512_steps` for the stream (a step
+    /// starts only while `p + 32 <= word_count`), and a step runs only while `step < Merger512::groups`
+    /// (64 output bytes and the raw load in bounds).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
+    pub(super) unsafe fn avx512_merge16_steps(
+        x: &mut [u32; LANES],
+        pos: &mut usize,
+        words: &[u8],
+        table: &PackedTable,
+        merge: Merge16<'_>,
+        out: &mut [u8],
+    ) -> usize {
+        let word_count = words.len() / 2;
+        let lanes = Lanes512::new(table);
+        let merger = Merger512::new(merge);
+        let steps = merger.groups(merge, out);
+        let high_words = high_word_index();
+        let word_ptr = words.as_ptr();
+        let out_ptr = out.as_mut_ptr();
+        let mut states = [
+            _mm512_loadu_si512(x.as_ptr() as *const _),
+            _mm512_loadu_si512(x.as_ptr().add(16) as *const _),
+        ];
+        let mut p = *pos;
+        let mut step = 0;
+        while step < steps && p + 32 <= word_count {
+            let entry = [lanes.gather(states[0]), lanes.gather(states[1])];
+            for half in 0..2 {
+                let (state, used) = lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
+                states[half] = state;
+                p += used;
+            }
+            let value = merger.merge(step, ranks16(high_words, entry[0], entry[1]));
+            _mm512_storeu_si512(out_ptr.add(64 * step) as *mut _, value);
+            step += 1;
+        }
+        _mm512_storeu_si512(x.as_mut_ptr() as *mut _, states[0]);
+        _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
+        *pos = p;
+        step
+    }
+
+    /// # Safety
+    /// As for `avx512_merge16_steps`, for each of the two streams: a step runs only while both streams can
+    /// take it.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
+    pub(super) unsafe fn avx512_merge16_steps_pair(
+        x: [&mut [u32; LANES]; 2],
+        pos: [&mut usize; 2],
+        words: [&[u8]; 2],
+        tables: [&PackedTable; 2],
+        merges: [Merge16<'_>; 2],
+        outs: [&mut [u8]; 2],
+    ) -> usize {
+        let word_count = [words[0].len() / 2, words[1].len() / 2];
+        let lanes = [Lanes512::new(tables[0]), Lanes512::new(tables[1])];
+        let mergers = [Merger512::new(merges[0]), Merger512::new(merges[1])];
+        let steps = mergers[0]
+            .groups(merges[0], outs[0])
+            .min(mergers[1].groups(merges[1], outs[1]));
+        let high_words = high_word_index();
+        let word_ptr = [words[0].as_ptr(), words[1].as_ptr()];
+        let [out_a, out_b] = outs;
+        let out_ptr = [out_a.as_mut_ptr(), out_b.as_mut_ptr()];
+        let mut states = [
+            _mm512_loadu_si512(x[0].as_ptr() as *const _),
+            _mm512_loadu_si512(x[0].as_ptr().add(16) as *const _),
+            _mm512_loadu_si512(x[1].as_ptr() as *const _),
+            _mm512_loadu_si512(x[1].as_ptr().add(16) as *const _),
+        ];
+        let mut p = [*pos[0], *pos[1]];
+        let mut step = 0;
+        while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
+            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes[v / 2].gather(states[v]));
+            for v in 0..4 {
+                let stream = v / 2;
+                let words_at = word_ptr[stream].add(2 * p[stream]);
+                let (state, used) = lanes[stream].advance(states[v], entry[v], words_at);
+                states[v] = state;
+                p[stream] += used;
+            }
+            for stream in 0..2 {
+                let idx = ranks16(high_words, entry[2 * stream], entry[2 * stream + 1]);
+                let value = mergers[stream].merge(step, idx);
+                _mm512_storeu_si512(out_ptr[stream].add(64 * step) as *mut _, value);
+            }
+            step += 1;
+        }
+        let [x_a, x_b] = x;
+        _mm512_storeu_si512(x_a.as_mut_ptr() as *mut _, states[0]);
+        _mm512_storeu_si512(x_a.as_mut_ptr().add(16) as *mut _, states[1]);
+        _mm512_storeu_si512(x_b.as_mut_ptr() as *mut _, states[2]);
+        _mm512_storeu_si512(x_b.as_mut_ptr().add(16) as *mut _, states[3]);
+        let [pos_a, pos_b] = pos;
+        *pos_a = p[0];
+        *pos_b = p[1];
+        step
     }
 
     /// # Safety
@@ -350,18 +591,13 @@ mod x86 {
         }
 
         /// Decodes 16 lanes whose entries are `e`: their new states, refilled in lane order from the 16 words at
-        /// `words`, how many words they took, and their 16 ranks.
+        /// `words`, and how many words they took. (Their ranks are the entries' top bytes.)
         ///
         /// # Safety
         /// 16 words (32 bytes) must be readable at `words`.
         #[inline]
         #[target_feature(enable = "avx512f,popcnt")]
-        unsafe fn advance(
-            &self,
-            state: __m512i,
-            e: __m512i,
-            words: *const u8,
-        ) -> (__m512i, usize, __m128i) {
+        unsafe fn advance(&self, state: __m512i, e: __m512i, words: *const u8) -> (__m512i, usize) {
             let freq = _mm512_add_epi32(
                 _mm512_and_si512(_mm512_srli_epi32::<12>(e), self.low12),
                 self.one,
@@ -375,8 +611,7 @@ mod x86 {
             let fresh = _mm512_maskz_expand_epi32(need, fresh);
             let state =
                 _mm512_mask_or_epi32(decoded, need, _mm512_slli_epi32::<16>(decoded), fresh);
-            let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(e));
-            (state, need.count_ones() as usize, rank)
+            (state, need.count_ones() as usize)
         }
     }
 
@@ -407,10 +642,10 @@ mod x86 {
             let base = step * LANES;
             let entry = [lanes.gather(states[0]), lanes.gather(states[1])];
             for half in 0..2 {
-                let (state, used, rank) =
-                    lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
+                let (state, used) = lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
                 states[half] = state;
                 p += used;
+                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(entry[half]));
                 _mm_storeu_si128(rank_ptr.add(base + 16 * half) as *mut _, rank);
             }
             step += 1;
@@ -429,12 +664,12 @@ mod x86 {
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
-        table: &PackedTable,
+        tables: [&PackedTable; 2],
         ranks: [&mut [u8]; 2],
     ) -> usize {
         let word_count = [words[0].len() / 2, words[1].len() / 2];
         let steps = (ranks[0].len() / LANES).min(ranks[1].len() / LANES);
-        let lanes = Lanes512::new(table);
+        let lanes = [Lanes512::new(tables[0]), Lanes512::new(tables[1])];
         let word_ptr = [words[0].as_ptr(), words[1].as_ptr()];
         let [ranks_a, ranks_b] = ranks;
         let rank_ptr = [ranks_a.as_mut_ptr(), ranks_b.as_mut_ptr()];
@@ -448,13 +683,14 @@ mod x86 {
         let mut step = 0;
         while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
             let base = step * LANES;
-            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes.gather(states[v]));
+            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes[v / 2].gather(states[v]));
             for v in 0..4 {
                 let (stream, half) = (v / 2, v % 2);
                 let words_at = word_ptr[stream].add(2 * p[stream]);
-                let (state, used, rank) = lanes.advance(states[v], entry[v], words_at);
+                let (state, used) = lanes[stream].advance(states[v], entry[v], words_at);
                 states[v] = state;
                 p[stream] += used;
+                let rank = _mm512_cvtepi32_epi8(_mm512_srli_epi32::<24>(entry[v]));
                 _mm_storeu_si128(rank_ptr[stream].add(base + 16 * half) as *mut _, rank);
             }
             step += 1;

@@ -9,6 +9,7 @@
 use super::bitpack;
 use super::freq::{DecodeTable, FreqTable, PackedTable, TableError, MAX_SYMBOL_BITS};
 use super::rans::{self, FieldOutput, FieldSymbols, LANES};
+use super::simd::Merge16;
 use crate::dtype::Dtype;
 use std::sync::Arc;
 
@@ -445,43 +446,7 @@ impl SplitDecoder {
         payloads: [&[u8]; 2],
         outs: [&mut [u8]; 2],
     ) -> [Result<(), rans::StreamError>; 2] {
-        let [out_a, out_b] = outs;
-        let n = [out_a.len() / self.width, out_b.len() / self.width];
-        let parts = [
-            self.rans_part(payloads[0], n[0]),
-            self.rans_part(payloads[1], n[1]),
-        ];
-        let packed = self.fast_table();
-        let (
-            Some(packed),
-            [Ok((Some((states_a, words_a)), raw_a)), Ok((Some((states_b, words_b)), raw_b))],
-        ) = (packed, &parts)
-        else {
-            return [
-                self.decode_block(payloads[0], out_a),
-                self.decode_block(payloads[1], out_b),
-            ];
-        };
-        PAIR_SCRATCH.with_borrow_mut(|(ranks_a, ranks_b)| {
-            ranks_a.clear();
-            ranks_a.resize(n[0], 0);
-            ranks_b.clear();
-            ranks_b.resize(n[1], 0);
-            let results = rans::decode_ranks_pair(
-                [
-                    (states_a, words_a, &mut ranks_a[..]),
-                    (states_b, words_b, &mut ranks_b[..]),
-                ],
-                packed,
-            );
-            if results[0].is_ok() {
-                self.merge_fast(ranks_a, packed, &payloads[0][*raw_a..], out_a);
-            }
-            if results[1].is_ok() {
-                self.merge_fast(ranks_b, packed, &payloads[1][*raw_b..], out_b);
-            }
-            results
-        })
+        decode_pair([self, self], payloads, outs)
     }
 
     /// `decode_block` on the reference path only: the oracle the fast path is tested against.
@@ -504,11 +469,24 @@ impl SplitDecoder {
         let (rans_part, raw_start) = self.rans_part(payload, n)?;
         let packed = self.fast_table().filter(|_| fast);
         if let (Some((states, words)), Some(packed)) = (rans_part, packed) {
-            return SCRATCH.with_borrow_mut(|ranks| {
-                ranks.clear();
-                ranks.resize(n, 0);
-                rans::decode_ranks(&states, words, packed, ranks)?;
-                self.merge_fast(ranks, packed, &payload[raw_start..], out);
+            let raw = &payload[raw_start..];
+            return SCRATCH.with_borrow_mut(|scratch| {
+                let ranks = rank_buffer(scratch, n);
+                let done = match self.merge16_symbols(packed) {
+                    Some(symbols) => rans::decode_merged16(rans::Merged16Block {
+                        states: &states,
+                        words,
+                        table: packed,
+                        merge: self.merge16(&symbols, n, raw),
+                        ranks: &mut *ranks,
+                        out: &mut *out,
+                    })?,
+                    None => {
+                        rans::decode_ranks(&states, words, packed, ranks)?;
+                        0
+                    }
+                };
+                self.merge_fast(ranks, packed, raw, out, done);
                 Ok(())
             });
         }
@@ -606,22 +584,28 @@ impl SplitDecoder {
     }
 
     /// `merge` for the element width of the fast path (2 or 4 bytes, as `fast_table` requires).
-    fn merge_fast(&self, ranks: &[u8], packed: &PackedTable, raw: &[u8], out: &mut [u8]) {
+    fn merge_fast(
+        &self,
+        ranks: &[u8],
+        packed: &PackedTable,
+        raw: &[u8],
+        out: &mut [u8],
+        done: usize,
+    ) {
         match self.width {
-            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out),
-            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out),
+            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out, done),
+            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out, done),
         }
     }
 
-    /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each).
-    fn merge<const W: usize>(&self, ranks: &[u8], alphabet: &[u16], raw: &[u8], out: &mut [u8]) {
-        let coded_shift = self.coded_shifts().next().expect("one coded field");
-        let mut raw_fields: Vec<RawField> = Vec::new();
+    /// The raw fields of a block of `n` elements whose raw part is `raw`, in layout order.
+    fn raw_fields<'p>(&self, n: usize, raw: &'p [u8]) -> Vec<RawField<'p>> {
+        let mut fields = Vec::new();
         let mut pos = 0;
         for (f, &shift) in self.params.fields.iter().zip(&self.shifts) {
             if f.coding == Coding::Raw {
-                let len = bitpack::packed_len(ranks.len(), f.width);
-                raw_fields.push(RawField {
+                let len = bitpack::packed_len(n, f.width);
+                fields.push(RawField {
                     bytes: &raw[pos..pos + len],
                     width: f.width,
                     shift,
@@ -629,23 +613,73 @@ impl SplitDecoder {
                 pos += align4(len);
             }
         }
+        fields
+    }
+
+    /// The coded field's symbols shifted into place, by rank.
+    fn coded_symbols(&self, alphabet: &[u16]) -> [u32; 256] {
+        let coded_shift = self.coded_shifts().next().expect("one coded field");
         let mut symbols = [0u32; 256];
         for (s, &a) in symbols.iter_mut().zip(alphabet) {
             *s = (a as u32) << coded_shift;
         }
-        let mut first_group = 0;
+        symbols
+    }
+
+    /// `coded_symbols` for the 2-byte merge kernels (`simd::Merge16`), when the fast path's elements are 2 bytes
+    /// with at most one raw field.
+    fn merge16_symbols(&self, packed: &PackedTable) -> Option<[u16; 256]> {
+        let raw_count = self.params.fields.len() - self.tables.len();
+        if self.width != 2 || raw_count > 1 {
+            return None;
+        }
+        let symbols = self.coded_symbols(&packed.alphabet);
+        Some(std::array::from_fn(|k| symbols[k] as u16))
+    }
+
+    /// The `simd::Merge16` of a block of `n` elements whose raw part is `raw` (a layout `merge16_symbols`
+    /// accepts).
+    fn merge16<'p>(&self, symbols: &'p [u16; 256], n: usize, raw: &'p [u8]) -> Merge16<'p> {
+        let raw = self
+            .raw_fields(n, raw)
+            .first()
+            .map(|f| (f.bytes, f.width, f.shift));
+        Merge16 { symbols, raw }
+    }
+
+    /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each) after the first
+    /// `done` (a multiple of 32, already in `out`).
+    fn merge<const W: usize>(
+        &self,
+        ranks: &[u8],
+        alphabet: &[u16],
+        raw: &[u8],
+        out: &mut [u8],
+        done: usize,
+    ) {
+        let mut raw_fields = self.raw_fields(ranks.len(), raw);
+        let symbols = self.coded_symbols(alphabet);
+        let mut first_group = done / 8;
+        let skip = |fields: &mut [RawField], groups: usize| {
+            for f in fields {
+                f.bytes = &f.bytes[groups * f.width as usize..];
+            }
+        };
+        skip(&mut raw_fields, first_group);
         if W == 2 && raw_fields.len() <= 1 {
             let symbols16: [u16; 256] = std::array::from_fn(|k| symbols[k] as u16);
-            let raw = raw_fields.first().map(|f| (f.bytes, f.width, f.shift));
-            first_group = super::simd::merge16(ranks, &symbols16, raw, out) / 8;
+            let merge = Merge16 {
+                symbols: &symbols16,
+                raw: raw_fields.first().map(|f| (f.bytes, f.width, f.shift)),
+            };
+            let more = super::simd::merge16(&ranks[done..], merge, &mut out[2 * done..]) / 8;
+            skip(&mut raw_fields, more);
+            first_group += more;
             if first_group * 8 == ranks.len() {
                 return;
             }
         }
         let (ranks, out) = (&ranks[first_group * 8..], &mut out[first_group * 8 * W..]);
-        for f in &mut raw_fields {
-            f.bytes = &f.bytes[first_group * f.width as usize..];
-        }
         match raw_fields[..] {
             [] => merge_fields::<W, 0>(ranks, &symbols, [], out),
             [a] => merge_fields::<W, 1>(ranks, &symbols, [a], out),
@@ -654,6 +688,86 @@ impl SplitDecoder {
             _ => merge_fields_any::<W>(ranks, &symbols, &raw_fields, out),
         }
     }
+}
+
+/// Decodes one block with each of two decoders (two blocks of one tensor, each with its tensor's or its own
+/// params), their rANS streams interleaved when both take the fast path; otherwise one after the other. Same
+/// results as two `decode_block` calls.
+pub fn decode_pair(
+    decoders: [&SplitDecoder; 2],
+    payloads: [&[u8]; 2],
+    outs: [&mut [u8]; 2],
+) -> [Result<(), rans::StreamError>; 2] {
+    let [out_a, out_b] = outs;
+    let [dec_a, dec_b] = decoders;
+    let n = [out_a.len() / dec_a.width, out_b.len() / dec_b.width];
+    let parts = [
+        dec_a.rans_part(payloads[0], n[0]),
+        dec_b.rans_part(payloads[1], n[1]),
+    ];
+    let (
+        [Some(packed_a), Some(packed_b)],
+        [Ok((Some((states_a, words_a)), raw_a)), Ok((Some((states_b, words_b)), raw_b))],
+    ) = ([dec_a.fast_table(), dec_b.fast_table()], &parts)
+    else {
+        return [
+            dec_a.decode_block(payloads[0], out_a),
+            dec_b.decode_block(payloads[1], out_b),
+        ];
+    };
+    let raw = [&payloads[0][*raw_a..], &payloads[1][*raw_b..]];
+    PAIR_SCRATCH.with_borrow_mut(|(scratch_a, scratch_b)| {
+        let ranks_a = rank_buffer(scratch_a, n[0]);
+        let ranks_b = rank_buffer(scratch_b, n[1]);
+        let symbols = [
+            dec_a.merge16_symbols(packed_a),
+            dec_b.merge16_symbols(packed_b),
+        ];
+        let results = match &symbols {
+            [Some(symbols_a), Some(symbols_b)] => rans::decode_merged16_pair([
+                rans::Merged16Block {
+                    states: states_a,
+                    words: words_a,
+                    table: packed_a,
+                    merge: dec_a.merge16(symbols_a, n[0], raw[0]),
+                    ranks: &mut *ranks_a,
+                    out: &mut *out_a,
+                },
+                rans::Merged16Block {
+                    states: states_b,
+                    words: words_b,
+                    table: packed_b,
+                    merge: dec_b.merge16(symbols_b, n[1], raw[1]),
+                    ranks: &mut *ranks_b,
+                    out: &mut *out_b,
+                },
+            ]),
+            _ => {
+                let [ra, rb] = rans::decode_ranks_pair([
+                    (states_a, words_a, packed_a, &mut ranks_a[..]),
+                    (states_b, words_b, packed_b, &mut ranks_b[..]),
+                ]);
+                [ra.map(|()| 0), rb.map(|()| 0)]
+            }
+        };
+        let [ra, rb] = results;
+        if let Ok(done) = ra {
+            dec_a.merge_fast(ranks_a, packed_a, raw[0], out_a, done);
+        }
+        if let Ok(done) = rb {
+            dec_b.merge_fast(ranks_b, packed_b, raw[1], out_b, done);
+        }
+        [ra.map(|_| ()), rb.map(|_| ())]
+    })
+}
+
+/// The first `n` bytes of a reused rank buffer, grown when needed but not cleared: the decoders write every
+/// rank before it is read.
+fn rank_buffer(scratch: &mut Vec<u8>, n: usize) -> &mut [u8] {
+    if scratch.len() < n {
+        scratch.resize(n, 0);
+    }
+    &mut scratch[..n]
 }
 
 /// A raw field of a block: its packed bytes, width (at most 8) and shift in the element.
@@ -1421,6 +1535,65 @@ mod tests {
             }
             if results[1].is_ok() {
                 assert!(pair_b == single_b && pair_b == blocks[ib], "block {ib}");
+            }
+        }
+    }
+
+    #[test]
+    fn pair_of_two_decoders_matches_single_decodes() {
+        let dtype = Dtype::BF16;
+        let wide = gaussian_bf16(200_000, 11);
+        // Another seed, scaled by 2^-3: the exponents move, so the table and alphabet differ.
+        let narrow: Vec<u8> = gaussian_bf16(150_000, 12)
+            .chunks_exact(2)
+            .flat_map(|c| {
+                let f = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16) * 0.125;
+                (((f.to_bits() + 0x8000) >> 16) as u16).to_le_bytes()
+            })
+            .collect();
+        let setup = |data: &[u8]| {
+            let params = plan(&FieldStats::gather(dtype, data), 8)
+                .expect("weights compress")
+                .params;
+            let payload = encode_block(&params, dtype, data);
+            (SplitDecoder::new(params, dtype), payload)
+        };
+        let (dec_wide, pay_wide) = setup(&wide);
+        let (dec_narrow, pay_narrow) = setup(&narrow);
+        let pay_short = encode_block(dec_narrow.params(), dtype, &narrow[..3_000]);
+        assert!(dec_wide.fast_table().is_some() && dec_narrow.fast_table().is_some());
+        assert_ne!(
+            dec_wide.fast_table().unwrap().alphabet,
+            dec_narrow.fast_table().unwrap().alphabet
+        );
+        let mut damaged = pay_narrow.clone();
+        damaged[RANS_HEADER_BYTES + 500] ^= 0x10;
+        let blocks = [
+            (&dec_wide, &pay_wide[..], &wide[..]),
+            (&dec_narrow, &pay_narrow[..], &narrow[..]),
+            (&dec_narrow, &pay_short[..], &narrow[..3_000]),
+            (&dec_narrow, &damaged[..], &narrow[..]),
+        ];
+        for (ia, ib) in [(0, 1), (1, 0), (0, 2), (2, 1), (3, 0), (0, 3)] {
+            let [(da, pa, a), (db, pb, b)] = [blocks[ia], blocks[ib]];
+            let mut pair = [vec![0u8; a.len()], vec![0u8; b.len()]];
+            let mut single = pair.clone();
+            let [pair_a, pair_b] = &mut pair;
+            let results = decode_pair([da, db], [pa, pb], [pair_a, pair_b]);
+            let expected = [
+                da.decode_block(pa, &mut single[0]),
+                db.decode_block(pb, &mut single[1]),
+            ];
+            assert_eq!(results, expected, "blocks {ia} and {ib}");
+            assert_eq!(results[0].is_err(), ia == 3);
+            assert_eq!(results[1].is_err(), ib == 3);
+            for (j, original) in [(0, a), (1, b)] {
+                if results[j].is_ok() {
+                    assert!(
+                        pair[j] == single[j] && pair[j] == original,
+                        "blocks {ia}, {ib}"
+                    );
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 
@@ -34,6 +35,9 @@ pub struct NztFile {
     bytes: Bytes,
     header: Header,
     options: DecodeOptions,
+    /// The batch buffers of the last `for_each_block`, kept for the next one (at most two), so repeated
+    /// decodes of a file do not allocate and zero them again.
+    spare_buffers: Mutex<Vec<Vec<u8>>>,
 }
 
 /// What one tensor needs to decode its blocks: its parameters, expanded once.
@@ -57,6 +61,7 @@ impl NztFile {
             bytes,
             header,
             options: DecodeOptions::default(),
+            spare_buffers: Mutex::new(Vec::new()),
         })
     }
 
@@ -172,13 +177,8 @@ impl NztFile {
                 .decode_block(payload, out)
                 .map_err(|e| corrupt(e.0.to_string()))?,
             (BlockMode::SplitLocal, TensorDecoder::Split(split)) => {
-                let local_error = |e: TableError| corrupt(format!("block params: {}", e.0));
-                let (param_bytes, body) = split_local_payload(payload).map_err(local_error)?;
-                let (params, borrowed) =
-                    SplitParams::parse_local(param_bytes, tensor.dtype, split.params())
-                        .map_err(local_error)?;
-                split
-                    .local(params, &borrowed, tensor.dtype)
+                let (local, body) = self.local_decoder(tensor, split, k, payload)?;
+                local
                     .decode_block(body, out)
                     .map_err(|e| corrupt(e.0.to_string()))?
             }
@@ -201,6 +201,27 @@ impl NztFile {
             }
         }
         Ok(())
+    }
+
+    /// The decoder of `split_local` block `k` (its own params, borrowing the tensor's tables where it says so)
+    /// and the block's coded body.
+    fn local_decoder<'p>(
+        &self,
+        tensor: &TensorEntry,
+        split: &SplitDecoder,
+        k: usize,
+        payload: &'p [u8],
+    ) -> Result<(SplitDecoder, &'p [u8])> {
+        let local_error = |e: TableError| NzError::CorruptBlock {
+            tensor: tensor.name.clone(),
+            block: k,
+            what: format!("block params: {}", e.0),
+        };
+        let (param_bytes, body) = split_local_payload(payload).map_err(local_error)?;
+        let (params, borrowed) =
+            SplitParams::parse_local(param_bytes, tensor.dtype, split.params())
+                .map_err(local_error)?;
+        Ok((split.local(params, &borrowed, tensor.dtype), body))
     }
 
     /// Decodes block `block` of tensor `index` into `out`, which must be exactly that block's decoded size.
@@ -254,9 +275,36 @@ impl NztFile {
     /// order. Blocks are decoded in parallel batches of at most `DECODE_BATCH_BYTES` (or one block) that run
     /// across tensor boundaries, so small tensors keep every thread busy too. Two batch buffers are reused in
     /// turn: while `sink` consumes one batch the pool decodes the next, so memory stays bounded (two batches)
-    /// whatever the model or a hostile header declares.
+    /// whatever the model or a hostile header declares. The two buffers are kept for the next call.
     pub fn for_each_block(
         &self,
+        sink: impl FnMut(usize, usize, &[u8]) -> Result<()> + Send,
+    ) -> Result<()> {
+        let mut spare = self
+            .spare_buffers
+            .lock()
+            .map(|mut kept| std::mem::take(&mut *kept))
+            .unwrap_or_default();
+        let mut decoding = Batch {
+            buffer: spare.pop().unwrap_or_default(),
+            ..Batch::default()
+        };
+        let mut consuming = Batch {
+            buffer: spare.pop().unwrap_or_default(),
+            ..Batch::default()
+        };
+        let result = self.decode_batches(&mut decoding, &mut consuming, sink);
+        if let Ok(mut kept) = self.spare_buffers.lock() {
+            *kept = vec![decoding.buffer, consuming.buffer];
+        }
+        result
+    }
+
+    /// The loop of `for_each_block`, with its two batches: the one being decoded and the one being consumed.
+    fn decode_batches(
+        &self,
+        decoding: &mut Batch,
+        consuming: &mut Batch,
         mut sink: impl FnMut(usize, usize, &[u8]) -> Result<()> + Send,
     ) -> Result<()> {
         let tensors = &self.header.tensors;
@@ -266,9 +314,6 @@ impl NztFile {
             .flat_map(|(t, tensor)| (0..tensor.blocks.len()).map(move |k| (t, k)))
             .peekable();
         let mut decoders: Vec<Option<TensorDecoder>> = (0..tensors.len()).map(|_| None).collect();
-        // The batch being decoded and the one being consumed: (blocks, per-block results, buffer).
-        let mut decoding = Batch::default();
-        let mut consuming = Batch::default();
         loop {
             decoding.blocks.clear();
             let mut batch_bytes = 0usize;
@@ -288,7 +333,9 @@ impl NztFile {
                 return Ok(());
             }
             if decoding.buffer.len() < batch_bytes {
-                decoding.buffer.resize(batch_bytes, 0);
+                // A fresh zeroed allocation rather than `resize`: large ones come zeroed from the system
+                // (calloc), so the buffer is not written twice before the decoders fill it.
+                decoding.buffer = vec![0u8; batch_bytes];
             }
             let decoders_ref = &decoders;
             let (decoded, consumed) = rayon::join(
@@ -309,12 +356,13 @@ impl NztFile {
                     decoders[t] = None;
                 }
             }
-            std::mem::swap(&mut decoding, &mut consuming);
+            std::mem::swap(decoding, consuming);
         }
     }
 
-    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel. Neighbouring `split` blocks of one
-    /// tensor are decoded as a pair (`SplitDecoder::decode_block_pair`), which keeps the SIMD units busier.
+    /// Decodes `blocks` into consecutive slices of `buffer`, in parallel; returns their results in order.
+    /// `split` and `split_local` blocks are decoded two at a time (`split::decode_pair`), which keeps the SIMD
+    /// units busier.
     fn decode_batch(
         &self,
         decoders: &[Option<TensorDecoder>],
@@ -322,86 +370,145 @@ impl NztFile {
         buffer: &mut [u8],
     ) -> Vec<Result<()>> {
         let tensors = &self.header.tensors;
-        let is_split =
-            |&(t, k, _): &(usize, usize, usize)| tensors[t].blocks[k].mode == BlockMode::Split;
-        // Units of one or two blocks: (first index into `blocks`, paired?).
-        let mut units: Vec<(usize, bool)> = Vec::with_capacity(blocks.len());
-        let mut i = 0;
-        while i < blocks.len() {
-            let pair = i + 1 < blocks.len()
-                && blocks[i].0 == blocks[i + 1].0
-                && is_split(&blocks[i])
-                && is_split(&blocks[i + 1]);
-            units.push((i, pair));
-            i += 1 + pair as usize;
-        }
-        let mut outs: Vec<(&mut [u8], Option<&mut [u8]>)> = Vec::with_capacity(units.len());
+        let is_split = |&(t, k, _): &(usize, usize, usize)| {
+            matches!(
+                tensors[t].blocks[k].mode,
+                BlockMode::Split | BlockMode::SplitLocal
+            )
+        };
+        // Units of one or two blocks (indices into `blocks`). Split blocks pair up by size, longest first,
+        // across tensors too: the two streams of a pair run together only as far as the shorter one goes, and
+        // tensors often end in a short block (a 384 x 384 weight is a full block and an eighth).
+        let mut split_blocks: Vec<usize> = (0..blocks.len())
+            .filter(|&i| is_split(&blocks[i]))
+            .collect();
+        split_blocks.sort_by_key(|&i| std::cmp::Reverse(blocks[i].2));
+        let mut units: Vec<(usize, Option<usize>)> = split_blocks
+            .chunks(2)
+            .map(|unit| (unit[0], unit.get(1).copied()))
+            .collect();
+        units.extend(
+            (0..blocks.len())
+                .filter(|&i| !is_split(&blocks[i]))
+                .map(|i| (i, None)),
+        );
+        // Each block's slice of `buffer`, handed to its unit.
+        let mut slices: Vec<Option<&mut [u8]>> = Vec::with_capacity(blocks.len());
         let mut rest = buffer;
-        for &(i, pair) in &units {
-            let (first, tail) = rest.split_at_mut(blocks[i].2);
+        for &(_, _, len) in blocks {
+            let (slice, tail) = rest.split_at_mut(len);
             rest = tail;
-            let second = if pair {
-                let (second, tail) = rest.split_at_mut(blocks[i + 1].2);
-                rest = tail;
-                Some(second)
-            } else {
-                None
-            };
-            outs.push((first, second));
+            slices.push(Some(slice));
         }
-        let results: Vec<[Option<Result<()>>; 2]> = units
+        let mut take = |i: usize| slices[i].take().expect("each block is in one unit");
+        let mut outs: Vec<(&mut [u8], Option<&mut [u8]>)> = units
+            .iter()
+            .map(|&(i, j)| (take(i), j.map(&mut take)))
+            .collect();
+        let decoder = |t: usize| decoders[t].as_ref().expect("built before the batch");
+        let unit_results: Vec<(usize, Result<()>)> = units
             .par_iter()
             .zip(outs.par_iter_mut())
-            .map(|(&(i, _), (first, second))| {
+            .flat_map_iter(|(&(i, j), (first, second))| {
                 let (t, k, _) = blocks[i];
-                let decoder = decoders[t].as_ref().expect("built before the batch");
-                match second {
-                    None => [
-                        Some(self.decode_block_with(&tensors[t], decoder, k, first)),
+                let results = match (j, second) {
+                    (Some(j), Some(second)) => {
+                        let (t2, k2, _) = blocks[j];
+                        let [a, b] = self.decode_pair_with(
+                            [
+                                (&tensors[t], decoder(t), k),
+                                (&tensors[t2], decoder(t2), k2),
+                            ],
+                            [first, second],
+                        );
+                        [Some((i, a)), Some((j, b))]
+                    }
+                    _ => [
+                        Some((i, self.decode_block_with(&tensors[t], decoder(t), k, first))),
                         None,
                     ],
-                    Some(second) => {
-                        let [a, b] =
-                            self.decode_pair_with(&tensors[t], decoder, k, [first, second]);
-                        [Some(a), Some(b)]
-                    }
-                }
+                };
+                results.into_iter().flatten()
             })
             .collect();
-        results.into_iter().flatten().flatten().collect()
+        let mut results: Vec<Option<Result<()>>> = (0..blocks.len()).map(|_| None).collect();
+        for (i, result) in unit_results {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.expect("each block is in one unit"))
+            .collect()
     }
 
-    /// Decodes split blocks `k` and `k + 1` of `tensor` as a pair, checksums first; each keeps its own result.
+    /// Decodes two split or split_local blocks, each given as (tensor, its decoder, block index), as a pair,
+    /// checksums and block params first; each keeps its own result.
     fn decode_pair_with(
         &self,
-        tensor: &TensorEntry,
-        decoder: &TensorDecoder,
-        k: usize,
+        blocks: [(&TensorEntry, &TensorDecoder, usize); 2],
         outs: [&mut [u8]; 2],
     ) -> [Result<()>; 2] {
         let [out_a, out_b] = outs;
-        let payloads = [
-            self.checked_payload(tensor, k),
-            self.checked_payload(tensor, k + 1),
-        ];
-        match (decoder, payloads) {
-            (TensorDecoder::Split(split), [Ok(a), Ok(b)]) => {
-                let corrupt =
-                    |j: usize, e: crate::codec::rans::StreamError| NzError::CorruptBlock {
-                        tensor: tensor.name.clone(),
-                        block: j,
-                        what: e.0.to_string(),
-                    };
-                let [ra, rb] = split.decode_block_pair([a, b], [out_a, out_b]);
+        let [(tensor_a, decoder_a, k_a), (tensor_b, decoder_b, k_b)] = blocks;
+        let (TensorDecoder::Split(split_a), TensorDecoder::Split(split_b)) = (decoder_a, decoder_b)
+        else {
+            return [
+                self.decode_block_with(tensor_a, decoder_a, k_a, out_a),
+                self.decode_block_with(tensor_b, decoder_b, k_b, out_b),
+            ];
+        };
+        // A block's decoder (its tensor's for `split`, built for `split_local`) and coded body.
+        let prepare = |tensor: &TensorEntry,
+                       split: &SplitDecoder,
+                       k: usize|
+         -> Result<(Option<SplitDecoder>, &[u8])> {
+            let payload = self.checked_payload(tensor, k)?;
+            match tensor.blocks[k].mode {
+                BlockMode::SplitLocal => {
+                    let (local, body) = self.local_decoder(tensor, split, k, payload)?;
+                    Ok((Some(local), body))
+                }
+                _ => Ok((None, payload)),
+            }
+        };
+        let corrupt = |tensor: &TensorEntry, k: usize, e: crate::codec::rans::StreamError| {
+            NzError::CorruptBlock {
+                tensor: tensor.name.clone(),
+                block: k,
+                what: e.0.to_string(),
+            }
+        };
+        match [
+            prepare(tensor_a, split_a, k_a),
+            prepare(tensor_b, split_b, k_b),
+        ] {
+            [Ok((local_a, body_a)), Ok((local_b, body_b))] => {
+                let decoders = [
+                    local_a.as_ref().unwrap_or(split_a),
+                    local_b.as_ref().unwrap_or(split_b),
+                ];
+                let [ra, rb] =
+                    crate::codec::split::decode_pair(decoders, [body_a, body_b], [out_a, out_b]);
                 [
-                    ra.map_err(|e| corrupt(k, e)),
-                    rb.map_err(|e| corrupt(k + 1, e)),
+                    ra.map_err(|e| corrupt(tensor_a, k_a, e)),
+                    rb.map_err(|e| corrupt(tensor_b, k_b, e)),
                 ]
             }
-            (_, [a, b]) => [
-                a.and_then(|a| self.decode_payload(tensor, decoder, k, a, out_a)),
-                b.and_then(|b| self.decode_payload(tensor, decoder, k + 1, b, out_b)),
-            ],
+            [a, b] => {
+                let single = |prepared: Result<(Option<SplitDecoder>, &[u8])>,
+                              (tensor, split, k): (&TensorEntry, &SplitDecoder, usize),
+                              out| {
+                    let (local, body) = prepared?;
+                    let decoder = local.as_ref().unwrap_or(split);
+                    decoder
+                        .decode_block(body, out)
+                        .map_err(|e| corrupt(tensor, k, e))
+                };
+                [
+                    single(a, (tensor_a, split_a, k_a), out_a),
+                    single(b, (tensor_b, split_b, k_b), out_b),
+                ]
+            }
         }
     }
 
@@ -448,8 +555,10 @@ impl Batch {
 }
 
 /// Most decoded bytes one batch of `for_each_block` holds (a single larger block is still decoded alone);
-/// two batches are alive at once.
-pub const DECODE_BATCH_BYTES: u64 = 16 << 20;
+/// two batches are alive at once. Small, because a one-shot `decompress` pays a page fault for every fresh
+/// 4 KiB of them (16 MiB batches: 9,500 faults and 1.2x `zstd -d`'s wall time on MiniLM bf16; 4 MiB: 4,200 and
+/// 0.8-0.9x), while repeated decodes reuse them and, with a few dozen blocks per batch, keep both threads busy.
+pub const DECODE_BATCH_BYTES: u64 = 4 << 20;
 
 /// Decodes zstd block `k` of tensor `name` into `out` (exactly the block's bytes): one frame that ends where the
 /// payload ends (spec: block modes), giving exactly `out.len()` bytes. The GPU loader decodes zstd blocks on the

@@ -120,6 +120,82 @@ impl OutputFile {
     }
 }
 
+/// Bytes written between two requests of `EarlyWriteback`.
+const WRITEBACK_BYTES: u64 = 8 << 20;
+
+/// A `Write` to an output file that, every `WRITEBACK_BYTES`, asks a helper thread to flush what has been
+/// written so far (`sync_data` on a second handle), so the disk writes overlap the work that produces the rest
+/// and `OutputFile::commit`'s final sync finds little left to do. A write-back error is kept and returned by
+/// `finish`: the system reports it once per open file, so `commit`'s own sync might not see it again.
+pub struct EarlyWriteback<'f> {
+    file: &'f mut File,
+    since_request: u64,
+    requests: Option<std::sync::mpsc::SyncSender<()>>,
+    helper: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+impl<'f> EarlyWriteback<'f> {
+    pub fn new(file: &'f mut File) -> std::io::Result<EarlyWriteback<'f>> {
+        let handle = file.try_clone()?;
+        // One pending request at most: while the helper syncs, later requests fold into the next sync.
+        let (requests, pending) = std::sync::mpsc::sync_channel::<()>(1);
+        let helper = std::thread::Builder::new()
+            .name("neuzip-writeback".into())
+            .spawn(move || {
+                for () in pending {
+                    handle.sync_data()?;
+                }
+                Ok(())
+            })?;
+        Ok(EarlyWriteback {
+            file,
+            since_request: 0,
+            requests: Some(requests),
+            helper: Some(helper),
+        })
+    }
+
+    /// Stops the helper once its last flush is done; the first write-back error, if any.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.stop()
+    }
+
+    fn stop(&mut self) -> std::io::Result<()> {
+        self.requests = None;
+        match self.helper.take().map(|h| h.join()) {
+            Some(Ok(result)) => result,
+            Some(Err(_)) => Err(std::io::Error::other("the write-back thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::io::Write for EarlyWriteback<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.file.write(buf)?;
+        self.since_request += written as u64;
+        if self.since_request >= WRITEBACK_BYTES {
+            self.since_request = 0;
+            if let Some(requests) = &self.requests {
+                // Full: a sync is already pending. Disconnected: the helper stopped on an error that
+                // `finish` reports.
+                let _ = requests.try_send(());
+            }
+        }
+        Ok(written)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+impl Drop for EarlyWriteback<'_> {
+    fn drop(&mut self) {
+        let _ = self.stop();
+    }
+}
+
 fn named_temp(dir: &Path, dest: &Path) -> Result<tempfile::NamedTempFile> {
     tempfile::Builder::new()
         .prefix(&format!(".{}.", file_name(dest)))
@@ -147,5 +223,36 @@ fn same_file(a: &Path, b: &Path) -> bool {
     match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
         (Ok(x), Ok(y)) => x == y,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, Write};
+
+    #[test]
+    fn early_writeback_writes_every_byte() {
+        let mut file = tempfile::tempfile().unwrap();
+        // Seeded bytes over several write-back requests, in uneven pieces.
+        let mut s = 0x2545f4914f6cdd1du64;
+        let data: Vec<u8> = (0..3 * WRITEBACK_BYTES as usize + 12_345)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                s as u8
+            })
+            .collect();
+        let mut early = EarlyWriteback::new(&mut file).unwrap();
+        for piece in data.chunks(1_000_003) {
+            early.write_all(piece).unwrap();
+        }
+        early.flush().unwrap();
+        early.finish().unwrap();
+        let mut back = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut back).unwrap();
+        assert!(back == data);
     }
 }
