@@ -299,6 +299,11 @@ impl UsedCounts {
         3 + bits.div_ceil(8)
     }
 
+    /// `entropy_bits` of the histogram these counts came from (the same value, bit for bit).
+    pub fn entropy_bits(&self) -> f64 {
+        entropy_of(self.used.iter().map(|&(_, c)| c))
+    }
+
     /// The frequencies of the whole `symbol_bits` alphabet (zero for unused symbols).
     pub fn dense(&self, freqs: &[u32], symbol_bits: u32) -> Vec<u32> {
         let mut out = vec![0u32; 1 << symbol_bits];
@@ -388,15 +393,19 @@ pub fn histogram(symbols: impl Iterator<Item = u32>, symbol_bits: u32) -> Vec<u6
 
 /// Zero-order entropy of a histogram in bits per symbol.
 pub fn entropy_bits(counts: &[u64]) -> f64 {
-    let total: u64 = counts.iter().sum();
+    entropy_of(counts.iter().copied())
+}
+
+/// `entropy_bits` of the counts `counts` yields, in order (zeros add nothing).
+fn entropy_of(counts: impl Iterator<Item = u64> + Clone) -> f64 {
+    let total: u64 = counts.clone().sum();
     if total == 0 {
         return 0.0;
     }
     let t = total as f64;
     counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
+        .filter(|&c| c > 0)
+        .map(|c| {
             let p = c as f64 / t;
             -p * p.log2()
         })

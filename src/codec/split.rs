@@ -861,57 +861,80 @@ impl FieldStats {
 }
 
 /// The cheapest way to store one field: raw (None) or a table, and its cost in bits (table included).
-/// Each precision is normalized and priced over the used symbols only; only the winner becomes a table.
 pub(crate) fn best_coding(
     counts: &[u64],
     width: u32,
     elements: u64,
     max_prob_bits: u32,
 ) -> (f64, Option<FreqTable>) {
-    let raw = (width as u64 * elements) as f64;
-    if width > MAX_SYMBOL_BITS {
-        return (raw, None);
+    FieldPrice::new(counts).best_coding(width, elements, max_prob_bits)
+}
+
+/// What pricing a field's tables needs, computed once per histogram: its used symbols and its entropy.
+struct FieldPrice {
+    used: UsedCounts,
+    /// Entropy in bits per element, exactly as `freq::entropy_bits` computes it.
+    entropy: f64,
+}
+
+impl FieldPrice {
+    fn new(counts: &[u64]) -> FieldPrice {
+        let used = UsedCounts::new(counts);
+        let entropy = used.entropy_bits();
+        FieldPrice { used, entropy }
     }
-    let used = UsedCounts::new(counts);
-    let coded_floor = entropy_floor(counts, elements);
-    let mut best_cost = raw;
-    let mut best: Option<(u32, Vec<u32>)> = None;
-    let mut freqs = Vec::with_capacity(used.used.len());
-    for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
-        // A precision whose cost cannot go below the best so far is not built.
-        let floor = coded_floor + 8.0 * used.serialized_len_floor(Some(prob_bits)) as f64;
-        if floor < best_cost && used.normalize(prob_bits, &mut freqs) {
-            let cost =
-                used.coded_bits(&freqs, prob_bits) + 8.0 * used.serialized_len(&freqs) as f64;
-            if cost < best_cost {
-                best_cost = cost;
-                let spare = best.take().map(|(_, f)| f).unwrap_or_default();
-                best = Some((prob_bits, std::mem::replace(&mut freqs, spare)));
+
+    /// `best_coding`: each precision is normalized and priced over the used symbols only, precisions whose
+    /// floor cannot beat the best so far are skipped, and only the winner becomes a table.
+    fn best_coding(
+        &self,
+        width: u32,
+        elements: u64,
+        max_prob_bits: u32,
+    ) -> (f64, Option<FreqTable>) {
+        let raw = (width as u64 * elements) as f64;
+        if width > MAX_SYMBOL_BITS {
+            return (raw, None);
+        }
+        let used = &self.used;
+        let coded_floor = self.entropy_floor(elements);
+        let mut best_cost = raw;
+        let mut best: Option<(u32, Vec<u32>)> = None;
+        let mut freqs = Vec::with_capacity(used.used.len());
+        for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
+            let floor = coded_floor + 8.0 * used.serialized_len_floor(Some(prob_bits)) as f64;
+            if floor < best_cost && used.normalize(prob_bits, &mut freqs) {
+                let cost =
+                    used.coded_bits(&freqs, prob_bits) + 8.0 * used.serialized_len(&freqs) as f64;
+                if cost < best_cost {
+                    best_cost = cost;
+                    let spare = best.take().map(|(_, f)| f).unwrap_or_default();
+                    best = Some((prob_bits, std::mem::replace(&mut freqs, spare)));
+                }
             }
         }
+        let table = best.map(|(prob_bits, freqs)| {
+            FreqTable::from_freqs(used.dense(&freqs, width), width, prob_bits)
+                .expect("normalized frequencies sum to the precision")
+        });
+        (best_cost, table)
     }
-    let table = best.map(|(prob_bits, freqs)| {
-        FreqTable::from_freqs(used.dense(&freqs, width), width, prob_bits)
-            .expect("normalized frequencies sum to the precision")
-    });
-    (best_cost, table)
-}
 
-/// A lower bound on the rANS-coded bits of `elements` symbols with histogram `counts` under any table: their
-/// entropy, less a margin for the rounding of the sums.
-fn entropy_floor(counts: &[u64], elements: u64) -> f64 {
-    let bits = super::freq::entropy_bits(counts) * elements as f64;
-    bits * (1.0 - 1e-9) - 1e-6
-}
-
-/// A lower bound on what `best_coding` returns for a field: raw, or its entropy plus the smallest table.
-fn coding_floor(counts: &[u64], width: u32, elements: u64) -> f64 {
-    let raw = (width as u64 * elements) as f64;
-    if counts.is_empty() || width > MAX_SYMBOL_BITS {
-        return raw;
+    /// A lower bound on the rANS-coded bits of `elements` symbols under any table: their entropy, less a
+    /// margin for the rounding of the sums.
+    fn entropy_floor(&self, elements: u64) -> f64 {
+        self.entropy * elements as f64 * (1.0 - 1e-9) - 1e-6
     }
-    let table = 8.0 * UsedCounts::new(counts).serialized_len_floor(None) as f64;
-    raw.min(entropy_floor(counts, elements) + table)
+
+    /// A lower bound on what `best_coding` returns: raw, or the entropy plus the smallest table.
+    fn floor(&self, width: u32, elements: u64) -> f64 {
+        let raw = (width as u64 * elements) as f64;
+        if width > MAX_SYMBOL_BITS {
+            return raw;
+        }
+        let table = 8.0 * self.used.serialized_len_floor(None) as f64;
+        raw.min(self.entropy_floor(elements) + table)
+    }
 }
 
 /// Keeps a secondary field raw unless coding it saves `MIN_SECONDARY_GAIN_BITS` per element.
@@ -941,8 +964,8 @@ pub struct Plan {
     pub field_counts: Vec<Vec<u64>>,
 }
 
-/// A candidate layout's fields: width and histogram (empty when too wide to code).
-type CandidateFields = Vec<(u32, Vec<u64>)>;
+/// A candidate layout's fields: width, histogram (empty when too wide to code) and its price (None when empty).
+type CandidateFields = Vec<(u32, Vec<u64>, Option<FieldPrice>)>;
 
 impl Plan {
     fn top_width(&self) -> u32 {
@@ -963,17 +986,26 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
     // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
     // equal costs go to the smaller top field, as in a plain scan.
-    let mut candidates: Vec<(f64, u32, CandidateFields)> =
-        (1..=stats.top_bits.min(MAX_SYMBOL_BITS))
-            .map(|hi| {
-                let fields = stats.candidate_fields_of(hi, &occurring);
-                let bound: f64 = fields
-                    .iter()
-                    .map(|(width, counts)| coding_floor(counts, *width, n))
-                    .sum();
-                (bound + flush_bits, hi, fields)
-            })
-            .collect();
+    let mut candidates: Vec<(f64, u32, CandidateFields)> = (1..=stats
+        .top_bits
+        .min(MAX_SYMBOL_BITS))
+        .map(|hi| {
+            let fields: CandidateFields = stats
+                .candidate_fields_of(hi, &occurring)
+                .into_iter()
+                .map(|(width, counts)| {
+                    let price = (!counts.is_empty()).then(|| FieldPrice::new(&counts));
+                    (width, counts, price)
+                })
+                .collect();
+            let raw = |width: u32| (width as u64 * n) as f64;
+            let bound: f64 = fields
+                .iter()
+                .map(|(width, _, price)| price.as_ref().map_or(raw(*width), |p| p.floor(*width, n)))
+                .sum();
+            (bound + flush_bits, hi, fields)
+        })
+        .collect();
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
     for (lower_bound, hi, candidate) in candidates {
         if best
@@ -987,24 +1019,26 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut cost = 0.0;
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
-        for (width, counts) in candidate {
+        for (width, counts, price) in candidate {
             let raw = (width as u64 * n) as f64;
-            // A secondary field that cannot save enough even at its entropy stays raw without building tables.
-            let secondary_hopeless = !tables.is_empty()
-                && !counts.is_empty()
-                && (raw - super::freq::entropy_bits(&counts) * (n as f64)
-                    < MIN_SECONDARY_GAIN_BITS * n as f64
-                    || raw - coding_floor(&counts, width, n) < MIN_SECONDARY_GAIN_BITS * n as f64);
-            let (c, table) = if counts.is_empty() || secondary_hopeless {
-                (raw, None)
-            } else {
-                best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS)
+            // A secondary field that cannot save enough even at its entropy, or at the entropy plus its
+            // smallest table, stays raw without building tables.
+            let (c, table) = match &price {
+                Some(p)
+                    if tables.is_empty()
+                        || (raw - p.entropy * (n as f64) >= MIN_SECONDARY_GAIN_BITS * n as f64
+                            && raw - p.floor(width, n) >= MIN_SECONDARY_GAIN_BITS * n as f64) =>
+                {
+                    p.best_coding(width, n, ENCODER_MAX_PROB_BITS)
+                }
+                _ => (raw, None),
             };
             let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
             cost += c;
             match table {
                 Some(t) => {
-                    bound += super::freq::entropy_bits(&counts) * n as f64;
+                    let entropy = price.as_ref().expect("a coded field has counts").entropy;
+                    bound += entropy * n as f64;
                     tables.push(t);
                     fields.push(Field {
                         width,
@@ -1221,19 +1255,22 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
         // An own table costs at least the block's entropy; skip building tables that cannot win, either
         // outright or because a secondary field would not save enough to be coded (`charge_secondary`).
         let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
-        let hopeless = !c.is_empty() && {
-            let entropy = super::freq::entropy_bits(c) * n as f64;
-            let own_floor = coding_floor(c, f.width, n);
-            entropy >= shared_cost.unwrap_or(f64::INFINITY).min(raw)
-                || own_floor >= shared_cost.unwrap_or(f64::INFINITY).min(raw)
+        let price = (!c.is_empty()).then(|| FieldPrice::new(c));
+        let hopeless = price.as_ref().is_some_and(|p| {
+            let entropy = p.entropy * n as f64;
+            let own_floor = p.floor(f.width, n);
+            let to_beat = shared_cost.unwrap_or(f64::INFINITY).min(raw);
+            entropy >= to_beat
+                || own_floor >= to_beat
                 || (secondary && raw - entropy < MIN_SECONDARY_GAIN_BITS * n as f64)
                 || (secondary && raw - own_floor < MIN_SECONDARY_GAIN_BITS * n as f64)
-        };
-        let (mut cost, mut table) = if c.is_empty() || hopeless {
-            (raw, None)
-        } else {
-            let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
-            charge_secondary(cost, table, f.width, n, secondary)
+        });
+        let (mut cost, mut table) = match &price {
+            Some(p) if !hopeless => {
+                let (cost, table) = p.best_coding(f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
+                charge_secondary(cost, table, f.width, n, secondary)
+            }
+            _ => (raw, None),
         };
         let mut is_borrowed = false;
         if let (Some(shared), Some(shared_cost)) = (tensor.table_of_field(index), shared_cost) {
@@ -1364,7 +1401,10 @@ mod tests {
             assert_eq!(fast.1, reference.1, "round {round}");
             coded += fast.1.is_some() as usize;
             // The floor that lets `plan` skip layouts never exceeds the real cost.
-            assert!(coding_floor(&counts, width, n) <= fast.0, "round {round}");
+            assert!(
+                FieldPrice::new(&counts).floor(width, n) <= fast.0,
+                "round {round}"
+            );
         }
         // Both outcomes occur.
         assert!(coded > 30 && coded < 270, "{coded} of 300 rounds coded");
