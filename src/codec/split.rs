@@ -244,18 +244,25 @@ fn field_mask(width: u32) -> u64 {
 
 /// Splits a block into field values and encodes it (spec: "split block payload").
 pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(block.len());
+    encode_block_into(params, dtype, block, &mut out);
+    out
+}
+
+/// `encode_block`, appended to `out` (whose length must be a multiple of 4: the padding is aligned to it).
+fn encode_block_into(params: &SplitParams, dtype: Dtype, block: &[u8], out: &mut Vec<u8>) {
+    debug_assert_eq!(out.len() % 4, 0);
     let width = dtype
         .byte_width()
         .expect("float_split dtypes are whole bytes");
     let n = block.len() / width;
     let shifts = params.shifts();
-    let mut out = Vec::with_capacity(block.len());
     if let (2 | 4, [table]) = (width, &params.tables[..]) {
         match width {
-            2 => encode_single_field::<2>(params, &shifts, table, block, &mut out),
-            _ => encode_single_field::<4>(params, &shifts, table, block, &mut out),
+            2 => encode_single_field::<2>(params, &shifts, table, block, out),
+            _ => encode_single_field::<4>(params, &shifts, table, block, out),
         }
-        return out;
+        return;
     }
     let field_values = |shift: u32, bits: u32| -> Vec<u32> {
         match width {
@@ -298,11 +305,10 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
     }
     for (f, &shift) in params.fields.iter().zip(&shifts) {
         if f.coding == Coding::Raw {
-            bitpack::pack_slice(&field_values(shift, f.width), f.width, &mut out);
+            bitpack::pack_slice(&field_values(shift, f.width), f.width, out);
             out.resize(align4(out.len()), 0);
         }
     }
-    out
 }
 
 /// `encode_block` for one coded field of 2- or 4-byte elements, through per-thread buffers.
@@ -313,7 +319,7 @@ fn encode_single_field<const W: usize>(
     block: &[u8],
     out: &mut Vec<u8>,
 ) {
-    ENCODE_SCRATCH.with_borrow_mut(|(symbols, words, raw)| {
+    ENCODE_SCRATCH.with_borrow_mut(|(symbols, words)| {
         let fields = params.fields.iter().zip(shifts);
         let (coded, &shift) = fields
             .clone()
@@ -340,19 +346,46 @@ fn encode_single_field<const W: usize>(
         out.extend(words[start..].iter().flat_map(|w| w.to_le_bytes()));
         out.resize(align4(out.len()), 0);
         for (f, &shift) in fields.filter(|(f, _)| f.coding == Coding::Raw) {
-            let mask = field_mask(f.width) as u32;
-            raw.clear();
-            raw.extend(block.chunks_exact(W).map(|c| (element(c) >> shift) & mask));
-            bitpack::pack_slice(raw, f.width, out);
+            pack_field::<W>(block, shift, f.width, out);
             out.resize(align4(out.len()), 0);
         }
     });
 }
 
 thread_local! {
-    /// Per-thread buffers of the single-field encoder: symbols, words, one raw field.
-    static ENCODE_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>, Vec<u32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread buffers of the single-field encoder: symbols and words.
+    static ENCODE_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Appends one field (`width` bits at `shift`) of every `W`-byte element of `block`, packed as
+/// `bitpack::pack_slice` packs it, straight from the elements: eight values (`width` bytes) per step when
+/// the field is at most 8 bits wide.
+fn pack_field<const W: usize>(block: &[u8], shift: u32, width: u32, out: &mut Vec<u8>) {
+    let mask = field_mask(width) as u32;
+    let value = |c: &[u8]| {
+        let mut le = [0u8; 4];
+        le[..W].copy_from_slice(c);
+        (u32::from_le_bytes(le) >> shift) & mask
+    };
+    if width > 8 {
+        return bitpack::pack(block.chunks_exact(W).map(value), width, out);
+    }
+    let groups = block.chunks_exact(8 * W);
+    let rest = groups.remainder();
+    let step = width as usize;
+    let mut pos = out.len();
+    // Each step writes 8 bytes and keeps `width` of them; the spare tail is cut off after the loop.
+    out.resize(pos + groups.len() * step + 8, 0);
+    for g in groups {
+        let bits = g.chunks_exact(W).enumerate().fold(0u64, |acc, (k, e)| {
+            acc | (value(e) as u64) << (k as u32 * width)
+        });
+        out[pos..pos + 8].copy_from_slice(&bits.to_le_bytes());
+        pos += step;
+    }
+    out.truncate(pos);
+    bitpack::pack(rest.chunks_exact(W).map(value), width, out);
 }
 
 /// One field of every `W`-byte little-endian element.
@@ -1313,7 +1346,7 @@ pub fn encode_local_block(choice: &LocalChoice, dtype: Dtype, block: &[u8]) -> V
     out.extend_from_slice(&(param_bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&param_bytes);
     out.resize(align4(out.len()), 0);
-    out.extend_from_slice(&encode_block(&choice.params, dtype, block));
+    encode_block_into(&choice.params, dtype, block, &mut out);
     out
 }
 
@@ -1351,6 +1384,37 @@ mod tests {
             out.extend_from_slice(&((bits >> 16) as u16).to_le_bytes());
         }
         out
+    }
+
+    #[test]
+    fn pack_field_packs_as_pack_slice_does() {
+        let bytes = gaussian_bf16(4099, 11);
+        for len in [0usize, 2, 14, 16, 18, 8190, 8198] {
+            for (shift, width) in [(0, 6), (0, 8), (3, 5), (8, 8), (0, 1), (4, 12), (0, 16)] {
+                let block = &bytes[..len];
+                let mut fused = vec![7u8; 4];
+                pack_field::<2>(block, shift, width, &mut fused);
+                let mut reference = vec![7u8; 4];
+                bitpack::pack_slice(&field_of::<2>(block, shift, width), width, &mut reference);
+                assert_eq!(
+                    fused, reference,
+                    "2-byte len {len} shift {shift} width {width}"
+                );
+                let block = &bytes[..len / 4 * 4];
+                let mut fused = Vec::new();
+                pack_field::<4>(block, shift + 8, width, &mut fused);
+                let mut reference = Vec::new();
+                bitpack::pack_slice(
+                    &field_of::<4>(block, shift + 8, width),
+                    width,
+                    &mut reference,
+                );
+                assert_eq!(
+                    fused, reference,
+                    "4-byte len {len} shift {shift} width {width}"
+                );
+            }
+        }
     }
 
     /// `best_coding` as a plain search: every precision's table built and priced in full.
