@@ -362,6 +362,17 @@ thread_local! {
 /// `bitpack::pack_slice` packs it, straight from the elements: eight values (`width` bytes) per step when
 /// the field is at most 8 bits wide.
 fn pack_field<const W: usize>(block: &[u8], shift: u32, width: u32, out: &mut Vec<u8>) {
+    pack_field_with::<W>(block, shift, width, out, true)
+}
+
+/// `pack_field`, with the SIMD kernel (when the CPU has it) or without.
+fn pack_field_with<const W: usize>(
+    block: &[u8],
+    shift: u32,
+    width: u32,
+    out: &mut Vec<u8>,
+    simd: bool,
+) {
     let mask = field_mask(width) as u32;
     let value = |c: &[u8]| {
         let mut le = [0u8; 4];
@@ -374,10 +385,15 @@ fn pack_field<const W: usize>(block: &[u8], shift: u32, width: u32, out: &mut Ve
     let groups = block.chunks_exact(8 * W);
     let rest = groups.remainder();
     let step = width as usize;
-    let mut pos = out.len();
+    let start = out.len();
     // Each step writes 8 bytes and keeps `width` of them; the spare tail is cut off after the loop.
-    out.resize(pos + groups.len() * step + 8, 0);
-    for g in groups {
+    out.resize(start + groups.len() * step + 8, 0);
+    let done = match simd {
+        true => super::simd::pack_groups::<W>(block, shift, width, &mut out[start..]),
+        false => 0,
+    };
+    let mut pos = start + done * step;
+    for g in groups.skip(done) {
         let bits = g.chunks_exact(W).enumerate().fold(0u64, |acc, (k, e)| {
             acc | (value(e) as u64) << (k as u32 * width)
         });
@@ -1391,28 +1407,22 @@ mod tests {
         let bytes = gaussian_bf16(4099, 11);
         for len in [0usize, 2, 14, 16, 18, 8190, 8198] {
             for (shift, width) in [(0, 6), (0, 8), (3, 5), (8, 8), (0, 1), (4, 12), (0, 16)] {
-                let block = &bytes[..len];
-                let mut fused = vec![7u8; 4];
-                pack_field::<2>(block, shift, width, &mut fused);
-                let mut reference = vec![7u8; 4];
-                bitpack::pack_slice(&field_of::<2>(block, shift, width), width, &mut reference);
-                assert_eq!(
-                    fused, reference,
-                    "2-byte len {len} shift {shift} width {width}"
-                );
-                let block = &bytes[..len / 4 * 4];
-                let mut fused = Vec::new();
-                pack_field::<4>(block, shift + 8, width, &mut fused);
-                let mut reference = Vec::new();
-                bitpack::pack_slice(
-                    &field_of::<4>(block, shift + 8, width),
-                    width,
-                    &mut reference,
-                );
-                assert_eq!(
-                    fused, reference,
-                    "4-byte len {len} shift {shift} width {width}"
-                );
+                for simd in [false, true] {
+                    let block = &bytes[..len];
+                    let mut fused = vec![7u8; 4];
+                    pack_field_with::<2>(block, shift, width, &mut fused, simd);
+                    let mut reference = vec![7u8; 4];
+                    let values = field_of::<2>(block, shift, width);
+                    bitpack::pack_slice(&values, width, &mut reference);
+                    assert_eq!(fused, reference, "2-byte {len} {shift} {width} {simd}");
+                    let block = &bytes[..len / 4 * 4];
+                    let mut fused = Vec::new();
+                    pack_field_with::<4>(block, shift + 8, width, &mut fused, simd);
+                    let mut reference = Vec::new();
+                    let values = field_of::<4>(block, shift + 8, width);
+                    bitpack::pack_slice(&values, width, &mut reference);
+                    assert_eq!(fused, reference, "4-byte {len} {shift} {width} {simd}");
+                }
             }
         }
     }
