@@ -280,22 +280,24 @@ impl UsedCounts {
     /// and never takes one below 1.
     pub fn serialized_len_floor(&self, prob_bits: Option<u32>) -> usize {
         let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
-        let share = |c: u64, target: u64| {
-            ((c as u128 * target as u128 / self.total.max(1) as u128) as u64).max(1)
-        };
-        let target = prob_bits.map(|p| 1u64 << p);
-        let shares_fit =
-            target.is_some_and(|t| self.used.iter().map(|&(_, c)| share(c, t)).sum::<u64>() <= t);
-        let mut bits = 0;
+        let target = prob_bits.map_or(0, |p| 1u64 << p);
+        let total = self.total.max(1) as u128;
+        // Bits with every frequency at 1, and with every frequency at its rounded-down share (at least 1).
+        let (mut ones, mut shares, mut share_sum) = (0, 0, 0u64);
         let mut next = 0u32;
         for &(s, c) in &self.used {
-            let floor = match target {
-                Some(t) if shares_fit => share(c, t) as u32,
-                _ => 1,
-            };
-            bits += gamma_bits(s - next + 1) + gamma_bits(floor);
+            let delta = gamma_bits(s - next + 1);
+            let share = ((c as u128 * target as u128 / total) as u64).max(1);
+            ones += delta + 1;
+            shares += delta + gamma_bits(share.min(u32::MAX as u64) as u32);
+            share_sum += share;
             next = s + 1;
         }
+        let bits = if prob_bits.is_some() && share_sum <= target {
+            shares
+        } else {
+            ones
+        };
         3 + bits.div_ceil(8)
     }
 
