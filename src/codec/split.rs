@@ -1035,7 +1035,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
     // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
     // equal costs go to the smaller top field, as in a plain scan.
-    let mut candidates: Vec<(f64, u32, CandidateFields)> = (1..=stats
+    let mut candidates: Vec<(f64, u32, CandidateFields, Vec<f64>)> = (1..=stats
         .top_bits
         .min(MAX_SYMBOL_BITS))
         .map(|hi| {
@@ -1048,15 +1048,15 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 })
                 .collect();
             let raw = |width: u32| (width as u64 * n) as f64;
-            let bound: f64 = fields
+            let floors: Vec<f64> = fields
                 .iter()
                 .map(|(width, _, price)| price.as_ref().map_or(raw(*width), |p| p.floor(*width, n)))
-                .sum();
-            (bound + flush_bits, hi, fields)
+                .collect();
+            (floors.iter().sum::<f64>() + flush_bits, hi, fields, floors)
         })
         .collect();
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    for (lower_bound, hi, candidate) in candidates {
+    for (lower_bound, hi, candidate, floors) in candidates {
         if best
             .as_ref()
             .is_some_and(|b| lower_bound > b.predicted_bits)
@@ -1068,7 +1068,20 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut cost = 0.0;
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
-        for (width, counts, price) in candidate {
+        // Before each field, what the fields before it cost plus the floors of it and the rest: a layout that
+        // cannot beat the best any more is dropped before its remaining tables are built (with a margin for
+        // the rounding of the sums).
+        let floors_from: Vec<f64> = (0..floors.len())
+            .map(|i| floors[i..].iter().sum())
+            .collect();
+        let mut hopeless = false;
+        for ((width, counts, price), floor_from) in candidate.into_iter().zip(floors_from) {
+            if best.as_ref().is_some_and(|b| {
+                (cost + floor_from + flush_bits) * (1.0 - 1e-12) > b.predicted_bits
+            }) {
+                hopeless = true;
+                break;
+            }
             let raw = (width as u64 * n) as f64;
             // A secondary field that cannot save enough even at its entropy, or at the entropy plus its
             // smallest table, stays raw without building tables.
@@ -1108,7 +1121,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 Vec::new()
             });
         }
-        if tables.is_empty() {
+        if hopeless || tables.is_empty() {
             continue;
         }
         cost += flush_bits;
@@ -1444,6 +1457,68 @@ mod tests {
             }
         }
         best
+    }
+
+    /// `plan` as a plain scan: every layout built in full with `best_coding_exhaustive`, the cheapest kept (ties
+    /// to the smaller top field). Returns its params and predicted bits.
+    fn plan_exhaustive(stats: &FieldStats, blocks: u64) -> Option<(SplitParams, f64)> {
+        let n = stats.elements;
+        let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
+        let mut best: Option<(SplitParams, f64)> = None;
+        for hi in 1..=stats.top_bits.min(MAX_SYMBOL_BITS) {
+            let (mut fields, mut tables, mut cost) = (Vec::new(), Vec::new(), 0.0);
+            for (width, counts) in stats.candidate_fields(hi) {
+                let raw = (width as u64 * n) as f64;
+                let (c, table) = match counts.is_empty() {
+                    true => (raw, None),
+                    false => best_coding_exhaustive(&counts, width, n, ENCODER_MAX_PROB_BITS),
+                };
+                let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
+                cost += c;
+                let coding = match table {
+                    Some(t) => {
+                        tables.push(t);
+                        Coding::Rans
+                    }
+                    None => Coding::Raw,
+                };
+                fields.push(Field { width, coding });
+            }
+            cost += flush_bits;
+            if !tables.is_empty() && best.as_ref().is_none_or(|b| cost < b.1) {
+                best = Some((SplitParams { fields, tables }, cost));
+            }
+        }
+        best.filter(|b| b.1 < (n * stats.dtype.bits() as u64) as f64)
+    }
+
+    #[test]
+    fn plan_matches_the_exhaustive_scan() {
+        let mut seed = 0x9e37_79b9_u64;
+        for round in 0..24u64 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Weights of different spreads and sizes, and a few repetitive tensors (zeros, two values).
+            let n = [7usize, 300, 5000, 70_000][round as usize % 4];
+            let mut data = gaussian_bf16(n, seed);
+            if round % 6 == 5 {
+                for (i, e) in data.chunks_exact_mut(2).enumerate() {
+                    e.copy_from_slice(&[0, if i % 3 == 0 { 0x3f } else { 0 }]);
+                }
+            }
+            for (dtype, bytes) in [(Dtype::BF16, &data[..]), (Dtype::F32, &data[..n / 2 * 4])] {
+                let stats = FieldStats::gather(dtype, bytes);
+                let blocks = 1 + round % 3;
+                let fast = plan(&stats, blocks).map(|p| (p.params, p.predicted_bits));
+                let reference = plan_exhaustive(&stats, blocks);
+                assert_eq!(
+                    fast.as_ref().map(|p| (&p.0, p.1.to_bits())),
+                    reference.as_ref().map(|p| (&p.0, p.1.to_bits())),
+                    "round {round} {dtype:?}"
+                );
+            }
+        }
     }
 
     #[test]
