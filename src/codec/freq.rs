@@ -39,70 +39,12 @@ impl FreqTable {
     /// occur than there are slots, or when nothing occurs.
     pub fn from_counts(counts: &[u64], symbol_bits: u32, prob_bits: u32) -> Option<FreqTable> {
         assert_eq!(counts.len(), 1 << symbol_bits);
-        assert!((1..=MAX_PROB_BITS).contains(&prob_bits));
-        let total: u64 = counts.iter().sum();
-        let used = counts.iter().filter(|&&c| c > 0).count() as u64;
-        let target = 1u64 << prob_bits;
-        if total == 0 || used > target {
+        let used = UsedCounts::new(counts);
+        let mut freqs = Vec::new();
+        if !used.normalize(prob_bits, &mut freqs) {
             return None;
         }
-        let mut freqs: Vec<u32> = counts
-            .iter()
-            .map(|&c| {
-                if c == 0 {
-                    0
-                } else {
-                    ((c as u128 * target as u128 / total as u128) as u64).max(1) as u32
-                }
-            })
-            .collect();
-        let sum: u64 = freqs.iter().map(|&f| f as u64).sum();
-        // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
-        let gain = |c: u64, f: u32| c as f64 * ((f as f64 + 1.0) / f as f64).log2();
-        let loss = |c: u64, f: u32| c as f64 * (f as f64 / (f as f64 - 1.0)).log2();
-        /// A heap entry ordered by its cost (total order on f64), then by symbol.
-        struct Key(f64, usize);
-        impl PartialEq for Key {
-            fn eq(&self, o: &Self) -> bool {
-                self.cmp(o) == std::cmp::Ordering::Equal
-            }
-        }
-        impl Eq for Key {}
-        impl PartialOrd for Key {
-            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-                Some(self.cmp(o))
-            }
-        }
-        impl Ord for Key {
-            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-                self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
-            }
-        }
-        if sum < target {
-            let mut heap: BinaryHeap<Key> = (0..freqs.len())
-                .filter(|&s| freqs[s] > 0)
-                .map(|s| Key(gain(counts[s], freqs[s]), s))
-                .collect();
-            for _ in sum..target {
-                let Key(_, s) = heap.pop().expect("a used symbol exists");
-                freqs[s] += 1;
-                heap.push(Key(gain(counts[s], freqs[s]), s));
-            }
-        } else if sum > target {
-            // Take slots where it hurts least: highest -loss first.
-            let mut heap: BinaryHeap<Key> = (0..freqs.len())
-                .filter(|&s| freqs[s] > 1)
-                .map(|s| Key(-loss(counts[s], freqs[s]), s))
-                .collect();
-            for _ in target..sum {
-                let Key(_, s) = heap.pop().expect("used <= target leaves a symbol above 1");
-                freqs[s] -= 1;
-                if freqs[s] > 1 {
-                    heap.push(Key(-loss(counts[s], freqs[s]), s));
-                }
-            }
-        }
-        let table = FreqTable::from_freqs(freqs, symbol_bits, prob_bits);
+        let table = FreqTable::from_freqs(used.dense(&freqs, symbol_bits), symbol_bits, prob_bits);
         debug_assert!(table.is_ok());
         table.ok()
     }
@@ -225,6 +167,155 @@ impl FreqTable {
     }
 }
 
+/// The symbols of a histogram that occur, with their counts, in ascending symbol order: the encoder normalizes
+/// and prices tables over these alone, so the cost does not grow with the alphabet.
+pub struct UsedCounts {
+    /// `(symbol, count)` with `count > 0`.
+    pub used: Vec<(u32, u64)>,
+    pub total: u64,
+}
+
+impl UsedCounts {
+    pub fn new(counts: &[u64]) -> UsedCounts {
+        let used: Vec<(u32, u64)> = counts
+            .iter()
+            .enumerate()
+            .filter(|(_, &c)| c > 0)
+            .map(|(s, &c)| (s as u32, c))
+            .collect();
+        let total = used.iter().map(|&(_, c)| c).sum();
+        UsedCounts { used, total }
+    }
+
+    /// Normalizes the counts to sum to `1 << prob_bits` as `FreqTable::from_counts` specifies, writing one
+    /// frequency per used symbol into `freqs`. Returns false when more symbols occur than there are slots, or
+    /// when nothing occurs.
+    pub fn normalize(&self, prob_bits: u32, freqs: &mut Vec<u32>) -> bool {
+        assert!((1..=MAX_PROB_BITS).contains(&prob_bits));
+        let target = 1u64 << prob_bits;
+        if self.total == 0 || self.used.len() as u64 > target {
+            return false;
+        }
+        let total = self.total as u128;
+        freqs.clear();
+        freqs.extend(
+            self.used
+                .iter()
+                .map(|&(_, c)| ((c as u128 * target as u128 / total) as u64).max(1) as u32),
+        );
+        let sum: u64 = freqs.iter().map(|&f| f as u64).sum();
+        // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
+        let gain = |c: u64, f: u32| c as f64 * ((f as f64 + 1.0) / f as f64).log2();
+        let loss = |c: u64, f: u32| c as f64 * (f as f64 / (f as f64 - 1.0)).log2();
+        /// A heap entry ordered by its cost (total order on f64), then by symbol (the index of a used symbol
+        /// orders as the symbol does).
+        struct Key(f64, usize);
+        impl PartialEq for Key {
+            fn eq(&self, o: &Self) -> bool {
+                self.cmp(o) == std::cmp::Ordering::Equal
+            }
+        }
+        impl Eq for Key {}
+        impl PartialOrd for Key {
+            fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+                Some(self.cmp(o))
+            }
+        }
+        impl Ord for Key {
+            fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+                self.0.total_cmp(&o.0).then(self.1.cmp(&o.1))
+            }
+        }
+        let count = |i: usize| self.used[i].1;
+        if sum < target {
+            let mut heap: BinaryHeap<Key> = (0..freqs.len())
+                .map(|i| Key(gain(count(i), freqs[i]), i))
+                .collect();
+            for _ in sum..target {
+                let Key(_, i) = heap.pop().expect("a used symbol exists");
+                freqs[i] += 1;
+                heap.push(Key(gain(count(i), freqs[i]), i));
+            }
+        } else if sum > target {
+            // Take slots where it hurts least: highest -loss first.
+            let mut heap: BinaryHeap<Key> = (0..freqs.len())
+                .filter(|&i| freqs[i] > 1)
+                .map(|i| Key(-loss(count(i), freqs[i]), i))
+                .collect();
+            for _ in target..sum {
+                let Key(_, i) = heap.pop().expect("used <= target leaves a symbol above 1");
+                freqs[i] -= 1;
+                if freqs[i] > 1 {
+                    heap.push(Key(-loss(count(i), freqs[i]), i));
+                }
+            }
+        }
+        true
+    }
+
+    /// `FreqTable::coded_bits` of these counts under the table whose used symbols have `freqs` (same sum, in
+    /// the same order).
+    pub fn coded_bits(&self, freqs: &[u32], prob_bits: u32) -> f64 {
+        self.used
+            .iter()
+            .zip(freqs)
+            .map(|(&(_, c), &f)| c as f64 * (prob_bits as f64 - (f as f64).log2()))
+            .sum()
+    }
+
+    /// `FreqTable::serialized_len` of the table whose used symbols have `freqs`.
+    pub fn serialized_len(&self, freqs: &[u32]) -> usize {
+        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
+        let mut bits = 0;
+        let mut next = 0u32;
+        for (&(s, _), &f) in self.used.iter().zip(freqs) {
+            bits += gamma_bits(s - next + 1) + gamma_bits(f);
+            next = s + 1;
+        }
+        3 + bits.div_ceil(8)
+    }
+
+    /// A lower bound on `serialized_len` of a table over these symbols at `prob_bits` (at any precision when
+    /// None). Normalizing only raises frequencies from their rounded-down shares when those fit the total,
+    /// and never takes one below 1.
+    pub fn serialized_len_floor(&self, prob_bits: Option<u32>) -> usize {
+        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
+        let target = prob_bits.map_or(0, |p| 1u64 << p);
+        let total = self.total.max(1) as u128;
+        // Bits with every frequency at 1, and with every frequency at its rounded-down share (at least 1).
+        let (mut ones, mut shares, mut share_sum) = (0, 0, 0u64);
+        let mut next = 0u32;
+        for &(s, c) in &self.used {
+            let delta = gamma_bits(s - next + 1);
+            let share = ((c as u128 * target as u128 / total) as u64).max(1);
+            ones += delta + 1;
+            shares += delta + gamma_bits(share.min(u32::MAX as u64) as u32);
+            share_sum += share;
+            next = s + 1;
+        }
+        let bits = if prob_bits.is_some() && share_sum <= target {
+            shares
+        } else {
+            ones
+        };
+        3 + bits.div_ceil(8)
+    }
+
+    /// `entropy_bits` of the histogram these counts came from (the same value, bit for bit).
+    pub fn entropy_bits(&self) -> f64 {
+        entropy_of(self.used.iter().map(|&(_, c)| c))
+    }
+
+    /// The frequencies of the whole `symbol_bits` alphabet (zero for unused symbols).
+    pub fn dense(&self, freqs: &[u32], symbol_bits: u32) -> Vec<u32> {
+        let mut out = vec![0u32; 1 << symbol_bits];
+        for (&(s, _), &f) in self.used.iter().zip(freqs) {
+            out[s as usize] = f;
+        }
+        out
+    }
+}
+
 /// Longest Elias-gamma prefix accepted: values below 2^21 (frequencies are at most 2^15, deltas 2^12).
 const MAX_GAMMA_ZEROS: u32 = 20;
 
@@ -304,15 +395,19 @@ pub fn histogram(symbols: impl Iterator<Item = u32>, symbol_bits: u32) -> Vec<u6
 
 /// Zero-order entropy of a histogram in bits per symbol.
 pub fn entropy_bits(counts: &[u64]) -> f64 {
-    let total: u64 = counts.iter().sum();
+    entropy_of(counts.iter().copied())
+}
+
+/// `entropy_bits` of the counts `counts` yields, in order (zeros add nothing).
+fn entropy_of(counts: impl Iterator<Item = u64> + Clone) -> f64 {
+    let total: u64 = counts.clone().sum();
     if total == 0 {
         return 0.0;
     }
     let t = total as f64;
     counts
-        .iter()
-        .filter(|&&c| c > 0)
-        .map(|&c| {
+        .filter(|&c| c > 0)
+        .map(|c| {
             let p = c as f64 / t;
             -p * p.log2()
         })
@@ -424,6 +519,48 @@ mod tests {
                     out.len(),
                     "{symbol_bits} {prob_bits}"
                 );
+            }
+        }
+    }
+
+    /// Seeded histograms of `1 << symbol_bits` bins: some bins empty, the rest skewed over several decades.
+    fn random_counts(symbol_bits: u32, seed: u64) -> Vec<u64> {
+        let mut x = seed;
+        (0..1u64 << symbol_bits)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                match x >> 61 {
+                    0..=2 => 0,
+                    3 => 1 + (x >> 50) % 3,
+                    _ => (x >> 40) % (1 << ((x >> 33) % 20)),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn used_counts_price_tables_as_the_dense_table_does() {
+        for (symbol_bits, seed) in [(1, 1u64), (4, 2), (8, 3), (10, 4), (12, 5)] {
+            let counts = random_counts(symbol_bits, seed);
+            let used = UsedCounts::new(&counts);
+            let mut freqs = Vec::new();
+            for prob_bits in 1..=MAX_PROB_BITS {
+                let table = FreqTable::from_counts(&counts, symbol_bits, prob_bits);
+                let normalized = used.normalize(prob_bits, &mut freqs);
+                assert_eq!(normalized, table.is_some(), "{symbol_bits} {prob_bits}");
+                let Some(table) = table else { continue };
+                assert_eq!(used.dense(&freqs, symbol_bits), table.freqs);
+                assert_eq!(used.serialized_len(&freqs), table.serialized_len());
+                assert_eq!(
+                    used.coded_bits(&freqs, prob_bits).to_bits(),
+                    table.coded_bits(&counts).to_bits()
+                );
+                // The floors never exceed the real size, at this precision or any.
+                let len = table.serialized_len();
+                assert!(used.serialized_len_floor(Some(prob_bits)) <= len);
+                assert!(used.serialized_len_floor(None) <= len);
             }
         }
     }

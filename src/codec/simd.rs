@@ -141,6 +141,20 @@ pub fn encode_steps(
     0
 }
 
+/// Packs the `width`-bit field at `shift` (width at most 8, inside the element) of the `W`-byte little-endian
+/// elements of `block` (W is 2 or 4) as `bitpack::pack_slice` does, one group of 8 values (`width` bytes) at a
+/// time from `out[0]`, each group written as 8 bytes of which the next group overwrites the spare ones. `out`
+/// must hold `width` bytes per group plus 8. Returns the whole groups written (0 without BMI2).
+pub fn pack_groups<const W: usize>(block: &[u8], shift: u32, width: u32, out: &mut [u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("bmi2") {
+        // SAFETY: the CPU has BMI2 (checked above); the kernel indexes slices, so every access is bounds-checked.
+        return unsafe { x86::pack_groups_bmi2::<W>(block, shift, width, out) };
+    }
+    let _ = (block, shift, width, out);
+    0
+}
+
 /// How the elements of a 2-byte-element block are put together from the ranks of its one coded field:
 /// `out[i] = symbols[ranks[i]] | raw[i] << shift`, where `symbols` holds the coded field's alphabet already
 /// shifted into place and `raw` the one raw field, if any: (bytes, width 1..=8, shift), packed LSB-first.
@@ -549,6 +563,39 @@ mod x86 {
         _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
         *pos = p;
         steps
+    }
+
+    /// # Safety
+    /// The CPU must have BMI2. Memory: slices only (bounds-checked), and nothing is written unless `out` holds
+    /// every group.
+    #[target_feature(enable = "bmi2")]
+    pub(super) unsafe fn pack_groups_bmi2<const W: usize>(
+        block: &[u8],
+        shift: u32,
+        width: u32,
+        out: &mut [u8],
+    ) -> usize {
+        let groups = block.len() / (8 * W);
+        let step = width as usize;
+        if !(W == 2 || W == 4) || width == 0 || width > 8 || shift + width > 8 * W as u32 {
+            return 0;
+        }
+        if out.len() < groups * step + 8 {
+            return 0;
+        }
+        // The field of each element of a 64-bit word, e.g. 0x003f_003f_003f_003f for 6 low bits of 2-byte ones.
+        let lane = ((1u64 << width) - 1) << shift;
+        let mask = (0..8 / W).fold(0u64, |m, k| m | lane << (8 * W * k));
+        let word_bits = (8 / W) as u32 * width;
+        for (g, group) in block.chunks_exact(8 * W).enumerate() {
+            let mut bits = 0u64;
+            for (k, word) in group.chunks_exact(8).enumerate() {
+                let v = u64::from_le_bytes(word.try_into().expect("8 bytes"));
+                bits |= _pext_u64(v, mask) << (k as u32 * word_bits);
+            }
+            out[g * step..g * step + 8].copy_from_slice(&bits.to_le_bytes());
+        }
+        groups
     }
 
     pub fn has_avx2() -> bool {

@@ -7,7 +7,7 @@
 //! field values, rANS-codes the coded fields through 32 lanes and packs the raw ones; 3. `SplitDecoder` reverses it.
 
 use super::bitpack;
-use super::freq::{DecodeTable, FreqTable, PackedTable, TableError, MAX_SYMBOL_BITS};
+use super::freq::{DecodeTable, FreqTable, PackedTable, TableError, UsedCounts, MAX_SYMBOL_BITS};
 use super::rans::{self, FieldOutput, FieldSymbols, LANES};
 use super::simd::Merge16;
 use crate::dtype::Dtype;
@@ -245,18 +245,25 @@ fn field_mask(width: u32) -> u64 {
 
 /// Splits a block into field values and encodes it (spec: "split block payload").
 pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(block.len());
+    encode_block_into(params, dtype, block, &mut out);
+    out
+}
+
+/// `encode_block`, appended to `out` (whose length must be a multiple of 4: the padding is aligned to it).
+fn encode_block_into(params: &SplitParams, dtype: Dtype, block: &[u8], out: &mut Vec<u8>) {
+    debug_assert_eq!(out.len() % 4, 0);
     let width = dtype
         .byte_width()
         .expect("float_split dtypes are whole bytes");
     let n = block.len() / width;
     let shifts = params.shifts();
-    let mut out = Vec::with_capacity(block.len());
     if let (2 | 4, [table]) = (width, &params.tables[..]) {
         match width {
-            2 => encode_single_field::<2>(params, &shifts, table, block, &mut out),
-            _ => encode_single_field::<4>(params, &shifts, table, block, &mut out),
+            2 => encode_single_field::<2>(params, &shifts, table, block, out),
+            _ => encode_single_field::<4>(params, &shifts, table, block, out),
         }
-        return out;
+        return;
     }
     let field_values = |shift: u32, bits: u32| -> Vec<u32> {
         match width {
@@ -299,11 +306,10 @@ pub fn encode_block(params: &SplitParams, dtype: Dtype, block: &[u8]) -> Vec<u8>
     }
     for (f, &shift) in params.fields.iter().zip(&shifts) {
         if f.coding == Coding::Raw {
-            bitpack::pack_slice(&field_values(shift, f.width), f.width, &mut out);
+            bitpack::pack_slice(&field_values(shift, f.width), f.width, out);
             out.resize(align4(out.len()), 0);
         }
     }
-    out
 }
 
 /// `encode_block` for one coded field of 2- or 4-byte elements, through per-thread buffers.
@@ -314,7 +320,7 @@ fn encode_single_field<const W: usize>(
     block: &[u8],
     out: &mut Vec<u8>,
 ) {
-    ENCODE_SCRATCH.with_borrow_mut(|(symbols, words, raw)| {
+    ENCODE_SCRATCH.with_borrow_mut(|(symbols, words)| {
         let fields = params.fields.iter().zip(shifts);
         let (coded, &shift) = fields
             .clone()
@@ -341,19 +347,62 @@ fn encode_single_field<const W: usize>(
         out.extend(words[start..].iter().flat_map(|w| w.to_le_bytes()));
         out.resize(align4(out.len()), 0);
         for (f, &shift) in fields.filter(|(f, _)| f.coding == Coding::Raw) {
-            let mask = field_mask(f.width) as u32;
-            raw.clear();
-            raw.extend(block.chunks_exact(W).map(|c| (element(c) >> shift) & mask));
-            bitpack::pack_slice(raw, f.width, out);
+            pack_field::<W>(block, shift, f.width, out);
             out.resize(align4(out.len()), 0);
         }
     });
 }
 
 thread_local! {
-    /// Per-thread buffers of the single-field encoder: symbols, words, one raw field.
-    static ENCODE_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>, Vec<u32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Per-thread buffers of the single-field encoder: symbols and words.
+    static ENCODE_SCRATCH: std::cell::RefCell<(Vec<u16>, Vec<u16>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Appends one field (`width` bits at `shift`) of every `W`-byte element of `block`, packed as
+/// `bitpack::pack_slice` packs it, straight from the elements: eight values (`width` bytes) per step when
+/// the field is at most 8 bits wide.
+fn pack_field<const W: usize>(block: &[u8], shift: u32, width: u32, out: &mut Vec<u8>) {
+    pack_field_with::<W>(block, shift, width, out, true)
+}
+
+/// `pack_field`, with the SIMD kernel (when the CPU has it) or without.
+fn pack_field_with<const W: usize>(
+    block: &[u8],
+    shift: u32,
+    width: u32,
+    out: &mut Vec<u8>,
+    simd: bool,
+) {
+    let mask = field_mask(width) as u32;
+    let value = |c: &[u8]| {
+        let mut le = [0u8; 4];
+        le[..W].copy_from_slice(c);
+        (u32::from_le_bytes(le) >> shift) & mask
+    };
+    if width > 8 {
+        return bitpack::pack(block.chunks_exact(W).map(value), width, out);
+    }
+    let groups = block.chunks_exact(8 * W);
+    let rest = groups.remainder();
+    let step = width as usize;
+    let start = out.len();
+    // Each step writes 8 bytes and keeps `width` of them; the spare tail is cut off after the loop.
+    out.resize(start + groups.len() * step + 8, 0);
+    let done = match simd {
+        true => super::simd::pack_groups::<W>(block, shift, width, &mut out[start..]),
+        false => 0,
+    };
+    let mut pos = start + done * step;
+    for g in groups.skip(done) {
+        let bits = g.chunks_exact(W).enumerate().fold(0u64, |acc, (k, e)| {
+            acc | (value(e) as u64) << (k as u32 * width)
+        });
+        out[pos..pos + 8].copy_from_slice(&bits.to_le_bytes());
+        pos += step;
+    }
+    out.truncate(pos);
+    bitpack::pack(rest.chunks_exact(W).map(value), width, out);
 }
 
 /// One field of every `W`-byte little-endian element.
@@ -981,20 +1030,74 @@ pub(crate) fn best_coding(
     elements: u64,
     max_prob_bits: u32,
 ) -> (f64, Option<FreqTable>) {
-    let raw = (width as u64 * elements) as f64;
-    let mut best = (raw, None);
-    if width > MAX_SYMBOL_BITS {
-        return best;
+    FieldPrice::new(counts).best_coding(width, elements, max_prob_bits)
+}
+
+/// What pricing a field's tables needs, computed once per histogram: its used symbols and its entropy.
+struct FieldPrice {
+    used: UsedCounts,
+    /// Entropy in bits per element, exactly as `freq::entropy_bits` computes it.
+    entropy: f64,
+}
+
+impl FieldPrice {
+    fn new(counts: &[u64]) -> FieldPrice {
+        let used = UsedCounts::new(counts);
+        let entropy = used.entropy_bits();
+        FieldPrice { used, entropy }
     }
-    for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
-        if let Some(table) = FreqTable::from_counts(counts, width, prob_bits) {
-            let cost = table.coded_bits(counts) + 8.0 * table.serialized_len() as f64;
-            if cost < best.0 {
-                best = (cost, Some(table));
+
+    /// `best_coding`: each precision is normalized and priced over the used symbols only, precisions whose
+    /// floor cannot beat the best so far are skipped, and only the winner becomes a table.
+    fn best_coding(
+        &self,
+        width: u32,
+        elements: u64,
+        max_prob_bits: u32,
+    ) -> (f64, Option<FreqTable>) {
+        let raw = (width as u64 * elements) as f64;
+        if width > MAX_SYMBOL_BITS {
+            return (raw, None);
+        }
+        let used = &self.used;
+        let coded_floor = self.entropy_floor(elements);
+        let mut best_cost = raw;
+        let mut best: Option<(u32, Vec<u32>)> = None;
+        let mut freqs = Vec::with_capacity(used.used.len());
+        for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
+            let floor = coded_floor + 8.0 * used.serialized_len_floor(Some(prob_bits)) as f64;
+            if floor < best_cost && used.normalize(prob_bits, &mut freqs) {
+                let cost =
+                    used.coded_bits(&freqs, prob_bits) + 8.0 * used.serialized_len(&freqs) as f64;
+                if cost < best_cost {
+                    best_cost = cost;
+                    let spare = best.take().map(|(_, f)| f).unwrap_or_default();
+                    best = Some((prob_bits, std::mem::replace(&mut freqs, spare)));
+                }
             }
         }
+        let table = best.map(|(prob_bits, freqs)| {
+            FreqTable::from_freqs(used.dense(&freqs, width), width, prob_bits)
+                .expect("normalized frequencies sum to the precision")
+        });
+        (best_cost, table)
     }
-    best
+
+    /// A lower bound on the rANS-coded bits of `elements` symbols under any table: their entropy, less a
+    /// margin for the rounding of the sums.
+    fn entropy_floor(&self, elements: u64) -> f64 {
+        self.entropy * elements as f64 * (1.0 - 1e-9) - 1e-6
+    }
+
+    /// A lower bound on what `best_coding` returns: raw, or the entropy plus the smallest table.
+    fn floor(&self, width: u32, elements: u64) -> f64 {
+        let raw = (width as u64 * elements) as f64;
+        if width > MAX_SYMBOL_BITS {
+            return raw;
+        }
+        let table = 8.0 * self.used.serialized_len_floor(None) as f64;
+        raw.min(self.entropy_floor(elements) + table)
+    }
 }
 
 /// Keeps a secondary field raw unless coding it saves `MIN_SECONDARY_GAIN_BITS` per element.
@@ -1024,8 +1127,8 @@ pub struct Plan {
     pub field_counts: Vec<Vec<u64>>,
 }
 
-/// A candidate layout's fields: width and histogram (empty when too wide to code).
-type CandidateFields = Vec<(u32, Vec<u64>)>;
+/// A candidate layout's fields: width, histogram (empty when too wide to code) and its price (None when empty).
+type CandidateFields = Vec<(u32, Vec<u64>, Option<FieldPrice>)>;
 
 impl Plan {
     fn top_width(&self) -> u32 {
@@ -1046,26 +1149,28 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
     // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
     // equal costs go to the smaller top field, as in a plain scan.
-    let mut candidates: Vec<(f64, u32, CandidateFields)> =
-        (1..=stats.top_bits.min(MAX_SYMBOL_BITS))
-            .map(|hi| {
-                let fields = stats.candidate_fields_of(hi, &occurring);
-                let bound: f64 = fields
-                    .iter()
-                    .map(|(width, counts)| {
-                        let raw = (*width as u64 * n) as f64;
-                        if counts.is_empty() {
-                            raw
-                        } else {
-                            raw.min(super::freq::entropy_bits(counts) * n as f64)
-                        }
-                    })
-                    .sum();
-                (bound + flush_bits, hi, fields)
-            })
-            .collect();
+    let mut candidates: Vec<(f64, u32, CandidateFields, Vec<f64>)> = (1..=stats
+        .top_bits
+        .min(MAX_SYMBOL_BITS))
+        .map(|hi| {
+            let fields: CandidateFields = stats
+                .candidate_fields_of(hi, &occurring)
+                .into_iter()
+                .map(|(width, counts)| {
+                    let price = (!counts.is_empty()).then(|| FieldPrice::new(&counts));
+                    (width, counts, price)
+                })
+                .collect();
+            let raw = |width: u32| (width as u64 * n) as f64;
+            let floors: Vec<f64> = fields
+                .iter()
+                .map(|(width, _, price)| price.as_ref().map_or(raw(*width), |p| p.floor(*width, n)))
+                .collect();
+            (floors.iter().sum::<f64>() + flush_bits, hi, fields, floors)
+        })
+        .collect();
     candidates.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
-    for (lower_bound, hi, candidate) in candidates {
+    for (lower_bound, hi, candidate, floors) in candidates {
         if best
             .as_ref()
             .is_some_and(|b| lower_bound > b.predicted_bits)
@@ -1077,23 +1182,39 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
         let mut cost = 0.0;
         let mut bound = 0.0;
         let mut field_counts = Vec::new();
-        for (width, counts) in candidate {
+        // Before each field, what the fields before it cost plus the floors of it and the rest: a layout that
+        // cannot beat the best any more is dropped before its remaining tables are built (with a margin for
+        // the rounding of the sums).
+        let floors_from: Vec<f64> = (0..floors.len())
+            .map(|i| floors[i..].iter().sum())
+            .collect();
+        let mut hopeless = false;
+        for ((width, counts, price), floor_from) in candidate.into_iter().zip(floors_from) {
+            if best.as_ref().is_some_and(|b| {
+                (cost + floor_from + flush_bits) * (1.0 - 1e-12) > b.predicted_bits
+            }) {
+                hopeless = true;
+                break;
+            }
             let raw = (width as u64 * n) as f64;
-            // A secondary field that cannot save enough even at its entropy stays raw without building tables.
-            let secondary_hopeless = !tables.is_empty()
-                && !counts.is_empty()
-                && raw - super::freq::entropy_bits(&counts) * (n as f64)
-                    < MIN_SECONDARY_GAIN_BITS * n as f64;
-            let (c, table) = if counts.is_empty() || secondary_hopeless {
-                (raw, None)
-            } else {
-                best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS)
+            // A secondary field that cannot save enough even at its entropy, or at the entropy plus its
+            // smallest table, stays raw without building tables.
+            let (c, table) = match &price {
+                Some(p)
+                    if tables.is_empty()
+                        || (raw - p.entropy * (n as f64) >= MIN_SECONDARY_GAIN_BITS * n as f64
+                            && raw - p.floor(width, n) >= MIN_SECONDARY_GAIN_BITS * n as f64) =>
+                {
+                    p.best_coding(width, n, ENCODER_MAX_PROB_BITS)
+                }
+                _ => (raw, None),
             };
             let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
             cost += c;
             match table {
                 Some(t) => {
-                    bound += super::freq::entropy_bits(&counts) * n as f64;
+                    let entropy = price.as_ref().expect("a coded field has counts").entropy;
+                    bound += entropy * n as f64;
                     tables.push(t);
                     fields.push(Field {
                         width,
@@ -1114,7 +1235,7 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 Vec::new()
             });
         }
-        if tables.is_empty() {
+        if hopeless || tables.is_empty() {
             continue;
         }
         cost += flush_bits;
@@ -1310,16 +1431,22 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
         // An own table costs at least the block's entropy; skip building tables that cannot win, either
         // outright or because a secondary field would not save enough to be coded (`charge_secondary`).
         let secondary = params.fields.iter().any(|f| f.coding == Coding::Rans);
-        let hopeless = !c.is_empty() && {
-            let entropy = super::freq::entropy_bits(c) * n as f64;
-            entropy >= shared_cost.unwrap_or(f64::INFINITY).min(raw)
+        let price = (!c.is_empty()).then(|| FieldPrice::new(c));
+        let hopeless = price.as_ref().is_some_and(|p| {
+            let entropy = p.entropy * n as f64;
+            let own_floor = p.floor(f.width, n);
+            let to_beat = shared_cost.unwrap_or(f64::INFINITY).min(raw);
+            entropy >= to_beat
+                || own_floor >= to_beat
                 || (secondary && raw - entropy < MIN_SECONDARY_GAIN_BITS * n as f64)
-        };
-        let (mut cost, mut table) = if c.is_empty() || hopeless {
-            (raw, None)
-        } else {
-            let (cost, table) = best_coding(c, f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
-            charge_secondary(cost, table, f.width, n, secondary)
+                || (secondary && raw - own_floor < MIN_SECONDARY_GAIN_BITS * n as f64)
+        });
+        let (mut cost, mut table) = match &price {
+            Some(p) if !hopeless => {
+                let (cost, table) = p.best_coding(f.width, n, ENCODER_MAX_LOCAL_PROB_BITS);
+                charge_secondary(cost, table, f.width, n, secondary)
+            }
+            _ => (raw, None),
         };
         let mut is_borrowed = false;
         if let (Some(shared), Some(shared_cost)) = (tensor.table_of_field(index), shared_cost) {
@@ -1362,7 +1489,7 @@ pub fn encode_local_block(choice: &LocalChoice, dtype: Dtype, block: &[u8]) -> V
     out.extend_from_slice(&(param_bytes.len() as u32).to_le_bytes());
     out.extend_from_slice(&param_bytes);
     out.resize(align4(out.len()), 0);
-    out.extend_from_slice(&encode_block(&choice.params, dtype, block));
+    encode_block_into(&choice.params, dtype, block, &mut out);
     out
 }
 
@@ -1400,6 +1527,150 @@ mod tests {
             out.extend_from_slice(&((bits >> 16) as u16).to_le_bytes());
         }
         out
+    }
+
+    #[test]
+    fn pack_field_packs_as_pack_slice_does() {
+        let bytes = gaussian_bf16(4099, 11);
+        for len in [0usize, 2, 14, 16, 18, 8190, 8198] {
+            for (shift, width) in [(0, 6), (0, 8), (3, 5), (8, 8), (0, 1), (4, 12), (0, 16)] {
+                for simd in [false, true] {
+                    let block = &bytes[..len];
+                    let mut fused = vec![7u8; 4];
+                    pack_field_with::<2>(block, shift, width, &mut fused, simd);
+                    let mut reference = vec![7u8; 4];
+                    let values = field_of::<2>(block, shift, width);
+                    bitpack::pack_slice(&values, width, &mut reference);
+                    assert_eq!(fused, reference, "2-byte {len} {shift} {width} {simd}");
+                    let block = &bytes[..len / 4 * 4];
+                    let mut fused = Vec::new();
+                    pack_field_with::<4>(block, shift + 8, width, &mut fused, simd);
+                    let mut reference = Vec::new();
+                    let values = field_of::<4>(block, shift + 8, width);
+                    bitpack::pack_slice(&values, width, &mut reference);
+                    assert_eq!(fused, reference, "4-byte {len} {shift} {width} {simd}");
+                }
+            }
+        }
+    }
+
+    /// `best_coding` as a plain search: every precision's table built and priced in full.
+    fn best_coding_exhaustive(
+        counts: &[u64],
+        width: u32,
+        elements: u64,
+        max_prob_bits: u32,
+    ) -> (f64, Option<FreqTable>) {
+        let mut best = ((width as u64 * elements) as f64, None);
+        for prob_bits in ENCODER_MIN_PROB_BITS..=max_prob_bits {
+            if let Some(table) = FreqTable::from_counts(counts, width, prob_bits) {
+                let cost = table.coded_bits(counts) + 8.0 * table.serialized_len() as f64;
+                if cost < best.0 {
+                    best = (cost, Some(table));
+                }
+            }
+        }
+        best
+    }
+
+    /// `plan` as a plain scan: every layout built in full with `best_coding_exhaustive`, the cheapest kept (ties
+    /// to the smaller top field). Returns its params and predicted bits.
+    fn plan_exhaustive(stats: &FieldStats, blocks: u64) -> Option<(SplitParams, f64)> {
+        let n = stats.elements;
+        let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
+        let mut best: Option<(SplitParams, f64)> = None;
+        for hi in 1..=stats.top_bits.min(MAX_SYMBOL_BITS) {
+            let (mut fields, mut tables, mut cost) = (Vec::new(), Vec::new(), 0.0);
+            for (width, counts) in stats.candidate_fields(hi) {
+                let raw = (width as u64 * n) as f64;
+                let (c, table) = match counts.is_empty() {
+                    true => (raw, None),
+                    false => best_coding_exhaustive(&counts, width, n, ENCODER_MAX_PROB_BITS),
+                };
+                let (c, table) = charge_secondary(c, table, width, n, !tables.is_empty());
+                cost += c;
+                let coding = match table {
+                    Some(t) => {
+                        tables.push(t);
+                        Coding::Rans
+                    }
+                    None => Coding::Raw,
+                };
+                fields.push(Field { width, coding });
+            }
+            cost += flush_bits;
+            if !tables.is_empty() && best.as_ref().is_none_or(|b| cost < b.1) {
+                best = Some((SplitParams { fields, tables }, cost));
+            }
+        }
+        best.filter(|b| b.1 < (n * stats.dtype.bits() as u64) as f64)
+    }
+
+    #[test]
+    fn plan_matches_the_exhaustive_scan() {
+        let mut seed = 0x9e37_79b9_u64;
+        for round in 0..24u64 {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Weights of different spreads and sizes, and a few repetitive tensors (zeros, two values).
+            let n = [7usize, 300, 5000, 70_000][round as usize % 4];
+            let mut data = gaussian_bf16(n, seed);
+            if round % 6 == 5 {
+                for (i, e) in data.chunks_exact_mut(2).enumerate() {
+                    e.copy_from_slice(&[0, if i % 3 == 0 { 0x3f } else { 0 }]);
+                }
+            }
+            for (dtype, bytes) in [(Dtype::BF16, &data[..]), (Dtype::F32, &data[..n / 2 * 4])] {
+                let stats = FieldStats::gather(dtype, bytes);
+                let blocks = 1 + round % 3;
+                let fast = plan(&stats, blocks).map(|p| (p.params, p.predicted_bits));
+                let reference = plan_exhaustive(&stats, blocks);
+                assert_eq!(
+                    fast.as_ref().map(|p| (&p.0, p.1.to_bits())),
+                    reference.as_ref().map(|p| (&p.0, p.1.to_bits())),
+                    "round {round} {dtype:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn best_coding_matches_the_exhaustive_search() {
+        let mut seed = 0x5eed_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut coded = 0;
+        for round in 0..300 {
+            let width = 1 + (next() % 12) as u32;
+            // From a handful of elements (tables cost more than they save) to many (tables pay).
+            let elements = 1 + next() % [16, 400, 5000, 200_000][round % 4];
+            let spread = 1 + next() % (1 << width);
+            let mut counts = vec![0u64; 1 << width];
+            for _ in 0..elements.min(20_000) {
+                // Roughly geometric over the first `spread` symbols.
+                let r = next();
+                let symbol = (r % spread).min((r >> 32).trailing_zeros() as u64 * spread / 8);
+                counts[symbol as usize] += 1;
+            }
+            let n = counts.iter().sum();
+            let fast = best_coding(&counts, width, n, ENCODER_MAX_PROB_BITS);
+            let reference = best_coding_exhaustive(&counts, width, n, ENCODER_MAX_PROB_BITS);
+            assert_eq!(fast.0.to_bits(), reference.0.to_bits(), "round {round}");
+            assert_eq!(fast.1, reference.1, "round {round}");
+            coded += fast.1.is_some() as usize;
+            // The floor that lets `plan` skip layouts never exceeds the real cost.
+            assert!(
+                FieldPrice::new(&counts).floor(width, n) <= fast.0,
+                "round {round}"
+            );
+        }
+        // Both outcomes occur.
+        assert!(coded > 30 && coded < 270, "{coded} of 300 rounds coded");
     }
 
     #[test]
