@@ -10,7 +10,8 @@
 #     on the same tensors from `neuzip analyze --sweep --codebook-bits 4 --fixed-rate --json`;
 #   - print medians over the codebook tensors (1-D tensors and embeddings stay lossless) and medians of
 #     per-tensor SQNR differences, then the sentence-embedding cosine (examples/embedding_check) against the
-#     F32 original at 4, 3 and 2 bits.
+#     F32 original at 4, 3 and 2 bits; also with the embedding tables quantized at the same rate
+#     (--tensor-bits '*embeddings*=R'), whose whole-file bits/weight compare with the lossy mode's.
 # Default error weights (|w| + sigma), groups of 128, 4 row clusters.
 #
 # Usage: scripts/codebook_quality.sh [DIR=data/minilm] [OUT=target/codebook-quality]   (DTYPES="f32 bf16")
@@ -81,9 +82,12 @@ for dtype in ${DTYPES:-f32}; do
     convert "$dtype-rate-rtn3" "$src" --codebook-bits 3.1484375
     convert "$dtype-rate-rtn4" "$src" --codebook-bits 4.15625
     convert "$dtype-rate-nf4" "$src" --codebook-bits 4.25
+    for r in 3 4; do
+        convert "$dtype-rate$r-emb" "$src" --codebook-bits "$r" --tensor-bits "*embeddings*=$r"
+    done
     "$NZ" analyze "$src" --sweep --codebook-bits 4 --fixed-rate --json -q > "$OUT/$dtype-baselines.json"
     candidates=()
-    for tag in fixed4 rate4 fixed3 rate3 fixed2 rate2; do
+    for tag in fixed4 rate4 rate4-emb fixed3 rate3 rate3-emb fixed2 rate2; do
         candidates+=(--candidate "$OUT/$dtype-$tag.nzt")
     done
     "$EMB" --reference "$DIR/model-f32.safetensors" "${candidates[@]}" --json > "$OUT/$dtype-embeddings.json"
@@ -109,6 +113,8 @@ for dtype in dtypes:
                 "rate-at-fixedlen3", "rate-at-fixedlen4", "rate-at-fixedfile3", "rate-at-fixedfile4",
                 "rate-rtn3", "rate-rtn4", "rate-nf4"]:
         runs[tag] = load(tag)
+    # With the embeddings quantized too: more codebook tensors, so only whole-file figures are shown.
+    whole_file = {tag: load(tag) for tag in ["rate3-emb", "rate4-emb"]}
     sweep = json.load(open(f"{out}/{dtype}-baselines.json"))
     for b in sweep["baselines"]:
         name = f"rtn{b['bits']}" if b["method"] == "rtn-g128-clip" else "nf4"
@@ -164,9 +170,13 @@ for dtype in dtypes:
     cos_rows = []
     for c in emb["candidates"]:
         tag = c["path"].split("/")[-1].removesuffix(".nzt")
-        bpw = runs[tag.split("-", 1)[1]][1]
+        short = tag.split("-", 1)[1]
+        bpw = (runs.get(short) or whole_file[short])[1]
         cos_rows.append(dict(file=tag, file_bits=bpw, mean_cos=c["mean_cosine"], min_cos=c["min_cosine"]))
         print(f"| {tag} | {bpw:.4f} | {c['mean_cosine']:.6f} | {c['min_cosine']:.6f} |")
+    for tag, (per, file_bpw, file_sqnr) in whole_file.items():
+        print(f"\n{tag}: {len(per)} codebook tensors, whole file {file_bpw:.4f} bits/weight, SQNR {file_sqnr:.2f} dB")
+        rows[tag] = dict(codebook_tensors=len(per), file_bits=file_bpw, file_sqnr=file_sqnr)
     results[dtype] = dict(runs=rows, checks=check_rows, cosine=cos_rows)
 json.dump(results, open(f"{out}/results.json", "w"), indent=1)
 PY
