@@ -1,5 +1,6 @@
 //! The codebook codec in the file (`codebook`, codec id 3; format-spec/nzt.md section 13.4): a BF16, F16 or F32
-//! tensor of rank >= 1, seen as `rows x cols` with `cols` its last dimension, fitted by `codebook::fit` and
+//! tensor of rank >= 1, seen as `rows x cols` with `cols` its last dimension, fitted by `codebook::fit` (at a
+//! fixed index width, `plan`, or to a size budget by a search over the rate term, `plan_at_rate`) and
 //! stored as tensor parameters (index width, group size, cluster count, tensor scale, the codebooks and one
 //! index frequency table per cluster) and blocks of whole rows (each row's cluster id, its group scales, and
 //! per cluster present one rANS stream of the block's indices of that cluster).
