@@ -10,15 +10,17 @@ use std::sync::Mutex;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::codec::codebook_format::{reconstruction_bytes, CodebookParams};
+use crate::codec::codebook_format::{matrix_shape, reconstruction_bytes, CodebookParams};
 use crate::codec::freq::entropy_bits;
 use crate::codec::lossy::{FloatFormat, LossyParams};
+use crate::codec::quant_baselines::{nf4, rtn_clipped, NF4_BLOCK, RTN_GROUP};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
 use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::format::header::{section_len, TensorEntry};
 use crate::format::{align_up, Codec, FILE_HEADER_LEN, TENSOR_ALIGN};
+use crate::precision::CODEBOOK_BITS;
 use crate::source::SafetensorsFile;
 use crate::verify::{ErrorReport, ErrorStats};
 
@@ -213,13 +215,150 @@ pub struct SweepPoint {
     /// Mantissa bits kept (tensors whose dtype has no more stay lossless); None for the lossless row and in a
     /// codebook sweep.
     pub mantissa_bits: Option<u32>,
-    /// Codebook index width B, in a codebook sweep; None for the lossless row and in a lossy sweep.
-    pub codebook_bits: Option<u32>,
+    /// Codebook rate R, in a codebook sweep; None for the lossless row and in a lossy sweep.
+    pub codebook_bits: Option<f64>,
     /// The exact `.nzt` size a conversion with these settings writes.
     pub predicted_bytes: u64,
     pub bits_per_weight: f64,
     /// Error of every BF16, F16 and F32 tensor together against the original.
     pub error: ErrorReport,
+    /// In a codebook sweep, the codebook-coded tensors alone (None for the lossless row).
+    pub codebook: Option<CodebookFigures>,
+}
+
+/// Size and error of the codebook-coded tensors of a sweep point, together.
+#[derive(Clone, Debug, Serialize)]
+pub struct CodebookFigures {
+    pub tensors: usize,
+    pub weights: u64,
+    /// Their params and block payloads: what a codebook rate budget counts.
+    pub stored_bytes: u64,
+    pub bits_per_weight: f64,
+    pub error: ErrorReport,
+}
+
+/// A reference quantizer (`quant_baselines`) on the tensors a codebook sweep quantizes, for comparison only:
+/// nothing in the file format uses it.
+#[derive(Clone, Debug, Serialize)]
+pub struct BaselinePoint {
+    /// `rtn-g128-clip` or `nf4-b64`.
+    pub method: String,
+    /// Code bits per weight (4 for NF4).
+    pub bits: u32,
+    pub tensors: usize,
+    pub weights: u64,
+    /// All metadata counted (scales, zero points).
+    pub bits_per_weight: f64,
+    /// Error of those tensors together, the reconstruction rounded to each tensor's dtype.
+    pub error: ErrorReport,
+    pub per_tensor: Vec<BaselineTensor>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BaselineTensor {
+    pub name: String,
+    pub bits_per_weight: f64,
+    /// None when exact.
+    pub sqnr_db: Option<f64>,
+}
+
+/// What `sweep` visits for a codebook rate R: every whole rate from 2 below R, then R.
+pub fn codebook_sweep_rates(max: f64) -> Vec<f64> {
+    let mut rates: Vec<f64> = (*CODEBOOK_BITS.start()..)
+        .map(f64::from)
+        .take_while(|&r| r < max)
+        .collect();
+    rates.push(max);
+    rates
+}
+
+/// RTN-g128-clip at each of `rtn_bits` and NF4-b64, on every tensor the codebook settings of `opts` quantize
+/// (as a `rows x last dimension` matrix; tensors with a non-finite weight are skipped, as the codebook mode
+/// keeps them lossless). For `analyze --sweep --codebook-bits`.
+pub fn baselines(
+    source: &SafetensorsFile,
+    opts: &ConvertOptions,
+    rtn_bits: &[u32],
+) -> Result<Vec<BaselinePoint>> {
+    struct Tensor {
+        name: String,
+        dtype: Dtype,
+        rows: usize,
+        cols: usize,
+        weights: Vec<f32>,
+    }
+    let tensors: Vec<Tensor> = source
+        .tensors
+        .iter()
+        .filter(|t| {
+            opts.codebook
+                .bits_for(&t.name, t.dtype, t.shape.len())
+                .is_some()
+        })
+        .filter_map(|t| {
+            let fmt = FloatFormat::of(t.dtype)?;
+            let (rows, cols) = matrix_shape(&t.shape)?;
+            let width = t.dtype.byte_width()?;
+            let weights: Vec<f32> = crate::codec::split::element_values(source.data(t), width)
+                .into_iter()
+                .map(|bits| fmt.to_f64(bits) as f32)
+                .collect();
+            weights.iter().all(|w| w.is_finite()).then(|| Tensor {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                rows: rows as usize,
+                cols: cols as usize,
+                weights,
+            })
+        })
+        .collect();
+    let methods = rtn_bits
+        .iter()
+        .map(|&b| ("rtn-g128-clip", b))
+        .chain([("nf4-b64", 4)]);
+    let mut points = Vec::new();
+    for (method, bits) in methods {
+        let (mut total, mut coded_bits, mut weights) = (ErrorStats::default(), 0u64, 0u64);
+        let mut per_tensor = Vec::new();
+        for t in &tensors {
+            let result = if method == "nf4-b64" {
+                nf4(&t.weights, t.rows, t.cols, NF4_BLOCK)?
+            } else {
+                rtn_clipped(&t.weights, t.rows, t.cols, bits, RTN_GROUP)?
+            };
+            let mut stats = ErrorStats::default();
+            for (&x, &y) in t.weights.iter().zip(&result.dequantized) {
+                stats.add(x as f64, round_to(t.dtype, y) as f64, None);
+            }
+            total.merge(&stats);
+            coded_bits += result.payload_bits + result.metadata_bits;
+            weights += t.weights.len() as u64;
+            per_tensor.push(BaselineTensor {
+                name: t.name.clone(),
+                bits_per_weight: result.bits_per_weight(),
+                sqnr_db: stats.report().sqnr_db,
+            });
+        }
+        points.push(BaselinePoint {
+            method: method.to_string(),
+            bits,
+            tensors: tensors.len(),
+            weights,
+            bits_per_weight: coded_bits as f64 / weights.max(1) as f64,
+            error: total.report(),
+            per_tensor,
+        });
+    }
+    Ok(points)
+}
+
+/// `v` rounded to a BF16, F16 or F32 value (nearest even), as decoding rounds a reconstruction.
+fn round_to(dtype: Dtype, v: f32) -> f32 {
+    match dtype {
+        Dtype::BF16 => half::bf16::from_f32(v).to_f32(),
+        Dtype::F16 => half::f16::from_f32(v).to_f32(),
+        _ => v,
+    }
 }
 
 /// The mantissa widths `sweep` visits by default: 0 up to one below the widest lossy dtype's mantissa,
@@ -237,11 +376,12 @@ pub fn default_sweep_bits(source: &SafetensorsFile) -> Vec<u32> {
 
 /// Dry-runs a conversion for each K of `bits` (with `opts.lossy`'s rules and normalization, K as the
 /// default), then a lossless one, and measures size and error. Nothing is written. When `opts.codebook` has a
-/// default index width, `bits` are codebook widths B instead (with its rules, group size and clusters).
+/// default rate, `bits` are codebook rates R instead (with its rules, mode, group size and clusters), and each
+/// point also has the figures of its codebook tensors alone.
 pub fn sweep(
     source: &SafetensorsFile,
     opts: &ConvertOptions,
-    bits: &[u32],
+    bits: &[f64],
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Vec<SweepPoint>> {
     opts.lossy.validate()?;
@@ -252,12 +392,12 @@ pub fn sweep(
         crate::convert::check_settings(source, opts)?;
     }
     let mut points = Vec::new();
-    let settings: Vec<Option<u32>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
+    let settings: Vec<Option<f64>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
     for k in settings {
         let mut point_opts = opts.clone();
         match k {
             Some(b) if codebook_mode => point_opts.codebook.default_bits = Some(b),
-            Some(k) => point_opts.lossy.default_bits = Some(k),
+            Some(k) => point_opts.lossy.default_bits = Some(k as u32),
             None => {
                 point_opts.lossy = Default::default();
                 point_opts.codebook = Default::default();
@@ -269,8 +409,10 @@ pub fn sweep(
         let plans = plan_all(source, &point_opts);
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
         let mut placement = Placement::default();
+        let mut payload_bytes = vec![0u64; plans.len()];
         encode_blocks(source, &plans, &point_opts, progress, |ti, _, block| {
             placement.place(ti, block.payload.len() as u64);
+            payload_bytes[ti] += block.payload.len() as u64;
             Ok(())
         })?;
         let header = section_len(source.header_json(), &entries);
@@ -317,13 +459,39 @@ pub fn sweep(
         for s in &per_tensor {
             total.merge(s);
         }
+        // The codebook tensors alone: `per_tensor` has one entry per float tensor, in order.
+        let float_plans = source
+            .tensors
+            .iter()
+            .zip(plans.iter().zip(&payload_bytes))
+            .filter(|(t, _)| FloatFormat::of(t.dtype).is_some())
+            .map(|(_, p)| p);
+        let (mut codebook_total, mut codebook_bytes) = (ErrorStats::default(), 0u64);
+        let mut codebook_tensors = 0;
+        for ((plan, payload), stats) in float_plans.zip(&per_tensor) {
+            if plan.codebook().is_some() {
+                codebook_total.merge(stats);
+                codebook_bytes += plan.entry.params.len() as u64 + payload;
+                codebook_tensors += 1;
+            }
+        }
+        let codebook = (codebook_mode && k.is_some()).then(|| {
+            let weights = codebook_total.elements;
+            CodebookFigures {
+                tensors: codebook_tensors,
+                weights,
+                stored_bytes: codebook_bytes,
+                bits_per_weight: 8.0 * codebook_bytes as f64 / weights.max(1) as f64,
+                error: codebook_total.report(),
+            }
+        });
         let elements: u64 = source
             .tensors
             .iter()
             .map(|t| t.shape.iter().product::<u64>())
             .sum();
         points.push(SweepPoint {
-            mantissa_bits: k.filter(|_| !codebook_mode),
+            mantissa_bits: k.filter(|_| !codebook_mode).map(|k| k as u32),
             codebook_bits: k.filter(|_| codebook_mode),
             predicted_bytes,
             bits_per_weight: if elements == 0 {
@@ -332,6 +500,7 @@ pub fn sweep(
                 8.0 * predicted_bytes as f64 / elements as f64
             },
             error: total.report(),
+            codebook,
         });
     }
     Ok(points)

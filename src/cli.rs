@@ -23,7 +23,7 @@ use neuzip::format::writer::{EarlyWriteback, OutputFile};
 use neuzip::format::MAGIC;
 use neuzip::inspect::report;
 use neuzip::precision::{
-    CodebookChoice, CodebookSettings, LossySettings, Precision, CODEBOOK_BITS,
+    CodebookChoice, CodebookMode, CodebookSettings, LossySettings, Precision, CODEBOOK_BITS,
     DEFAULT_CODEBOOK_GROUP, DEFAULT_NORM_BLOCK, DEFAULT_ROW_CLUSTERS,
 };
 use neuzip::source::SafetensorsFile;
@@ -183,11 +183,21 @@ impl LossyArgs {
 #[derive(Args, Debug, Clone)]
 struct CodebookArgs {
     /// Codebook: quantize every BF16/F16/F32 tensor of rank 2 or more (flattened to rows x last dimension) to
-    /// B-bit indices (2..=8) into per-row-cluster codebooks, with f16 scales per row and group, the indices
-    /// rANS-coded; 1-D tensors and tensors named *embeddings* stay lossless. With it, --tensor-bits values
-    /// are B or `lossless`. Not with --mantissa-bits.
-    #[arg(long, value_name = "B", conflicts_with_all = ["mantissa_bits", "norm_block", "no_norm"])]
-    codebook_bits: Option<u32>,
+    /// indices into per-row-cluster codebooks, with f16 scales per row and group and the indices rANS-coded,
+    /// at R bits per weight (2 to 8, fractions allowed: 3, 3.5). R is a budget per tensor: its stored size,
+    /// codebooks, index tables, scales, cluster ids and coded indices all counted, is at most R bits per
+    /// weight (a tensor too small for its side data to fit gets the fixed-rate fit of floor(R) bits). The fit
+    /// uses codebooks 4x larger than 2^ceil(R) and trades error against index entropy, searching the trade-off
+    /// per tensor to fill the budget; the result does not depend on the thread count. 1-D tensors and tensors
+    /// named *embeddings* stay lossless. With it, --tensor-bits values are R or `lossless`. Not with
+    /// --mantissa-bits.
+    #[arg(long, value_name = "R", conflicts_with_all = ["mantissa_bits", "norm_block", "no_norm"])]
+    codebook_bits: Option<f64>,
+    /// Codebook: the fixed-rate fit instead of a budget: R is a whole index width B, codebooks of 2^B entries
+    /// fitted for error alone. The indices are still rANS-coded, so a tensor takes a little under B bits per
+    /// weight plus its side data; faster to convert, less accurate at the same size.
+    #[arg(long, requires = "codebook_bits")]
+    fixed_rate: bool,
     /// Codebook: inputs per scale group (along the last dimension).
     #[arg(long, value_name = "G", default_value_t = DEFAULT_CODEBOOK_GROUP, requires = "codebook_bits")]
     group_size: u32,
@@ -223,12 +233,12 @@ fn precision_settings(
     let Some(bits) = codebook.codebook_bits else {
         return Ok((lossy.settings()?, CodebookSettings::default()));
     };
-    if !CODEBOOK_BITS.contains(&bits) {
-        bail!(
-            "--codebook-bits must be between {} and {}, not {bits}",
-            CODEBOOK_BITS.start(),
-            CODEBOOK_BITS.end()
-        );
+    let (low, high) = (*CODEBOOK_BITS.start(), *CODEBOOK_BITS.end());
+    if !(low as f64..=high as f64).contains(&bits) {
+        bail!("--codebook-bits must be between {low} and {high}, not {bits}");
+    }
+    if codebook.fixed_rate && bits.fract() != 0.0 {
+        bail!("--codebook-bits {bits} with --fixed-rate: the index width must be a whole number");
     }
     if codebook.group_size == 0 {
         bail!("--group-size must be at least 1");
@@ -241,6 +251,11 @@ fn precision_settings(
     }
     let mut settings = CodebookSettings {
         default_bits: Some(bits),
+        mode: if codebook.fixed_rate {
+            CodebookMode::FixedRate
+        } else {
+            CodebookMode::RateTarget
+        },
         group_size: codebook.group_size,
         row_clusters: codebook.row_clusters,
         ..CodebookSettings::default()
@@ -306,8 +321,11 @@ struct AnalyzeArgs {
     block_elements: u32,
     /// Lossy sweep: the exact .nzt size and the error (SQNR, relative Frobenius, max abs and max rel error)
     /// for each K from 0 up, then lossless, without writing anything. --tensor-bits rules and the
-    /// normalization flags apply; --mantissa-bits, if given, is the largest K visited. With --codebook-bits B
-    /// it is a codebook sweep instead: each B from 2 up to the one given (with --group-size, --row-clusters).
+    /// normalization flags apply; --mantissa-bits, if given, is the largest K visited. With --codebook-bits R
+    /// it is a codebook sweep instead: each whole rate from 2 below R, then R (with --fixed-rate,
+    /// --group-size, --row-clusters), and the codebook tensors' own size and error beside two reference
+    /// quantizers on the same tensors, all metadata counted: RTN-g128 with clipping at each whole rate and
+    /// NF4 with blocks of 64 (with --json: {"points": [...], "baselines": [...]}).
     #[arg(long)]
     sweep: bool,
     #[command(flatten)]
@@ -962,12 +980,15 @@ fn sweep_cmd(
     quiet: bool,
 ) -> Result<ExitCode> {
     let codebook = args.codebook.codebook_bits.is_some();
-    let mut bits = neuzip::analyze::default_sweep_bits(source);
+    let mut bits: Vec<f64> = neuzip::analyze::default_sweep_bits(source)
+        .into_iter()
+        .map(f64::from)
+        .collect();
     if let Some(max) = args.lossy.mantissa_bits {
-        bits = (0..=max).collect();
+        bits = (0..=max).map(f64::from).collect();
     }
     if let Some(max) = args.codebook.codebook_bits {
-        bits = (*CODEBOOK_BITS.start()..=max).collect();
+        bits = neuzip::analyze::codebook_sweep_rates(max);
     }
     let bar = progress_bar(
         source.file_len() * (bits.len() as u64 + 1),
@@ -977,8 +998,25 @@ fn sweep_cmd(
     let points = neuzip::analyze::sweep(source, opts, &bits, &|n| bar.inc(n))
         .with_context(|| format!("analyzing {}", args.file.display()))?;
     bar.finish_and_clear();
+    // Baselines at each whole rate swept, on the same tensors.
+    let baselines = if codebook {
+        let whole: Vec<u32> = bits
+            .iter()
+            .filter(|b| b.fract() == 0.0)
+            .map(|&b| b as u32)
+            .collect();
+        neuzip::analyze::baselines(source, opts, &whole)
+            .with_context(|| format!("baselines on {}", args.file.display()))?
+    } else {
+        Vec::new()
+    };
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&points)?);
+        if codebook {
+            let out = serde_json::json!({ "points": points, "baselines": baselines });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        } else {
+            println!("{}", serde_json::to_string_pretty(&points)?);
+        }
         return Ok(ExitCode::SUCCESS);
     }
     let stdout = std::io::stdout();
@@ -986,9 +1024,13 @@ fn sweep_cmd(
     if codebook {
         writeln!(
             out,
-            "{}: codebook sweep, groups of {}, {} row clusters; 1-D tensors and *embeddings* lossless unless a \
-             --tensor-bits rule says otherwise",
+            "{}: codebook sweep ({}), groups of {}, {} row clusters; 1-D tensors and *embeddings* lossless \
+             unless a --tensor-bits rule says otherwise",
             args.file.display(),
+            match opts.codebook.mode {
+                CodebookMode::RateTarget => "R bits/weight per tensor at most",
+                CodebookMode::FixedRate => "fixed rate, 2^R codewords",
+            },
             opts.codebook.group_size,
             opts.codebook.row_clusters
         )?;
@@ -1006,7 +1048,7 @@ fn sweep_cmd(
     writeln!(
         out,
         "{:>8} {:>12} {:>8} {:>9} {:>10} {:>10} {:>10}",
-        if codebook { "B" } else { "K" },
+        if codebook { "R" } else { "K" },
         "bytes",
         "bits/w",
         "SQNR dB",
@@ -1014,22 +1056,65 @@ fn sweep_cmd(
         "max abs",
         "max rel"
     )?;
+    let db = |r: &neuzip::verify::ErrorReport| {
+        r.sqnr_db
+            .map_or("exact".to_string(), |db| format!("{db:.2}"))
+    };
     for p in &points {
         writeln!(
             out,
             "{:>8} {:>12} {:>8.4} {:>9} {:>10.3e} {:>10.3e} {:>10.3e}",
             p.mantissa_bits
+                .map(f64::from)
                 .or(p.codebook_bits)
                 .map_or("lossless".to_string(), |k| k.to_string()),
             p.predicted_bytes,
             p.bits_per_weight,
-            p.error
-                .sqnr_db
-                .map_or("exact".to_string(), |db| format!("{db:.2}")),
+            db(&p.error),
             p.error.relative_frobenius,
             p.error.max_abs_error,
             p.error.max_rel_error
         )?;
+    }
+    if codebook {
+        let quantized = points.iter().find_map(|p| p.codebook.as_ref());
+        let (tensors, weights) = quantized.map_or((0, 0), |c| (c.tensors, c.weights));
+        writeln!(
+            out,
+            "\nThe {tensors} codebook tensors alone ({weights} weights), all metadata counted, beside the \
+             baselines (comparison only) on the same tensors:"
+        )?;
+        writeln!(
+            out,
+            "{:<20} {:>8} {:>9} {:>10}",
+            "method", "bits/w", "SQNR dB", "rel frob"
+        )?;
+        for p in &points {
+            if let (Some(r), Some(c)) = (p.codebook_bits, &p.codebook) {
+                writeln!(
+                    out,
+                    "{:<20} {:>8.4} {:>9} {:>10.3e}",
+                    format!("codebook R={r}"),
+                    c.bits_per_weight,
+                    db(&c.error),
+                    c.error.relative_frobenius
+                )?;
+            }
+        }
+        for b in &baselines {
+            let name = match b.method.as_str() {
+                "rtn-g128-clip" => format!("rtn{}-g128-clip", b.bits),
+                other => other.to_string(),
+            };
+            writeln!(
+                out,
+                "{:<20} {:>8.4} {:>9} {:>10.3e}",
+                name,
+                b.bits_per_weight,
+                db(&b.error),
+                b.error.relative_frobenius
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -23,7 +23,7 @@ use crate::format::{
     align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, DEFAULT_FLOAT_BLOCK_ELEMENTS,
     DEFAULT_STORED_BLOCK_BYTES, FILE_HEADER_LEN, TENSOR_ALIGN,
 };
-use crate::precision::{CodebookSettings, LossySettings};
+use crate::precision::{CodebookMode, CodebookSettings, LossySettings};
 use crate::source::{SafetensorsFile, SourceTensor};
 
 /// Encoder settings.
@@ -121,12 +121,9 @@ pub fn plan_tensor(
     }
     let block_units = opts.float_block_elements.max(1);
     let blocks = elements.div_ceil(block_units as u64);
-    let index_bits = opts
-        .codebook
-        .index_bits_for(&t.name, t.dtype, t.shape.len());
-    if let Some(b) = index_bits {
+    let codebook_rate = opts.codebook.bits_for(&t.name, t.dtype, t.shape.len());
+    if let Some(rate) = codebook_rate {
         let fit = FitOptions {
-            index_bits: b,
             group_size: opts.codebook.group_size as usize,
             row_clusters: opts.codebook.row_clusters as usize,
             ..FitOptions::default()
@@ -138,9 +135,30 @@ pub fn plan_tensor(
         });
         let error_weights = importance.map_or(ErrorWeights::AbsPlusSigma, ErrorWeights::PerInput);
         // A tensor the codec cannot apply to (a non-finite weight, a row over the block limit) stays lossless.
-        if let Some(p) =
-            codebook_format::plan(t.dtype, &t.shape, data, &fit, error_weights, block_units)
-        {
+        let planned = match opts.codebook.mode {
+            // `validate` checked that a fixed rate is a whole number of bits.
+            CodebookMode::FixedRate => codebook_format::plan(
+                t.dtype,
+                &t.shape,
+                data,
+                &FitOptions {
+                    index_bits: rate as u32,
+                    ..fit
+                },
+                error_weights,
+                block_units,
+            ),
+            CodebookMode::RateTarget => codebook_format::plan_at_rate(
+                t.dtype,
+                &t.shape,
+                data,
+                &fit,
+                error_weights,
+                block_units,
+                rate,
+            ),
+        };
+        if let Some(p) = planned {
             let units = p.block_units();
             let blocks = elements.div_ceil(units as u64);
             return TensorPlan {
@@ -355,7 +373,7 @@ pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result
         if let Some(importance) = &opts.importance {
             if opts
                 .codebook
-                .index_bits_for(&t.name, t.dtype, t.shape.len())
+                .bits_for(&t.name, t.dtype, t.shape.len())
                 .is_some()
             {
                 importance.for_tensor(&t.name, t.shape.last().copied().unwrap_or(0))?;

@@ -200,7 +200,8 @@ impl LossySettings {
     }
 }
 
-/// Narrowest and widest codebook index accepted from the command line and the library settings.
+/// Narrowest and widest codebook rate (bits per weight) accepted from the command line and the library
+/// settings; at fixed rate it is the index width B and must be a whole number.
 pub const CODEBOOK_BITS: std::ops::RangeInclusive<u32> = 2..=8;
 /// Scale group size of the codebook mode when none is given.
 pub const DEFAULT_CODEBOOK_GROUP: u32 = 128;
@@ -211,32 +212,55 @@ pub const DEFAULT_ROW_CLUSTERS: u32 = 4;
 pub const CODEBOOK_LOSSLESS_BY_DEFAULT: &str = "*embeddings*";
 
 /// What one tensor gets in codebook mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum CodebookChoice {
     Lossless,
-    /// Codebooks of `2^B` entries.
-    IndexBits(u32),
+    /// A rate R in bits per weight: the size target of the tensor, or at fixed rate the index width
+    /// (codebooks of `2^R` entries).
+    Bits(f64),
 }
 
 impl CodebookChoice {
-    /// Parses `lossless`, `full` or an index width B (the same words as `Precision::parse`).
+    /// Parses `lossless`, `full` or a rate such as `3` or `3.5`.
     pub fn parse(text: &str) -> std::result::Result<CodebookChoice, String> {
-        Precision::parse(text).map(|precision| match precision {
-            Precision::Lossless => CodebookChoice::Lossless,
-            Precision::MantissaBits(bits) => CodebookChoice::IndexBits(bits),
-        })
+        match text {
+            "lossless" | "full" => Ok(CodebookChoice::Lossless),
+            _ => text
+                .parse::<f64>()
+                .ok()
+                .filter(|r| r.is_finite())
+                .map(CodebookChoice::Bits)
+                .ok_or_else(|| {
+                    format!("'{text}' is not a bit count (e.g. 3 or 3.5), 'lossless' or 'full'")
+                }),
+        }
     }
 }
 
-/// Codebook settings of a conversion: a default index width for matrices (rank 2 and more, not embeddings),
-/// rules by name, and the fit's group size and row clusters.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// How the codebook mode turns a rate R into a fit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CodebookMode {
+    /// R is a budget: the tensor's stored size (codec params and block payloads) is at most R bits per
+    /// weight. The fit uses codebooks of `2^(ceil(R) + 2)` entries and a rate term whose weight is searched
+    /// per tensor to fill the budget (`codebook_format::plan_at_rate`).
+    #[default]
+    RateTarget,
+    /// R is the index width B, a whole number: codebooks of `2^B` entries fitted for error alone (no rate
+    /// term). The indices are still rANS-coded, so the stored size is usually a little under B bits per
+    /// weight plus the side data.
+    FixedRate,
+}
+
+/// Codebook settings of a conversion: a default rate for matrices (rank 2 and more, not embeddings), rules by
+/// name, how a rate becomes a fit, and the fit's group size and row clusters.
+#[derive(Clone, Debug, PartialEq)]
 pub struct CodebookSettings {
-    /// B for tensors no rule matches, when their rank is at least 2 and their name does not match
+    /// R for tensors no rule matches, when their rank is at least 2 and their name does not match
     /// `CODEBOOK_LOSSLESS_BY_DEFAULT`; None keeps them lossless.
-    pub default_bits: Option<u32>,
+    pub default_bits: Option<f64>,
     /// Per-name choice; overrides the default (a rule may make a 1-D tensor or an embedding quantized).
     pub rules: NameRules<CodebookChoice>,
+    pub mode: CodebookMode,
     /// Inputs per scale group G.
     pub group_size: u32,
     /// Row clusters K, each with its own codebook.
@@ -248,6 +272,7 @@ impl Default for CodebookSettings {
         CodebookSettings {
             default_bits: None,
             rules: NameRules::default(),
+            mode: CodebookMode::default(),
             group_size: DEFAULT_CODEBOOK_GROUP,
             row_clusters: DEFAULT_ROW_CLUSTERS,
         }
@@ -255,22 +280,25 @@ impl Default for CodebookSettings {
 }
 
 impl CodebookSettings {
-    /// Checks B (2..=8 in the default and every rule), G (1 or more) and K (1..=256).
+    /// Checks R (2..=8 in the default and every rule, a whole number at fixed rate), G (1 or more) and K
+    /// (1..=256).
     pub fn validate(&self) -> Result<()> {
         let bad = |what: String| Err(NzError::InvalidSetting { what });
         let bits = self
             .default_bits
             .into_iter()
             .chain(self.rules.rules.iter().filter_map(|r| match r.value {
-                CodebookChoice::IndexBits(b) => Some(b),
+                CodebookChoice::Bits(b) => Some(b),
                 CodebookChoice::Lossless => None,
             }));
+        let (low, high) = (*CODEBOOK_BITS.start() as f64, *CODEBOOK_BITS.end() as f64);
         for b in bits {
-            if !CODEBOOK_BITS.contains(&b) {
+            if !(low..=high).contains(&b) {
+                return bad(format!("codebook rate {b} outside {low}..={high}"));
+            }
+            if self.mode == CodebookMode::FixedRate && b.fract() != 0.0 {
                 return bad(format!(
-                    "codebook index width {b} outside {}..={}",
-                    CODEBOOK_BITS.start(),
-                    CODEBOOK_BITS.end()
+                    "codebook rate {b} at fixed rate: the index width must be a whole number"
                 ));
             }
         }
@@ -296,19 +324,19 @@ impl CodebookSettings {
                 .all(|r| r.value == CodebookChoice::Lossless)
     }
 
-    /// The index width for a tensor, None for lossless: a rule's value if one matches, else the default for
+    /// The rate R for a tensor, None for lossless: a rule's value if one matches, else the default for
     /// tensors of rank 2 and more that are not embeddings. Only BF16, F16 and F32 tensors of rank 1 or more
     /// can be quantized.
-    pub fn index_bits_for(&self, name: &str, dtype: Dtype, rank: usize) -> Option<u32> {
+    pub fn bits_for(&self, name: &str, dtype: Dtype, rank: usize) -> Option<f64> {
         let choice = match self.rules.lookup(name) {
             Some(&c) => c,
             None if rank >= 2 && !glob_match(CODEBOOK_LOSSLESS_BY_DEFAULT, name) => self
                 .default_bits
-                .map_or(CodebookChoice::Lossless, CodebookChoice::IndexBits),
+                .map_or(CodebookChoice::Lossless, CodebookChoice::Bits),
             None => CodebookChoice::Lossless,
         };
         match choice {
-            CodebookChoice::IndexBits(b)
+            CodebookChoice::Bits(b)
                 if rank >= 1 && crate::codec::codebook_format::applies_to(dtype) =>
             {
                 Some(b)
@@ -373,12 +401,12 @@ mod tests {
     #[test]
     fn codebook_rules_keep_vectors_and_embeddings_lossless_by_default() {
         let mut s = CodebookSettings {
-            default_bits: Some(4),
+            default_bits: Some(4.0),
             ..CodebookSettings::default()
         };
-        let b = |s: &CodebookSettings, name: &str, dtype, rank| s.index_bits_for(name, dtype, rank);
-        assert_eq!(b(&s, "layer.0.weight", Dtype::BF16, 2), Some(4));
-        assert_eq!(b(&s, "layer.0.weight", Dtype::F32, 3), Some(4));
+        let b = |s: &CodebookSettings, name: &str, dtype, rank| s.bits_for(name, dtype, rank);
+        assert_eq!(b(&s, "layer.0.weight", Dtype::BF16, 2), Some(4.0));
+        assert_eq!(b(&s, "layer.0.weight", Dtype::F32, 3), Some(4.0));
         assert_eq!(b(&s, "layer.0.bias", Dtype::F32, 1), None);
         assert_eq!(
             b(&s, "embeddings.word_embeddings.weight", Dtype::F32, 2),
@@ -387,14 +415,14 @@ mod tests {
         assert_eq!(b(&s, "layer.0.weight", Dtype::F64, 2), None);
         assert_eq!(b(&s, "layer.0.weight", Dtype::I8, 2), None);
         s.rules
-            .push_parsed("*word_embeddings*=3", CodebookChoice::parse)
+            .push_parsed("*word_embeddings*=3.5", CodebookChoice::parse)
             .unwrap();
         s.rules
             .push_parsed("*.5.*=lossless", CodebookChoice::parse)
             .unwrap();
         assert_eq!(
             b(&s, "embeddings.word_embeddings.weight", Dtype::F16, 2),
-            Some(3)
+            Some(3.5)
         );
         assert_eq!(b(&s, "layer.5.weight", Dtype::F16, 2), None);
         assert_eq!(b(&s, "scalar", Dtype::F16, 0), None);
@@ -403,11 +431,11 @@ mod tests {
         assert!(CodebookSettings::default().is_lossless());
         for bad in [
             CodebookSettings {
-                default_bits: Some(9),
+                default_bits: Some(8.5),
                 ..CodebookSettings::default()
             },
             CodebookSettings {
-                default_bits: Some(1),
+                default_bits: Some(1.9),
                 ..CodebookSettings::default()
             },
             CodebookSettings {
@@ -421,6 +449,24 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+        // A fractional rate is a size target; at fixed rate it must be a whole index width.
+        let fixed = CodebookSettings {
+            mode: CodebookMode::FixedRate,
+            ..s.clone()
+        };
+        assert!(fixed.validate().is_err());
+        let mut whole = fixed.clone();
+        whole
+            .rules
+            .rules
+            .retain(|r| r.value != CodebookChoice::Bits(3.5));
+        assert!(whole.validate().is_ok());
+        assert_eq!(
+            CodebookChoice::parse("2.75"),
+            Ok(CodebookChoice::Bits(2.75))
+        );
+        assert!(CodebookChoice::parse("inf").is_err());
+        assert!(CodebookChoice::parse("three").is_err());
         s.rules.push_parsed("x=12", CodebookChoice::parse).unwrap();
         assert!(s.validate().is_err());
     }

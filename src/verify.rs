@@ -123,6 +123,9 @@ pub struct TensorCheck {
     pub bytes: u64,
     /// Stored payload bits per element.
     pub bits_per_weight: f64,
+    /// Bytes of the tensor's codec parameters in the header (tables, codebooks); with the payload, what a
+    /// codebook rate budget counts.
+    pub params_bytes: u64,
     /// None when no original was given.
     pub identical: Option<bool>,
     /// Elements whose bytes differ from the original.
@@ -274,6 +277,7 @@ pub fn verify(
             } else {
                 8.0 * t.stored_len() as f64 / elements as f64
             },
+            params_bytes: t.params.len() as u64,
             identical,
             mismatched_elements: bad,
             error: has_error.then(|| stats[i].report()),

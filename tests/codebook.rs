@@ -12,7 +12,7 @@ use neuzip::codec::codebook::{self, ErrorWeights, FitOptions};
 use neuzip::convert::{convert_to_vec, ConvertOptions};
 use neuzip::format::{BlockMode, Codec};
 use neuzip::mmap::Bytes;
-use neuzip::precision::{CodebookChoice, CodebookSettings};
+use neuzip::precision::{CodebookChoice, CodebookMode, CodebookSettings};
 use neuzip::source::SafetensorsFile;
 use neuzip::{Dtype, NztFile};
 
@@ -24,11 +24,13 @@ fn neuzip() -> Command {
     cmd
 }
 
+/// Fixed-rate codebook options: `2^bits` codewords.
 fn codebook_opts(bits: u32, group_size: u32, row_clusters: u32, block: u32) -> ConvertOptions {
     ConvertOptions {
         float_block_elements: block,
         codebook: CodebookSettings {
-            default_bits: Some(bits),
+            default_bits: Some(bits as f64),
+            mode: CodebookMode::FixedRate,
             group_size,
             row_clusters,
             ..CodebookSettings::default()
@@ -97,7 +99,8 @@ fn check_file(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<(String, f
         }
         let bits = opts
             .codebook
-            .index_bits_for(&t.name, t.dtype, t.shape.len());
+            .bits_for(&t.name, t.dtype, t.shape.len())
+            .map(|b| b as u32);
         let Some(bits) = bits else {
             assert_ne!(t.codec, Codec::Codebook, "{}", t.name);
             assert_eq!(whole, original, "{} should be lossless", t.name);
@@ -242,6 +245,176 @@ fn file_bytes_do_not_depend_on_the_thread_count() {
     let one = on(1);
     assert!(one == on(2), "1 and 2 threads wrote different files");
     assert!(one == on(3), "1 and 3 threads wrote different files");
+    // The rate search too: every fit it tries is deterministic, so it ends at the same one.
+    let opts = rate_opts(3.5, 4096);
+    let on = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| convert_to_vec(&source, &opts).unwrap())
+    };
+    let one = on(1);
+    assert!(
+        one == on(2),
+        "rate target: 1 and 2 threads wrote different files"
+    );
+    assert!(
+        one == on(3),
+        "rate target: 1 and 3 threads wrote different files"
+    );
+}
+
+/// Rate-targeted options: each codebook tensor at most `rate` bits per weight.
+fn rate_opts(rate: f64, block: u32) -> ConvertOptions {
+    ConvertOptions {
+        float_block_elements: block,
+        codebook: CodebookSettings {
+            default_bits: Some(rate),
+            ..CodebookSettings::default()
+        },
+        ..ConvertOptions::default()
+    }
+}
+
+/// A codebook tensor's size in the file as a rate budget counts it: params and block payloads, per weight.
+fn stored_bits_per_weight(t: &neuzip::format::header::TensorEntry) -> f64 {
+    let bytes = t.params.len() as u64 + t.stored_len();
+    8.0 * bytes as f64 / t.elements().unwrap() as f64
+}
+
+#[test]
+fn rate_targeted_tensors_fill_their_budget_and_decode_to_the_library_fit() {
+    for name in [
+        "minilm_slice_f32.safetensors",
+        "minilm_slice_bf16.safetensors",
+    ] {
+        let source = SafetensorsFile::open(&fixture(name)).unwrap();
+        for rate in [2.5, 3.0, 4.25] {
+            // 10 rows of 384 per block, so the stream headers of many blocks count against the budget.
+            let opts = rate_opts(rate, 3840);
+            let file = open_bytes(convert_to_vec(&source, &opts).unwrap()).unwrap();
+            let mut coded = 0;
+            for (t, s) in file.tensors().iter().zip(&source.tensors) {
+                if t.codec != Codec::Codebook {
+                    continue;
+                }
+                coded += 1;
+                let bits = stored_bits_per_weight(t);
+                // At most the budget, and the search uses most of it.
+                assert!(bits <= rate, "{name} {} at {rate}: {bits}", t.name);
+                assert!(
+                    bits > rate - 0.1,
+                    "{name} {} at {rate}: only {bits}",
+                    t.name
+                );
+                let plan = neuzip::codec::codebook_format::plan_at_rate(
+                    t.dtype,
+                    &t.shape,
+                    source.data(s),
+                    &FitOptions::default(),
+                    ErrorWeights::AbsPlusSigma,
+                    3840,
+                    rate,
+                )
+                .unwrap();
+                assert_eq!(plan.params.to_bytes(), t.params, "{}", t.name);
+                assert!((plan.bits_per_weight() - bits).abs() < 1e-12);
+                let decoded = file.decode_tensor(&t.name).unwrap();
+                let want =
+                    neuzip::codec::codebook_format::reconstruction_bytes(&plan.quantized, t.dtype);
+                assert!(
+                    decoded == want,
+                    "{name} {}: decoded differs from the fit",
+                    t.name
+                );
+            }
+            assert_eq!(coded, 2, "{name}");
+        }
+    }
+}
+
+#[test]
+fn rate_target_beats_fixed_rate_at_the_same_size() {
+    let source = SafetensorsFile::open(&fixture("minilm_slice_f32.safetensors")).unwrap();
+    for bits in [2, 3] {
+        let fixed =
+            open_bytes(convert_to_vec(&source, &codebook_opts(bits, 128, 4, 1 << 17)).unwrap())
+                .unwrap();
+        for (t, s) in fixed.tensors().iter().zip(&source.tensors) {
+            if t.codec != Codec::Codebook {
+                continue;
+            }
+            let original = to_f32(t.dtype, source.data(s));
+            let cols = *t.shape.last().unwrap() as usize;
+            let fit = FitOptions {
+                index_bits: bits,
+                ..FitOptions::default()
+            };
+            let (q, _) = codebook::fit(
+                &original,
+                original.len() / cols,
+                cols,
+                ErrorWeights::AbsPlusSigma,
+                &fit,
+            )
+            .unwrap();
+            let fixed_sqnr = sqnr_db(
+                &original,
+                &to_f32(t.dtype, &fixed.decode_tensor(&t.name).unwrap()),
+            );
+            // Two budgets: the tensor's size with B-bit indices, and (at 3 bits; at 2 it is under the
+            // smallest rate, 2) the fixed-rate tensor's size in the file, its indices rANS-coded too. The rate
+            // term and a larger codebook buy more at either.
+            let mut budgets = vec![(q.fixed_rate_size().bits_per_weight(), 1.0)];
+            if bits == 3 {
+                budgets.push((stored_bits_per_weight(t), 0.25));
+            }
+            for (budget, gain) in budgets {
+                let mut opts = rate_opts(2.0, 1 << 17);
+                opts.codebook.default_bits = None;
+                opts.codebook
+                    .rules
+                    .push_parsed(&format!("{}={budget}", t.name), CodebookChoice::parse)
+                    .unwrap();
+                let targeted = open_bytes(convert_to_vec(&source, &opts).unwrap()).unwrap();
+                let other = &targeted.tensors()[targeted.tensor_index(&t.name).unwrap()];
+                assert!(stored_bits_per_weight(other) <= budget);
+                let decoded = to_f32(t.dtype, &targeted.decode_tensor(&t.name).unwrap());
+                let targeted_sqnr = sqnr_db(&original, &decoded);
+                assert!(
+                    targeted_sqnr > fixed_sqnr + gain,
+                    "{} B={bits} at {budget:.3} bits: {targeted_sqnr} dB vs fixed {fixed_sqnr} dB",
+                    t.name
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_tensor_too_small_for_its_budget_gets_the_fixed_rate_fit() {
+    let mut rng = SplitMix::new(21);
+    let tensors = vec![TestTensor {
+        name: "tiny.weight".into(),
+        dtype: Dtype::F32,
+        shape: vec![4, 16],
+        data: gaussian_tensor(&mut rng, Dtype::F32, 64, 0.1),
+    }];
+    let source =
+        SafetensorsFile::from_bytes(Bytes::Owned(safetensors_bytes(&tensors, None))).unwrap();
+    // 64 weights: one stream header alone (132 bytes) is over 16 bits per weight.
+    let file = open_bytes(convert_to_vec(&source, &rate_opts(2.5, 4096)).unwrap()).unwrap();
+    let t = &file.tensors()[0];
+    assert_eq!(t.codec, Codec::Codebook);
+    assert!(stored_bits_per_weight(t) > 2.5);
+    let fixed =
+        open_bytes(convert_to_vec(&source, &codebook_opts(2, 128, 4, 4096)).unwrap()).unwrap();
+    assert_eq!(t.params, fixed.tensors()[0].params);
+    assert_eq!(
+        file.decode_tensor("tiny.weight").unwrap(),
+        fixed.decode_tensor("tiny.weight").unwrap()
+    );
 }
 
 #[test]
@@ -394,6 +567,19 @@ fn cli_rejects_bad_codebook_flags_and_writes_nothing() {
             &["--codebook-bits", "4", "--tensor-bits", "*=many"],
             "not a bit count",
         ),
+        (&["--codebook-bits", "3.5", "--fixed-rate"], "whole number"),
+        (
+            &[
+                "--codebook-bits",
+                "3",
+                "--fixed-rate",
+                "--tensor-bits",
+                "*query*=2.5",
+            ],
+            "whole number",
+        ),
+        (&["--codebook-bits", "nan"], "between 2 and 8"),
+        (&["--fixed-rate"], "--codebook-bits"),
     ];
     for (flags, message) in cases {
         neuzip()
@@ -414,25 +600,22 @@ fn codebook_sweep_predicts_the_exact_size_and_the_verified_error() {
     let dir = tempfile::tempdir().unwrap();
     let input = fixture("minilm_slice_bf16.safetensors");
     let out = neuzip()
-        .args(["analyze", "--sweep", "--json", "--codebook-bits", "4"])
+        .args(["analyze", "--sweep", "--json", "--codebook-bits", "3.5"])
         .args(["--group-size", "64"])
         .arg(&input)
         .output()
         .unwrap();
     assert!(out.status.success());
-    let points: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let points = points.as_array().unwrap();
-    let widths: Vec<_> = points.iter().map(|p| p["codebook_bits"].clone()).collect();
-    assert_eq!(
-        widths,
-        [2.into(), 3.into(), 4.into(), serde_json::Value::Null]
-    );
+    let sweep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let points = sweep["points"].as_array().unwrap();
+    let rates: Vec<Option<f64>> = points.iter().map(|p| p["codebook_bits"].as_f64()).collect();
+    assert_eq!(rates, [Some(2.0), Some(3.0), Some(3.5), None]);
     let mut last_sqnr = 0.0;
     for p in &points[..3] {
-        let b = p["codebook_bits"].as_u64().unwrap();
-        let nzt = dir.path().join(format!("b{b}.nzt"));
+        let r = p["codebook_bits"].as_f64().unwrap();
+        let nzt = dir.path().join(format!("r{r}.nzt"));
         neuzip()
-            .args(["convert", "--codebook-bits", &b.to_string()])
+            .args(["convert", "--codebook-bits", &r.to_string()])
             .args(["--group-size", "64"])
             .arg(&input)
             .arg("-o")
@@ -442,7 +625,7 @@ fn codebook_sweep_predicts_the_exact_size_and_the_verified_error() {
         assert_eq!(
             p["predicted_bytes"].as_u64().unwrap(),
             std::fs::metadata(&nzt).unwrap().len(),
-            "B = {b}"
+            "R = {r}"
         );
         let verified = neuzip()
             .args(["verify", "--json", "--against"])
@@ -450,12 +633,81 @@ fn codebook_sweep_predicts_the_exact_size_and_the_verified_error() {
             .arg(&nzt)
             .output()
             .unwrap();
-        let r: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&verified.stdout).unwrap();
         let sqnr = p["error"]["sqnr_db"].as_f64().unwrap();
-        assert_eq!(sqnr, r["error"]["sqnr_db"].as_f64().unwrap(), "B = {b}");
-        assert!(sqnr > last_sqnr + 3.0, "B = {b}: {sqnr} dB");
+        assert_eq!(sqnr, v["error"]["sqnr_db"].as_f64().unwrap(), "R = {r}");
+        assert!(sqnr > last_sqnr + 2.0, "R = {r}: {sqnr} dB");
         last_sqnr = sqnr;
+        // The codebook tensors' own figures: their bytes are the verified params and payloads.
+        let codebook = &p["codebook"];
+        assert_eq!(codebook["tensors"], 2);
+        let stored: u64 = v["tensors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["codec"] == "codebook")
+            .map(|t| {
+                let payload =
+                    t["bits_per_weight"].as_f64().unwrap() * t["bytes"].as_f64().unwrap() / 16.0;
+                payload.round() as u64 + t["params_bytes"].as_u64().unwrap()
+            })
+            .sum();
+        assert_eq!(
+            codebook["stored_bytes"].as_u64().unwrap(),
+            stored,
+            "R = {r}"
+        );
+        assert!(codebook["bits_per_weight"].as_f64().unwrap() <= r);
     }
+    // Baselines on the same two tensors: RTN at the whole rates and NF4, metadata counted.
+    let baselines = sweep["baselines"].as_array().unwrap();
+    let names: Vec<(String, u64)> = baselines
+        .iter()
+        .map(|b| {
+            (
+                b["method"].as_str().unwrap().to_string(),
+                b["bits"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("rtn-g128-clip".to_string(), 2),
+            ("rtn-g128-clip".to_string(), 3),
+            ("nf4-b64".to_string(), 4)
+        ]
+    );
+    let weights = points[0]["codebook"]["weights"].as_u64().unwrap();
+    for b in baselines {
+        assert_eq!(b["weights"].as_u64().unwrap(), weights);
+        assert_eq!(b["per_tensor"].as_array().unwrap().len(), 2);
+        // B bits per code, an f16 scale and a B-bit zero point per 128 (RTN); 4 bits and an f16 per 64 (NF4).
+        let bits = b["bits"].as_f64().unwrap();
+        let side = if b["method"] == "nf4-b64" {
+            16.0 / 64.0
+        } else {
+            (16.0 + bits) / 128.0
+        };
+        assert!(
+            (b["bits_per_weight"].as_f64().unwrap() - bits - side).abs() < 1e-9,
+            "{b}"
+        );
+    }
+    // The rate-targeted codebook at 3 bits per weight (groups of 64) beats RTN-3, which takes 3.148.
+    let codebook3 = points[1]["codebook"]["error"]["sqnr_db"].as_f64().unwrap();
+    let rtn3 = baselines[1]["error"]["sqnr_db"].as_f64().unwrap();
+    assert!(codebook3 > rtn3, "codebook {codebook3} dB, RTN-3 {rtn3} dB");
+    // The text report shows both tables.
+    neuzip()
+        .args(["analyze", "--sweep", "--codebook-bits", "2", "--fixed-rate"])
+        .arg(&input)
+        .assert()
+        .success()
+        .stdout(contains("fixed rate"))
+        .stdout(contains("codebook R=2"))
+        .stdout(contains("rtn2-g128-clip"))
+        .stdout(contains("nf4-b64"));
 }
 
 #[test]
@@ -524,6 +776,7 @@ fn importance_file_weights_the_fit_and_bad_ones_are_refused() {
             "convert",
             "--codebook-bits",
             "3",
+            "--fixed-rate",
             "--block-elements",
             "4096",
             "--importance",

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use neuzip::convert::{convert_file, ConvertOptions};
 use neuzip::format::BlockMode;
 use neuzip::mmap::Bytes;
-use neuzip::precision::{CodebookChoice, CodebookSettings, LossySettings, Precision};
+use neuzip::precision::{CodebookChoice, CodebookMode, CodebookSettings, LossySettings, Precision};
 use neuzip::NztFile;
 
 const VECTORS: &[&str] = &["tiny", "modes"];
@@ -41,13 +41,14 @@ fn lossy_options() -> ConvertOptions {
 
 /// The codebook vector (1.2): `modes.safetensors` with 3-bit codebooks, groups of 64 and 2 row clusters, and
 /// `layer.full` (1-D) quantized at 4 bits as one row: `neuzip convert --block-elements 256 --codebook-bits 3
-/// --group-size 64 --row-clusters 2 --tensor-bits 'layer.full=4'`. `layer.noise` (NaNs among its random bits)
+/// --fixed-rate --group-size 64 --row-clusters 2 --tensor-bits 'layer.full=4'`. `layer.noise` (NaNs among its random bits)
 /// and the other tensors stay lossless.
 const CODEBOOK_NAME: &str = "codebook";
 
 fn codebook_options() -> ConvertOptions {
     let mut codebook = CodebookSettings {
-        default_bits: Some(3),
+        default_bits: Some(3.0),
+        mode: CodebookMode::FixedRate,
         group_size: 64,
         row_clusters: 2,
         ..CodebookSettings::default()

@@ -1,5 +1,6 @@
 //! The codebook codec in the file (`codebook`, codec id 3; format-spec/nzt.md section 13.4): a BF16, F16 or F32
-//! tensor of rank >= 1, seen as `rows x cols` with `cols` its last dimension, fitted by `codebook::fit` and
+//! tensor of rank >= 1, seen as `rows x cols` with `cols` its last dimension, fitted by `codebook::fit` (at a
+//! fixed index width, `plan`, or to a size budget by a search over the rate term, `plan_at_rate`) and
 //! stored as tensor parameters (index width, group size, cluster count, tensor scale, the codebooks and one
 //! index frequency table per cluster) and blocks of whole rows (each row's cluster id, its group scales, and
 //! per cluster present one rANS stream of the block's indices of that cluster).
@@ -8,6 +9,7 @@
 //! result to the dtype, ties to even; so a decoded file equals the fit's reconstruction rounded to the dtype.
 
 use half::{bf16, f16};
+use rayon::prelude::*;
 
 use super::codebook::{self, CodebookQuantized, ErrorWeights, FitOptions, INDEX_PROB_BITS};
 use super::codebook::{MAX_INDEX_BITS, MAX_ROW_CLUSTERS};
@@ -260,6 +262,26 @@ impl CodebookPlan {
         (self.rows_per_block * self.quantized.cols) as u32
     }
 
+    pub fn blocks(&self) -> usize {
+        self.quantized.rows.div_ceil(self.rows_per_block)
+    }
+
+    /// Bytes the tensor takes in the file: its params and every block payload (not its header entry, block
+    /// index or alignment padding, which every codec has).
+    pub fn stored_bytes(&self) -> u64 {
+        let blocks: u64 = (0..self.blocks())
+            .into_par_iter()
+            .map(|k| self.encode_block(k).len() as u64)
+            .sum();
+        self.params.to_bytes().len() as u64 + blocks
+    }
+
+    /// `8 * stored_bytes / weights`: what a rate target bounds.
+    pub fn bits_per_weight(&self) -> f64 {
+        let weights = (self.quantized.rows * self.quantized.cols).max(1);
+        8.0 * self.stored_bytes() as f64 / weights as f64
+    }
+
     /// Encodes block `k` (spec: "codebook block payload").
     pub fn encode_block(&self, k: usize) -> Vec<u8> {
         let q = &self.quantized;
@@ -269,18 +291,18 @@ impl CodebookPlan {
     }
 }
 
-/// Fits a tensor (little-endian `dtype` bytes of `shape`) with `options` and `error_weights`, in
-/// blocks of whole rows holding at most `max_block_elements` elements (one row if a row is longer). None when
-/// the codec cannot apply: another dtype, rank 0, an empty tensor, a non-finite weight, a tensor scale that
-/// overflows f32, or a row too long for one block.
-pub fn plan(
-    dtype: Dtype,
-    shape: &[u64],
-    data: &[u8],
-    options: &FitOptions,
-    error_weights: ErrorWeights<'_>,
-    max_block_elements: u32,
-) -> Option<CodebookPlan> {
+/// A tensor as an f32 matrix, with the rows per block of the codebook layout.
+struct Matrix {
+    weights: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    rows_per_block: usize,
+}
+
+/// Reads a tensor (little-endian `dtype` bytes of `shape`) as a matrix, in blocks of whole rows holding at
+/// most `max_block_elements` elements (one row if a row is longer). None when the codec cannot apply: another
+/// dtype, rank 0, an empty tensor, or a row too long for one block.
+fn matrix(dtype: Dtype, shape: &[u64], data: &[u8], max_block_elements: u32) -> Option<Matrix> {
     if !applies_to(dtype) {
         return None;
     }
@@ -300,15 +322,152 @@ pub fn plan(
             _ => f16::from_le_bytes([b[0], b[1]]).to_f32(),
         })
         .collect();
-    let (quantized, _) = codebook::fit(&weights, rows, cols, error_weights, options).ok()?;
+    Some(Matrix {
+        weights,
+        rows,
+        cols,
+        rows_per_block,
+    })
+}
+
+/// Fits a matrix; None for a non-finite weight or a tensor scale that overflows f32.
+fn fit_matrix(
+    m: &Matrix,
+    options: &FitOptions,
+    error_weights: ErrorWeights<'_>,
+) -> Option<CodebookPlan> {
+    let (quantized, _) = codebook::fit(&m.weights, m.rows, m.cols, error_weights, options).ok()?;
     if !quantized.tensor_scale.is_finite() {
         return None;
     }
     Some(CodebookPlan {
         params: CodebookParams::from_quantized(&quantized),
         quantized,
-        rows_per_block,
+        rows_per_block: m.rows_per_block,
     })
+}
+
+/// Fits a tensor (little-endian `dtype` bytes of `shape`) with `options` (fixed rate: `2^options.index_bits`
+/// entries, or whatever rate term `options` holds) and `error_weights`, in blocks of whole rows holding at
+/// most `max_block_elements` elements (one row if a row is longer). None when the codec cannot apply: another
+/// dtype, rank 0, an empty tensor, a non-finite weight, a tensor scale that overflows f32, or a row too long
+/// for one block.
+pub fn plan(
+    dtype: Dtype,
+    shape: &[u64],
+    data: &[u8],
+    options: &FitOptions,
+    error_weights: ErrorWeights<'_>,
+    max_block_elements: u32,
+) -> Option<CodebookPlan> {
+    fit_matrix(
+        &matrix(dtype, shape, data, max_block_elements)?,
+        options,
+        error_weights,
+    )
+}
+
+/// Index bits above `ceil(R)` of the rate-targeted fit: its codebooks have `2^(ceil(R) + 2)` entries (at
+/// most `2^MAX_INDEX_BITS`), so that the rate term, not the codebook size, sets the rate.
+pub const RATE_EXTRA_INDEX_BITS: u32 = 2;
+/// Most fits the rate search runs per tensor.
+pub const RATE_SEARCH_FITS: usize = 8;
+/// The rate search stops at a fit this close under the target, in bits per weight.
+pub const RATE_TOLERANCE: f64 = 0.02;
+/// Range of log2 of the grid step searched (scaled units, where a group's largest magnitude is 1).
+const LOG_STEP_RANGE: (f64, f64) = (-14.0, 1.0);
+
+/// Fits a tensor so that its stored size (`CodebookPlan::stored_bytes`: params and block payloads) is at most
+/// `target_bits_per_weight` bits per weight, using as much of that budget as the search finds.
+///
+/// The fit starts from a uniform grid of step `d` in a codebook of `2^(ceil(R) + RATE_EXTRA_INDEX_BITS)`
+/// entries, with the rate term `lambda = LAMBDA_PER_STEP_SQUARED * d^2`, so one number, `log2 d`, sets the
+/// rate. The search guesses it from the high-rate rule (one bit per halving of `d`), then refines it by
+/// secant steps between the finest fit over the target and the coarsest under it, for at most
+/// `RATE_SEARCH_FITS` fits or until a fit lands within `RATE_TOLERANCE` under the target. It is
+/// deterministic, so the result does not depend on the thread count. Of the fits under the target, the one
+/// with the largest size is kept.
+///
+/// When no fit gets under the target (a tensor so small that its side data alone is near the budget), the
+/// result is the fixed-rate fit of `floor(R)` index bits, whatever its size. Other arguments as for `plan`.
+pub fn plan_at_rate(
+    dtype: Dtype,
+    shape: &[u64],
+    data: &[u8],
+    options: &FitOptions,
+    error_weights: ErrorWeights<'_>,
+    max_block_elements: u32,
+    target_bits_per_weight: f64,
+) -> Option<CodebookPlan> {
+    let m = matrix(dtype, shape, data, max_block_elements)?;
+    let target = target_bits_per_weight;
+    let index_bits = (target.ceil().max(1.0) as u32 + RATE_EXTRA_INDEX_BITS).min(MAX_INDEX_BITS);
+    let fit_at = |log_step: f64| -> Option<(CodebookPlan, f64)> {
+        let step = log_step.exp2();
+        let fit_options = FitOptions {
+            index_bits,
+            init: codebook::CodebookInit::Uniform { step: step as f32 },
+            rate_lambda: codebook::LAMBDA_PER_STEP_SQUARED * step * step,
+            ..*options
+        };
+        let plan = fit_matrix(&m, &fit_options, error_weights)?;
+        let bits = plan.bits_per_weight();
+        Some((plan, bits))
+    };
+    let goal = target - 0.5 * RATE_TOLERANCE;
+    let (lowest, highest) = LOG_STEP_RANGE;
+    // Scaled weights have a standard deviation near 0.38 (a group of 128 Gaussians peaks near 2.6 sigma):
+    // index entropy about 0.65 - log2 d, plus about 0.16 bits of scales and stream headers.
+    let mut log_step = (0.8 - target).clamp(lowest, highest);
+    // (log2 d, bits per weight) of the coarsest fit over the target and the finest under it.
+    let mut over: Option<(f64, f64)> = None;
+    let mut under: Option<(f64, f64)> = None;
+    let mut best: Option<(CodebookPlan, f64)> = None;
+    for _ in 0..RATE_SEARCH_FITS {
+        let (plan, bits) = fit_at(log_step)?;
+        if bits <= target {
+            if under.is_none_or(|(x, _)| log_step < x) {
+                under = Some((log_step, bits));
+            }
+            if best.as_ref().is_none_or(|(_, b)| bits > *b) {
+                best = Some((plan, bits));
+            }
+            if target - bits <= RATE_TOLERANCE {
+                break;
+            }
+        } else if over.is_none_or(|(x, _)| log_step > x) {
+            over = Some((log_step, bits));
+        }
+        let next = match (over, under) {
+            (Some((xo, bo)), Some((xu, bu))) => {
+                if xo >= xu || bo <= bu {
+                    break;
+                }
+                let t = ((bo - goal) / (bo - bu)).clamp(0.05, 0.95);
+                xo + t * (xu - xo)
+            }
+            // One bit per halving of the step, at most four octaves at a time.
+            (None, Some((xu, bu))) => xu - (goal - bu).min(4.0),
+            (Some((xo, bo)), None) => xo + (bo - goal).min(4.0),
+            (None, None) => unreachable!("every fit is over or under the target"),
+        }
+        .clamp(lowest, highest);
+        if next == log_step {
+            break;
+        }
+        log_step = next;
+    }
+    match best {
+        Some((plan, _)) => Some(plan),
+        None => fit_matrix(
+            &m,
+            &FitOptions {
+                index_bits: (target.floor() as u32).clamp(1, MAX_INDEX_BITS),
+                ..*options
+            },
+            error_weights,
+        ),
+    }
 }
 
 /// The payload of rows `rows` of a fitted matrix.
