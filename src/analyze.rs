@@ -423,37 +423,7 @@ pub fn sweep(
             .tensors
             .par_iter()
             .zip(&plans)
-            .filter_map(|(t, plan)| {
-                let fmt = FloatFormat::of(t.dtype)?;
-                let width = t.dtype.byte_width()?;
-                let data = source.data(t);
-                let mut stats = ErrorStats::default();
-                if let Some(cb) = plan.codebook() {
-                    let original = crate::codec::split::element_values(data, width);
-                    let decoded = crate::codec::split::element_values(
-                        &reconstruction_bytes(&cb.quantized, t.dtype),
-                        width,
-                    );
-                    for (&a, &b) in original.iter().zip(&decoded) {
-                        stats.add(fmt.to_f64(a), fmt.to_f64(b), None);
-                    }
-                    return Some(stats);
-                }
-                let block_bytes = plan.entry.block_units as usize * width;
-                for block in data.chunks(block_bytes.max(width)) {
-                    let original = crate::codec::split::element_values(block, width);
-                    let decoded = match plan.quantizer() {
-                        Some(q) => q.round_trip_block(block, width),
-                        None => original.clone(),
-                    };
-                    let bound = plan.quantizer().map(|q| move |x: f64| q.error_bound(x));
-                    let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
-                    for (&a, &b) in original.iter().zip(&decoded) {
-                        stats.add(fmt.to_f64(a), fmt.to_f64(b), bound_ref);
-                    }
-                }
-                Some(stats)
-            })
+            .filter_map(|(t, plan)| planned_error(source, t, plan))
             .collect();
         let mut total = ErrorStats::default();
         for s in &per_tensor {
