@@ -16,6 +16,16 @@ NZ=target/release/neuzip
 EMB=target/release/examples/embedding_check
 declare -A FULL=([bf16]=7 [f16]=10 [f32]=23)
 rows=()
+# measure TAG SRC CONVERT-ARGS...: convert, verify against SRC, and the embedding cosine against F32 and SRC.
+measure() {
+    local tag=$1 src=$2 nzt="$OUT/$1.nzt"
+    shift 2
+    "$NZ" convert "$src" -o "$nzt" --force -q "$@" > /dev/null
+    "$NZ" verify "$nzt" --against "$src" --json > "$OUT/$tag.verify.json"
+    "$EMB" --reference "$DIR/model-f32.safetensors" --candidate "$nzt" --json > "$OUT/$tag.emb-f32.json"
+    "$EMB" --reference "$src" --candidate "$nzt" --json > "$OUT/$tag.emb-self.json"
+    rows+=("$tag")
+}
 for dtype in ${DTYPES:-bf16 f32}; do
     src="$DIR/model-$dtype.safetensors"
     for norm in 256 none; do
@@ -23,12 +33,7 @@ for dtype in ${DTYPES:-bf16 f32}; do
             tag="$dtype-k$k"
             args=(--mantissa-bits "$k")
             if [ "$norm" = none ]; then tag+="-nonorm"; args+=(--no-norm); fi
-            nzt="$OUT/$tag.nzt"
-            "$NZ" convert "$src" -o "$nzt" --force -q "${args[@]}" > /dev/null
-            "$NZ" verify "$nzt" --against "$src" --json > "$OUT/$tag.verify.json"
-            "$EMB" --reference "$DIR/model-f32.safetensors" --candidate "$nzt" --json > "$OUT/$tag.emb-f32.json"
-            "$EMB" --reference "$src" --candidate "$nzt" --json > "$OUT/$tag.emb-self.json"
-            rows+=("$tag")
+            measure "$tag" "$src" "${args[@]}"
         done
     done
     # Same size budget as K=3, bits moved from the embedding table to the encoder's matrices: by hand, then
@@ -42,12 +47,7 @@ for dtype in ${DTYPES:-bf16 f32}; do
             target-k3size) args=(--target-bits "$k3_bits") ;;
             target-6.7) args=(--target-bits 6.7) ;;
         esac
-        nzt="$OUT/$tag.nzt"
-        "$NZ" convert "$src" -o "$nzt" --force -q "${args[@]}" > /dev/null
-        "$NZ" verify "$nzt" --against "$src" --json > "$OUT/$tag.verify.json"
-        "$EMB" --reference "$DIR/model-f32.safetensors" --candidate "$nzt" --json > "$OUT/$tag.emb-f32.json"
-        "$EMB" --reference "$src" --candidate "$nzt" --json > "$OUT/$tag.emb-self.json"
-        rows+=("$tag")
+        measure "$tag" "$src" "${args[@]}"
     done
 done
 python3 - "$OUT" "${rows[@]}" <<'PY'

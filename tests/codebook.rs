@@ -234,35 +234,28 @@ fn a_tensor_with_non_finite_weights_stays_lossless() {
 #[test]
 fn file_bytes_do_not_depend_on_the_thread_count() {
     let source = SafetensorsFile::open(&fixture("minilm_slice_bf16.safetensors")).unwrap();
-    let opts = codebook_opts(3, 64, 4, 4096);
-    let on = |threads: usize| {
+    let on = |opts: &ConvertOptions, threads: usize| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build()
             .unwrap()
-            .install(|| convert_to_vec(&source, &opts).unwrap())
+            .install(|| convert_to_vec(&source, opts).unwrap())
     };
-    let one = on(1);
-    assert!(one == on(2), "1 and 2 threads wrote different files");
-    assert!(one == on(3), "1 and 3 threads wrote different files");
-    // The rate search too: every fit it tries is deterministic, so it ends at the same one.
-    let opts = rate_opts(3.5, 4096);
-    let on = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| convert_to_vec(&source, &opts).unwrap())
-    };
-    let one = on(1);
-    assert!(
-        one == on(2),
-        "rate target: 1 and 2 threads wrote different files"
-    );
-    assert!(
-        one == on(3),
-        "rate target: 1 and 3 threads wrote different files"
-    );
+    // Fixed rate, then the rate search: every fit it tries is deterministic, so it ends at the same one.
+    for (what, opts) in [
+        ("fixed rate", codebook_opts(3, 64, 4, 4096)),
+        ("rate target", rate_opts(3.5, 4096)),
+    ] {
+        let one = on(&opts, 1);
+        assert!(
+            one == on(&opts, 2),
+            "{what}: 1 and 2 threads wrote different files"
+        );
+        assert!(
+            one == on(&opts, 3),
+            "{what}: 1 and 3 threads wrote different files"
+        );
+    }
 }
 
 /// Rate-targeted options: each codebook tensor at most `rate` bits per weight.
