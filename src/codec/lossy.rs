@@ -260,13 +260,20 @@ impl Quantizer {
         let (k, m) = (self.narrow.man_bits, self.fmt.man_bits);
         let error = |byte: u8| -> f64 {
             let c = Self::scale(byte);
-            magnitudes
-                .iter()
-                .map(|&x| {
-                    let decoded = round_mantissa(c * round_mantissa(x / c, k), m);
-                    (x - decoded) * (x - decoded)
-                })
-                .sum()
+            let squared_error = |x: f64| {
+                let decoded = round_mantissa(c * round_mantissa(x / c, k), m);
+                (x - decoded) * (x - decoded)
+            };
+            // Eight partial sums, so that the compiler can keep eight elements in flight (SIMD).
+            let chunks = magnitudes.chunks_exact(8);
+            let tail: f64 = chunks.remainder().iter().map(|&x| squared_error(x)).sum();
+            let mut lanes = [0.0f64; 8];
+            for chunk in chunks {
+                for (lane, &x) in lanes.iter_mut().zip(chunk) {
+                    *lane += squared_error(x);
+                }
+            }
+            lanes.iter().sum::<f64>() + tail
         };
         let mut best = (error(max_rule), max_rule);
         let consider = |byte: u8, best: &mut (f64, u8)| {
