@@ -100,7 +100,7 @@ impl Candidate {
         opts: &ConvertOptions,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<Candidate> {
-        let plans = plan_all(source, opts);
+        let plans = plan_all(source, opts, progress);
         let mut block_lens: Vec<Vec<u64>> = plans
             .iter()
             .map(|p| Vec::with_capacity(p.entry.blocks.len()))

@@ -124,7 +124,7 @@ pub fn analyze(
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Result<Analysis> {
-    let plans = plan_all(source, opts);
+    let plans = plan_all(source, opts, progress);
     let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
     let mut bound = vec![0.0f64; plans.len()];
     let mut coded = vec![0u64; plans.len()];
@@ -406,7 +406,7 @@ pub fn sweep(
         if codebook_mode {
             point_opts.codebook.validate()?;
         }
-        let plans = plan_all(source, &point_opts);
+        let plans = plan_all(source, &point_opts, progress);
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
         let mut placement = Placement::default();
         let mut payload_bytes = vec![0u64; plans.len()];

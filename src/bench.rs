@@ -86,7 +86,7 @@ pub fn bench(
         let (encode, decode, decode_unchecked, zstd_encode, zstd_decode, zstd_bytes, memcpy) =
             in_pool(threads, || {
                 let encode = median_seconds(runs, || {
-                    let plans = plan_all(source, opts);
+                    let plans = plan_all(source, opts, &|_| {});
                     encode_blocks(source, &plans, opts, &|_| {}, |_, _, _| Ok(()))
                 })?;
                 let decode = median_seconds(runs, || nzt.for_each_block(|_, _, _| Ok(())))?;

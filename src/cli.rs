@@ -17,7 +17,7 @@ use neuzip::codec::codebook_format::Importance;
 use neuzip::codec::lossy::MAX_NORM_BLOCK;
 use neuzip::convert::{
     convert_uncommitted, nzt_name, read_shard_index, ConvertOptions, ConvertSummary, NZT_INDEX,
-    SAFETENSORS_INDEX,
+    PROGRESS_PASSES, SAFETENSORS_INDEX,
 };
 use neuzip::format::writer::{EarlyWriteback, OutputFile};
 use neuzip::format::MAGIC;
@@ -395,7 +395,7 @@ fn convert_one(
     opts: &ConvertOptions,
     quiet: bool,
 ) -> Result<(OutputFile, ConvertSummary)> {
-    let mut size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0);
+    let mut size = std::fs::metadata(input).map(|m| m.len()).unwrap_or(0) * PROGRESS_PASSES;
     if opts.target_bits_per_weight.is_some() {
         // One dry conversion per candidate K, then the conversion itself.
         if let Ok(source) = SafetensorsFile::open(input) {
@@ -899,7 +899,7 @@ fn analyze_cmd(args: AnalyzeArgs, quiet: bool) -> Result<ExitCode> {
     }
     neuzip::convert::check_settings(&source, &opts)?;
     let bar = progress_bar(
-        source.file_len(),
+        source.file_len() * PROGRESS_PASSES,
         &format!("analyze {}", args.file.display()),
         quiet,
     );
@@ -991,7 +991,7 @@ fn sweep_cmd(
         bits = neuzip::analyze::codebook_sweep_rates(max);
     }
     let bar = progress_bar(
-        source.file_len() * (bits.len() as u64 + 1),
+        source.file_len() * PROGRESS_PASSES * (bits.len() as u64 + 1),
         &format!("sweep {}", args.file.display()),
         quiet,
     );

@@ -383,12 +383,26 @@ pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result
     Ok(())
 }
 
-/// Plans every tensor of `source` (in parallel).
-pub fn plan_all(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<TensorPlan> {
+/// Passes a conversion makes over the input, each reporting every tensor byte to `progress`: planning
+/// (statistics, quantization, codebook fits) and encoding. A progress bar's total is this many times the
+/// input size.
+pub const PROGRESS_PASSES: u64 = 2;
+
+/// Plans every tensor of `source` (in parallel), calling `progress` with each tensor's bytes once it is
+/// planned.
+pub fn plan_all(
+    source: &SafetensorsFile,
+    opts: &ConvertOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Vec<TensorPlan> {
     source
         .tensors
         .par_iter()
-        .map(|t| plan_tensor(source, t, opts))
+        .map(|t| {
+            let plan = plan_tensor(source, t, opts);
+            progress(source.data(t).len() as u64);
+            plan
+        })
         .collect()
 }
 
@@ -472,7 +486,8 @@ impl Placement {
     }
 }
 
-/// Converts one safetensors file. `progress` is called with the number of input bytes just encoded.
+/// Converts one safetensors file. `progress` is called with the number of input bytes just planned, then
+/// again as they are encoded (`PROGRESS_PASSES`).
 pub fn convert_file(
     input: &Path,
     output: &Path,
@@ -501,8 +516,12 @@ pub struct NztPlan {
 }
 
 impl NztPlan {
-    pub fn new(source: &SafetensorsFile, opts: &ConvertOptions) -> NztPlan {
-        let plans = plan_all(source, opts);
+    pub fn new(
+        source: &SafetensorsFile,
+        opts: &ConvertOptions,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> NztPlan {
+        let plans = plan_all(source, opts, progress);
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
         let section_len = header::section_len(source.header_json(), &entries);
         let data_offset =
@@ -576,7 +595,7 @@ pub fn convert_to_vec(source: &SafetensorsFile, opts: &ConvertOptions) -> Result
     let (opts, _) = resolve_target(source, opts, &|_| {})?;
     let opts = opts.as_ref();
     let mut data = Vec::new();
-    let head = NztPlan::new(source, opts).encode(source, opts, &|_| {}, |bytes| {
+    let head = NztPlan::new(source, opts, &|_| {}).encode(source, opts, &|_| {}, |bytes| {
         data.extend_from_slice(bytes);
         Ok(())
     })?;
@@ -601,7 +620,7 @@ pub fn convert_uncommitted(
     let mut out = OutputFile::create(output, opts.replace, &[input])?;
     let file = out.file();
     let io = |e| NzError::io(output, e);
-    let plan = NztPlan::new(&source, opts);
+    let plan = NztPlan::new(&source, opts, progress);
     let data_offset = plan.data_offset;
     file.seek(SeekFrom::Start(data_offset)).map_err(io)?;
     let mut writer = BufWriter::with_capacity(1 << 20, &mut *file);

@@ -834,3 +834,33 @@ fn importance_file_weights_the_fit_and_bad_ones_are_refused() {
         assert!(!out.exists(), "{flags:?} left an output");
     }
 }
+
+#[test]
+fn progress_counts_every_tensor_byte_while_planning_and_again_while_encoding() {
+    // Codebook fits are most of a codebook conversion's time, so the bar must move during planning too.
+    let src = fixture("minilm_slice_bf16.safetensors");
+    let source = SafetensorsFile::open(&src).unwrap();
+    let tensor_bytes: u64 = source
+        .tensors
+        .iter()
+        .map(|t| source.data(t).len() as u64)
+        .sum();
+    let dir = tempfile::tempdir().unwrap();
+    let reported = std::sync::Mutex::new(Vec::new());
+    neuzip::convert::convert_file(
+        &src,
+        &dir.path().join("out.nzt"),
+        &codebook_opts(3, 64, 4, 4096),
+        &|n| reported.lock().unwrap().push(n),
+    )
+    .unwrap();
+    let reported = reported.into_inner().unwrap();
+    let total: u64 = reported.iter().sum();
+    assert_eq!(total, neuzip::convert::PROGRESS_PASSES * tensor_bytes);
+    // Planning reports one call per tensor, first: those calls alone add up to the tensor bytes.
+    let planned: u64 = reported[..source.tensors.len()].iter().sum();
+    assert_eq!(
+        planned, tensor_bytes,
+        "planning did not report every tensor first"
+    );
+}
