@@ -234,6 +234,9 @@ pub struct CodebookFigures {
     /// Their params and block payloads: what a codebook rate budget counts.
     pub stored_bytes: u64,
     pub bits_per_weight: f64,
+    /// The same fits with every index stored in `B` bits (fixed length, no entropy coding) and the same side
+    /// data (`CodebookQuantized::fixed_rate_size`), for comparison with `bits_per_weight`.
+    pub fixed_length_bits_per_weight: f64,
     pub error: ErrorReport,
 }
 
@@ -437,9 +440,11 @@ pub fn sweep(
             .filter(|(t, _)| FloatFormat::of(t.dtype).is_some())
             .map(|(_, p)| p);
         let (mut codebook_total, mut codebook_bytes) = (ErrorStats::default(), 0u64);
+        let mut fixed_length_bits = 0u64;
         let mut codebook_tensors = 0;
         for ((plan, payload), stats) in float_plans.zip(&per_tensor) {
-            if plan.codebook().is_some() {
+            if let Some(cb) = plan.codebook() {
+                fixed_length_bits += cb.quantized.fixed_rate_size().total_bits();
                 codebook_total.merge(stats);
                 codebook_bytes += plan.entry.params.len() as u64 + payload;
                 codebook_tensors += 1;
@@ -452,6 +457,7 @@ pub fn sweep(
                 weights,
                 stored_bytes: codebook_bytes,
                 bits_per_weight: 8.0 * codebook_bytes as f64 / weights.max(1) as f64,
+                fixed_length_bits_per_weight: fixed_length_bits as f64 / weights.max(1) as f64,
                 error: codebook_total.report(),
             }
         });

@@ -1082,22 +1082,24 @@ fn sweep_cmd(
         writeln!(
             out,
             "\nThe {tensors} codebook tensors alone ({weights} weights), all metadata counted, beside the \
-             baselines (comparison only) on the same tensors:"
+             baselines (comparison only) on the same tensors; fixed-len b/w is the same fits with B-bit indices \
+             and no entropy coding:"
         )?;
         writeln!(
             out,
-            "{:<20} {:>8} {:>9} {:>10}",
-            "method", "bits/w", "SQNR dB", "rel frob"
+            "{:<20} {:>8} {:>9} {:>10} {:>14}",
+            "method", "bits/w", "SQNR dB", "rel frob", "fixed-len b/w"
         )?;
         for p in &points {
             if let (Some(r), Some(c)) = (p.codebook_bits, &p.codebook) {
                 writeln!(
                     out,
-                    "{:<20} {:>8.4} {:>9} {:>10.3e}",
+                    "{:<20} {:>8.4} {:>9} {:>10.3e} {:>14.4}",
                     format!("codebook R={r}"),
                     c.bits_per_weight,
                     db(&c.error),
-                    c.error.relative_frobenius
+                    c.error.relative_frobenius,
+                    c.fixed_length_bits_per_weight
                 )?;
             }
         }

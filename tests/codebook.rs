@@ -864,3 +864,58 @@ fn progress_counts_every_tensor_byte_while_planning_and_again_while_encoding() {
         "planning did not report every tensor first"
     );
 }
+
+#[test]
+fn codebook_sweep_reports_the_fixed_length_index_size_beside_the_coded_one() {
+    // At fixed rate B: B bits per index, f16 scales per (row, group), K codebooks of 2^B f16 entries,
+    // ceil(log2 K) bits of cluster id per row and the f32 tensor scale, counted here from the shapes.
+    let input = fixture("minilm_slice_bf16.safetensors");
+    let (group, clusters) = (64u64, 4u64);
+    let out = neuzip()
+        .args([
+            "analyze",
+            "--sweep",
+            "--json",
+            "--codebook-bits",
+            "3",
+            "--fixed-rate",
+        ])
+        .args(["--group-size", "64", "--row-clusters", "4"])
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let sweep: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let source = SafetensorsFile::open(&input).unwrap();
+    let matrices: Vec<(u64, u64)> = source
+        .tensors
+        .iter()
+        .filter(|t| t.shape.len() == 2 && !t.name.contains("embeddings"))
+        .map(|t| (t.shape[0], t.shape[1]))
+        .collect();
+    let weights: u64 = matrices.iter().map(|(r, c)| r * c).sum();
+    for p in sweep["points"].as_array().unwrap() {
+        let Some(b) = p["codebook_bits"].as_f64() else {
+            continue;
+        };
+        let b = b as u64;
+        let side: u64 = matrices
+            .iter()
+            .map(|&(rows, cols)| {
+                16 * rows * cols.div_ceil(group) + 16 * clusters * (1 << b) + 2 * rows + 32
+            })
+            .sum();
+        let expected = (b * weights + side) as f64 / weights as f64;
+        let codebook = &p["codebook"];
+        let fixed_length = codebook["fixed_length_bits_per_weight"].as_f64().unwrap();
+        assert!(
+            (fixed_length - expected).abs() < 1e-9,
+            "B = {b}: {fixed_length} vs {expected}"
+        );
+        // Entropy-coded indices take less than fixed-length ones.
+        assert!(
+            codebook["bits_per_weight"].as_f64().unwrap() < fixed_length,
+            "B = {b}"
+        );
+    }
+}
