@@ -32,8 +32,12 @@ fn big_checkpoint(dir: &Path) -> std::path::PathBuf {
 }
 
 /// Starts `neuzip args`, sends `signal` after `delay`; returns true if the signal ended it before it finished.
+/// neuzip starts with every signal at its default action, as from a terminal: a test run launched in the
+/// background (`cmd &` in a script) inherits SIGINT ignored, and ignored signals survive exec.
 fn interrupt(args: &[&str], signal: &str, delay: Duration) -> bool {
-    let mut child = Command::new(neuzip())
+    let mut child = Command::new("env")
+        .arg("--default-signal")
+        .arg(neuzip())
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
