@@ -241,22 +241,16 @@ impl Quantizer {
         (fraction * (1 << SCALE_BITS) as f64) as u8
     }
 
-    /// The scale byte of least squared error for a group (ties to the byte of `scale_byte(absmax)`, which
-    /// makes a BF16 group's maximum exact): every 8th byte, then the neighbours of the best of those. The
-    /// error is the decoded one for normal values: `x` rounded to K bits after division, multiplied back and
-    /// rounded to the dtype.
-    fn best_scale_byte(&self, group: &[u64], absmax: f64) -> u8 {
+    /// The scale byte of least squared error for a group, given the magnitudes of its finite elements (ties
+    /// to the byte of `scale_byte` of their maximum, which makes a BF16 group's maximum exact): every 8th
+    /// byte, then the neighbours of the best of those. The error is the decoded one for normal values: `x`
+    /// rounded to K bits after division, multiplied back and rounded to the dtype.
+    fn best_scale_byte(&self, magnitudes: &[f64]) -> u8 {
+        let absmax = magnitudes.iter().copied().fold(0.0f64, f64::max);
         let max_rule = Self::scale_byte(absmax);
         if absmax == 0.0 {
             return max_rule;
         }
-        let magnitudes: Vec<f64> = group
-            .iter()
-            .filter_map(|&v| {
-                let (_, exp, man) = self.split(v);
-                (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
-            })
-            .collect();
         let (k, m) = (self.narrow.man_bits, self.fmt.man_bits);
         let error = |byte: u8| -> f64 {
             let c = Self::scale(byte);
@@ -359,15 +353,15 @@ impl Quantizer {
         }
         let mut scales = Vec::with_capacity(self.scale_count(values.len()));
         let mut codes = Vec::with_capacity(values.len());
+        let mut magnitudes = Vec::with_capacity(self.norm_block as usize);
         for group in values.chunks(self.norm_block as usize) {
-            let absmax = group
-                .iter()
-                .filter_map(|&v| {
-                    let (_, exp, man) = self.split(v);
-                    (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
-                })
-                .fold(0.0f64, f64::max);
-            let byte = self.best_scale_byte(group, absmax);
+            // NaN and Inf are left out of the scale choice.
+            magnitudes.clear();
+            magnitudes.extend(group.iter().filter_map(|&v| {
+                let (_, exp, man) = self.split(v);
+                (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
+            }));
+            let byte = self.best_scale_byte(&magnitudes);
             scales.push(byte);
             let scale = Self::scale(byte);
             codes.extend(group.iter().map(|&v| self.quantize(v, scale)));
