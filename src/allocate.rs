@@ -14,8 +14,7 @@ use rayon::prelude::*;
 use crate::codec::lossy::FloatFormat;
 use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
 use crate::error::{NzError, Result};
-use crate::format::header::{section_len, TensorEntry};
-use crate::format::{align_up, FILE_HEADER_LEN, TENSOR_ALIGN};
+use crate::format::header::{data_offset, TensorEntry};
 use crate::precision::Precision;
 use crate::source::SafetensorsFile;
 
@@ -173,16 +172,13 @@ pub fn allocate(
             .enumerate()
             .map(|(ti, &c)| candidates[c].entries[ti].clone())
             .collect();
-        let header = section_len(source.header_json(), &entries);
-        let data_offset =
-            align_up(FILE_HEADER_LEN as u64 + header, TENSOR_ALIGN).expect("fits u64");
         let mut placement = Placement::default();
         for (ti, &c) in choice.iter().enumerate() {
             for &len in &candidates[c].block_lens[ti] {
                 placement.place(ti, len);
             }
         }
-        data_offset + placement.end
+        data_offset(source.header_json(), &entries) + placement.end
     };
 
     // The narrowest candidate everywhere must fit; tensors that are not free are the same in every run.

@@ -18,8 +18,8 @@ use crate::codec::split::{Coding, FieldStats, SplitParams};
 use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::Result;
-use crate::format::header::{section_len, TensorEntry};
-use crate::format::{align_up, Codec, FILE_HEADER_LEN, TENSOR_ALIGN};
+use crate::format::header::{data_offset, TensorEntry};
+use crate::format::Codec;
 use crate::precision::CODEBOOK_BITS;
 use crate::source::SafetensorsFile;
 use crate::verify::{ErrorReport, ErrorStats};
@@ -135,9 +135,7 @@ pub fn analyze(
         placement.place(ti, block.payload.len() as u64);
         Ok(())
     })?;
-    let header = section_len(source.header_json(), &entries);
-    let data_offset = align_up(FILE_HEADER_LEN as u64 + header, TENSOR_ALIGN).expect("fits u64");
-    let predicted_bytes = data_offset + placement.end;
+    let predicted_bytes = data_offset(source.header_json(), &entries) + placement.end;
 
     let exponents: Mutex<BTreeMap<Dtype, Vec<u64>>> = Mutex::new(BTreeMap::new());
     rayon::scope(|scope| {
@@ -418,10 +416,7 @@ pub fn sweep(
             payload_bytes[ti] += block.payload.len() as u64;
             Ok(())
         })?;
-        let header = section_len(source.header_json(), &entries);
-        let data_offset =
-            align_up(FILE_HEADER_LEN as u64 + header, TENSOR_ALIGN).expect("fits u64");
-        let predicted_bytes = data_offset + placement.end;
+        let predicted_bytes = data_offset(source.header_json(), &entries) + placement.end;
         let per_tensor: Vec<ErrorStats> = source
             .tensors
             .par_iter()

@@ -21,7 +21,7 @@ use crate::format::header::{self, BlockEntry, TensorEntry};
 use crate::format::writer::OutputFile;
 use crate::format::{
     align_up, checksum, BlockMode, Codec, BLOCK_ALIGN, DEFAULT_FLOAT_BLOCK_ELEMENTS,
-    DEFAULT_STORED_BLOCK_BYTES, FILE_HEADER_LEN, TENSOR_ALIGN,
+    DEFAULT_STORED_BLOCK_BYTES, TENSOR_ALIGN,
 };
 use crate::precision::{CodebookMode, CodebookSettings, LossySettings};
 use crate::source::{SafetensorsFile, SourceTensor};
@@ -523,9 +523,7 @@ impl NztPlan {
     ) -> NztPlan {
         let plans = plan_all(source, opts, progress);
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
-        let section_len = header::section_len(source.header_json(), &entries);
-        let data_offset =
-            align_up(FILE_HEADER_LEN as u64 + section_len, TENSOR_ALIGN).expect("header fits u64");
+        let data_offset = header::data_offset(source.header_json(), &entries);
         NztPlan { plans, data_offset }
     }
 

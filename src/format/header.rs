@@ -535,6 +535,13 @@ pub fn section_len(source_header: &[u8], tensors: &[TensorEntry]) -> u64 {
     8 + source_header.len() as u64 + 4 + entries
 }
 
+/// Where the data section starts (the first tensor's offset) for this header section: after the fixed
+/// header and the section, aligned to `TENSOR_ALIGN`.
+pub fn data_offset(source_header: &[u8], tensors: &[TensorEntry]) -> u64 {
+    let header = FILE_HEADER_LEN as u64 + section_len(source_header, tensors);
+    align_up(header, TENSOR_ALIGN).expect("a header section fits u64")
+}
+
 /// The fixed 48-byte file header for a header section and data placement.
 /// The minor version a file with these tensors is written as: the lowest that has every codec they use.
 pub fn version_minor_for(tensors: &[TensorEntry]) -> u16 {
