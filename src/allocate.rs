@@ -1,7 +1,8 @@
 //! Mantissa widths per tensor for a size target (`convert --target-bits R`). One dry conversion per
 //! candidate K measures every free tensor's exact encoded size and its relative squared error
-//! (error energy / signal energy); then bits go, one step at a time, to the tensor whose error falls the most
-//! per added byte, until no step fits the target. The objective, the sum of the free tensors' relative
+//! (error energy / signal energy); then a multiple-choice knapsack picks one K per tensor with the least
+//! summed error that fits the target, and what its rounding leaves over goes to the upgrades with the best
+//! error drop per byte. The objective, the sum of the free tensors' relative
 //! errors, treats every weight matrix as an equal source of relative noise at the model's output: the classic
 //! bit-allocation model, with no calibration data. Its effect is that large tables (an embedding matrix)
 //! get fewer bits than the small matrices every token passes through.
@@ -135,7 +136,8 @@ fn relative_error(
 }
 
 /// Chooses K per free tensor so that the converted file is at most `target_bits_per_weight` bits per weight
-/// (file bytes × 8 over all elements) with the least summed relative error that the greedy steps find.
+/// (file bytes × 8 over all elements) with the least summed relative error (exact up to the knapsack's
+/// size rounding, which the final greedy steps make up for).
 /// `progress` receives the input bytes of each dry conversion (one per `candidate_bits`).
 pub fn allocate(
     source: &SafetensorsFile,

@@ -175,8 +175,8 @@ impl LossySettings {
     }
 
     /// The mantissa bits to keep for a tensor, None for lossless: a rule's value if one matches, else its
-    /// assigned precision, else the default for tensors of rank 2 and more. Only BF16, F16 and F32 can be lossy; K equal to the dtype's
-    /// mantissa width is lossless; K above it is an error.
+    /// assigned precision, else the default for tensors of rank 2 and more. Only BF16, F16 and F32 can be
+    /// lossy; K equal to the dtype's mantissa width is lossless; K above it is an error.
     pub fn mantissa_bits_for(&self, name: &str, dtype: Dtype, rank: usize) -> Result<Option<u32>> {
         let precision = match self.rules.lookup(name).or(self.assigned.get(name)) {
             Some(&p) => p,
