@@ -521,7 +521,7 @@ impl SplitDecoder {
             let raw = &payload[raw_start..];
             return SCRATCH.with_borrow_mut(|scratch| {
                 let ranks = rank_buffer(scratch, n);
-                let done = match self.merge16_symbols(packed) {
+                let done = match self.merge16_symbols(&packed.alphabet) {
                     Some(symbols) => rans::decode_merged16(rans::Merged16Block {
                         states: &states,
                         words,
@@ -677,12 +677,12 @@ impl SplitDecoder {
 
     /// `coded_symbols` for the 2-byte merge kernels (`simd::Merge16`), when the fast path's elements are 2 bytes
     /// with at most one raw field.
-    fn merge16_symbols(&self, packed: &PackedTable) -> Option<[u16; 256]> {
+    fn merge16_symbols(&self, alphabet: &[u16]) -> Option<[u16; 256]> {
         let raw_count = self.params.fields.len() - self.tables.len();
         if self.width != 2 || raw_count > 1 {
             return None;
         }
-        let symbols = self.coded_symbols(&packed.alphabet);
+        let symbols = self.coded_symbols(alphabet);
         Some(std::array::from_fn(|k| symbols[k] as u16))
     }
 
@@ -715,12 +715,11 @@ impl SplitDecoder {
             }
         };
         skip(&mut raw_fields, first_group);
-        if W == 2 && raw_fields.len() <= 1 {
-            let symbols16: [u16; 256] = std::array::from_fn(|k| symbols[k] as u16);
-            let merge = Merge16 {
-                symbols: &symbols16,
-                raw: raw_fields.first().map(|f| (f.bytes, f.width, f.shift)),
-            };
+        if let Some(symbols16) = self.merge16_symbols(alphabet) {
+            // The kernel's groups are of 32 elements; `done` is a whole number of them.
+            let merge = self
+                .merge16(&symbols16, ranks.len(), raw)
+                .advanced(done / 32);
             let more = super::simd::merge16(&ranks[done..], merge, &mut out[2 * done..]) / 8;
             skip(&mut raw_fields, more);
             first_group += more;
@@ -769,8 +768,8 @@ pub fn decode_pair(
         let ranks_a = rank_buffer(scratch_a, n[0]);
         let ranks_b = rank_buffer(scratch_b, n[1]);
         let symbols = [
-            dec_a.merge16_symbols(packed_a),
-            dec_b.merge16_symbols(packed_b),
+            dec_a.merge16_symbols(&packed_a.alphabet),
+            dec_b.merge16_symbols(&packed_b.alphabet),
         ];
         let results = match &symbols {
             [Some(symbols_a), Some(symbols_b)] => rans::decode_merged16_pair([
