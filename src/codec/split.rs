@@ -1088,6 +1088,16 @@ impl FieldPrice {
         self.entropy * elements as f64 * (1.0 - 1e-9) - 1e-6
     }
 
+    /// Whether a secondary field cannot save `MIN_SECONDARY_GAIN_BITS` per element even at its entropy, or at
+    /// its entropy plus its smallest table, so that `charge_secondary` would keep it raw: its tables need not
+    /// be built.
+    fn hopeless_as_secondary(&self, width: u32, elements: u64) -> bool {
+        let raw = (width as u64 * elements) as f64;
+        let needed = MIN_SECONDARY_GAIN_BITS * elements as f64;
+        raw - self.entropy * (elements as f64) < needed
+            || raw - self.floor(width, elements) < needed
+    }
+
     /// A lower bound on what `best_coding` returns: raw, or the entropy plus the smallest table.
     fn floor(&self, width: u32, elements: u64) -> f64 {
         let raw = (width as u64 * elements) as f64;
@@ -1196,14 +1206,9 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 break;
             }
             let raw = (width as u64 * n) as f64;
-            // A secondary field that cannot save enough even at its entropy, or at the entropy plus its
-            // smallest table, stays raw without building tables.
+            // A secondary field that cannot save enough stays raw without building tables.
             let (c, table) = match &price {
-                Some(p)
-                    if tables.is_empty()
-                        || (raw - p.entropy * (n as f64) >= MIN_SECONDARY_GAIN_BITS * n as f64
-                            && raw - p.floor(width, n) >= MIN_SECONDARY_GAIN_BITS * n as f64) =>
-                {
+                Some(p) if tables.is_empty() || !p.hopeless_as_secondary(width, n) => {
                     p.best_coding(width, n, ENCODER_MAX_PROB_BITS)
                 }
                 _ => (raw, None),
@@ -1437,8 +1442,7 @@ pub fn choose_block_coding(tensor: &SplitParams, counts: &[Vec<u64>], n: u64) ->
             let to_beat = shared_cost.unwrap_or(f64::INFINITY).min(raw);
             entropy >= to_beat
                 || own_floor >= to_beat
-                || (secondary && raw - entropy < MIN_SECONDARY_GAIN_BITS * n as f64)
-                || (secondary && raw - own_floor < MIN_SECONDARY_GAIN_BITS * n as f64)
+                || (secondary && p.hopeless_as_secondary(f.width, n))
         });
         let (mut cost, mut table) = match &price {
             Some(p) if !hopeless => {
