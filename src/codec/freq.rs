@@ -80,12 +80,8 @@ impl FreqTable {
 
     /// Bits needed to code `counts` with this table (the rANS payload, excluding the table and the flush).
     pub fn coded_bits(&self, counts: &[u64]) -> f64 {
-        counts
-            .iter()
-            .zip(&self.freqs)
-            .filter(|(&c, _)| c > 0)
-            .map(|(&c, &f)| c as f64 * (self.prob_bits as f64 - (f as f64).log2()))
-            .sum()
+        let used = counts.iter().zip(&self.freqs).filter(|(&c, _)| c > 0);
+        coded_bits_of(used.map(|(&c, &f)| (c, f)), self.prob_bits)
     }
 
     /// Appends the serialized table: `prob_bits u8`, `symbol_count u16`, then a bit stream (LSB-first) of one
@@ -109,16 +105,8 @@ impl FreqTable {
     /// Serialized size in bytes, counted without writing: a gamma code of `v` takes `2 * floor(log2 v) + 1`
     /// bits.
     pub fn serialized_len(&self) -> usize {
-        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
-        let mut bits = 0;
-        let mut next = 0u32;
-        for (s, &f) in self.freqs.iter().enumerate() {
-            if f > 0 {
-                bits += gamma_bits(s as u32 - next + 1) + gamma_bits(f);
-                next = s as u32 + 1;
-            }
-        }
-        3 + bits.div_ceil(8)
+        let used = self.freqs.iter().enumerate().filter(|(_, &f)| f > 0);
+        serialized_len_of(used.map(|(s, &f)| (s as u32, f)))
     }
 
     /// Parses a table for a field of `symbol_bits` from the front of `bytes`; returns it and the bytes used.
@@ -256,30 +244,21 @@ impl UsedCounts {
     /// `FreqTable::coded_bits` of these counts under the table whose used symbols have `freqs` (same sum, in
     /// the same order).
     pub fn coded_bits(&self, freqs: &[u32], prob_bits: u32) -> f64 {
-        self.used
-            .iter()
-            .zip(freqs)
-            .map(|(&(_, c), &f)| c as f64 * (prob_bits as f64 - (f as f64).log2()))
-            .sum()
+        coded_bits_of(
+            self.used.iter().zip(freqs).map(|(&(_, c), &f)| (c, f)),
+            prob_bits,
+        )
     }
 
     /// `FreqTable::serialized_len` of the table whose used symbols have `freqs`.
     pub fn serialized_len(&self, freqs: &[u32]) -> usize {
-        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
-        let mut bits = 0;
-        let mut next = 0u32;
-        for (&(s, _), &f) in self.used.iter().zip(freqs) {
-            bits += gamma_bits(s - next + 1) + gamma_bits(f);
-            next = s + 1;
-        }
-        3 + bits.div_ceil(8)
+        serialized_len_of(self.used.iter().zip(freqs).map(|(&(s, _), &f)| (s, f)))
     }
 
     /// A lower bound on `serialized_len` of a table over these symbols at `prob_bits` (at any precision when
     /// None). Normalizing only raises frequencies from their rounded-down shares when those fit the total,
     /// and never takes one below 1.
     pub fn serialized_len_floor(&self, prob_bits: Option<u32>) -> usize {
-        let gamma_bits = |v: u32| 2 * (31 - v.leading_zeros()) as usize + 1;
         let target = prob_bits.map_or(0, |p| 1u64 << p);
         let total = self.total.max(1) as u128;
         // Bits with every frequency at 1, and with every frequency at its rounded-down share (at least 1).
@@ -314,6 +293,31 @@ impl UsedCounts {
         }
         out
     }
+}
+
+/// Bits of `count` symbols each coded at frequency `freq` out of `2^prob_bits`, summed over `(count, freq)`
+/// pairs in symbol order.
+fn coded_bits_of(pairs: impl Iterator<Item = (u64, u32)>, prob_bits: u32) -> f64 {
+    pairs
+        .map(|(c, f)| c as f64 * (prob_bits as f64 - (f as f64).log2()))
+        .sum()
+}
+
+/// Serialized length of a table with these `(symbol, freq)` pairs, ascending: 3 bytes of head, then a
+/// `(gamma(delta + 1), gamma(freq))` pair per symbol, padded to a byte (`FreqTable::write`).
+fn serialized_len_of(pairs: impl Iterator<Item = (u32, u32)>) -> usize {
+    let mut bits = 0;
+    let mut next = 0u32;
+    for (s, f) in pairs {
+        bits += gamma_bits(s - next + 1) + gamma_bits(f);
+        next = s + 1;
+    }
+    3 + bits.div_ceil(8)
+}
+
+/// Length of the Elias-gamma code of `v >= 1`, in bits.
+fn gamma_bits(v: u32) -> usize {
+    2 * (31 - v.leading_zeros()) as usize + 1
 }
 
 /// Longest Elias-gamma prefix accepted: values below 2^21 (frequencies are at most 2^15, deltas 2^12).
