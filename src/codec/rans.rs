@@ -9,6 +9,7 @@
 //! `STATE_LOWER`, so a decoder that ends anywhere else, or with words left over, has read corrupt data.
 
 use super::freq::{DecodeTable, FreqTable, PackedTable};
+use super::simd::Kernel;
 
 pub const LANES: usize = 32;
 /// Lower bound `L` of the normalized state interval.
@@ -208,22 +209,18 @@ pub fn decode_ranks(
     table: &PackedTable,
     ranks: &mut [u8],
 ) -> Result<(), StreamError> {
-    decode_ranks_with(super::simd::Kernel::selected(), states, words, table, ranks)
+    decode_ranks_with(Kernel::selected(), states, words, table, ranks)
 }
 
 /// `decode_ranks` with a chosen kernel (one the CPU lacks runs scalar).
 pub fn decode_ranks_with(
-    kernel: super::simd::Kernel,
+    kernel: Kernel,
     states: &[u32; LANES],
     words: &[u8],
     table: &PackedTable,
     ranks: &mut [u8],
 ) -> Result<(), StreamError> {
-    let mut cursor = Cursor::start(states, words)?;
-    let done =
-        super::simd::decode_steps_with(kernel, &mut cursor.x, &mut cursor.pos, words, table, ranks);
-    cursor.packed_steps(words, table, ranks, done * LANES);
-    cursor.finish(words)
+    Cursor::start(states, words)?.finish_ranks(kernel, words, table, ranks, 0)
 }
 /// One block of `decode_ranks_pair`: the arguments of `decode_ranks` (states, words, table, ranks).
 pub type RanksBlock<'a> = (&'a [u32; LANES], &'a [u8], &'a PackedTable, &'a mut [u8]);
@@ -244,7 +241,7 @@ pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError
             ]
         }
     };
-    let kernel = super::simd::Kernel::selected();
+    let kernel = Kernel::selected();
     let together = super::simd::decode_steps_pair(
         kernel,
         [&mut a.x, &mut b.x],
@@ -253,18 +250,8 @@ pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError
         [table_a, table_b],
         [&mut *ranks_a, &mut *ranks_b],
     );
-    let finish = |mut cursor: Cursor, words: &[u8], table: &PackedTable, ranks: &mut [u8]| {
-        let from = together * LANES;
-        let more = super::simd::decode_steps_with(
-            kernel,
-            &mut cursor.x,
-            &mut cursor.pos,
-            words,
-            table,
-            &mut ranks[from..],
-        );
-        cursor.packed_steps(words, table, ranks, from + more * LANES);
-        cursor.finish(words)
+    let finish = |cursor: Cursor, words: &[u8], table: &PackedTable, ranks: &mut [u8]| {
+        cursor.finish_ranks(kernel, words, table, ranks, together * LANES)
     };
     [
         finish(a, words_a, table_a, ranks_a),
@@ -305,7 +292,7 @@ pub fn decode_merged16(block: Merged16Block<'_>) -> Result<usize, StreamError> {
         merge,
         &mut out[..2 * ranks.len()],
     );
-    cursor.finish_ranks(words, table, ranks, done * LANES)?;
+    cursor.finish_ranks(Kernel::selected(), words, table, ranks, done * LANES)?;
     Ok(done * LANES)
 }
 
@@ -344,7 +331,13 @@ pub fn decode_merged16_pair(blocks: [Merged16Block<'_>; 2]) -> [Result<usize, St
             &mut block.out[2 * from..2 * n],
         );
         let done = from + more * LANES;
-        cursor.finish_ranks(block.words, block.table, block.ranks, done)?;
+        cursor.finish_ranks(
+            Kernel::selected(),
+            block.words,
+            block.table,
+            block.ranks,
+            done,
+        )?;
         Ok(done)
     };
     let [ca, cb] = cursors;
@@ -438,17 +431,24 @@ impl Cursor {
         }
     }
 
-    /// Decodes the ranks of elements `from..ranks.len()` (the selected kernel's full steps, then
-    /// `packed_steps`), then runs the end checks.
+    /// Decodes the ranks of elements `from..ranks.len()` (`kernel`'s full steps, then `packed_steps`), then
+    /// runs the end checks.
     fn finish_ranks(
         mut self,
+        kernel: Kernel,
         words: &[u8],
         table: &PackedTable,
         ranks: &mut [u8],
         from: usize,
     ) -> Result<(), StreamError> {
-        let more =
-            super::simd::decode_steps(&mut self.x, &mut self.pos, words, table, &mut ranks[from..]);
+        let more = super::simd::decode_steps_with(
+            kernel,
+            &mut self.x,
+            &mut self.pos,
+            words,
+            table,
+            &mut ranks[from..],
+        );
         self.packed_steps(words, table, ranks, from + more * LANES);
         self.finish(words)
     }
