@@ -71,6 +71,12 @@ pub fn decode_steps(
     decode_steps_with(Kernel::selected(), x, pos, words, table, ranks)
 }
 
+/// Whether a packed table has an entry for every slot of its precision, which the kernels' gathers (indexed
+/// by the low state bits) need to stay inside it.
+fn has_every_slot(table: &PackedTable) -> bool {
+    table.entries.len() == 1 << table.prob_bits
+}
+
 /// `decode_steps` with a chosen kernel; one this CPU lacks runs no steps.
 pub fn decode_steps_with(
     kernel: Kernel,
@@ -80,7 +86,7 @@ pub fn decode_steps_with(
     table: &PackedTable,
     ranks: &mut [u8],
 ) -> usize {
-    if table.entries.len() != 1 << table.prob_bits || !Kernel::available().contains(&kernel) {
+    if !has_every_slot(table) || !Kernel::available().contains(&kernel) {
         return 0;
     }
     match kernel {
@@ -108,8 +114,7 @@ pub fn decode_steps_pair(
     tables: [&PackedTable; 2],
     ranks: [&mut [u8]; 2],
 ) -> usize {
-    let whole = |t: &PackedTable| t.entries.len() == 1 << t.prob_bits;
-    if !tables.iter().all(|t| whole(t)) || !Kernel::available().contains(&kernel) {
+    if !tables.iter().all(|t| has_every_slot(t)) || !Kernel::available().contains(&kernel) {
         return 0;
     }
     match kernel {
@@ -208,7 +213,7 @@ pub fn decode_merge16_steps(
     merge: Merge16<'_>,
     out: &mut [u8],
 ) -> usize {
-    if table.entries.len() != 1 << table.prob_bits || !Merge16::available() {
+    if !has_every_slot(table) || !Merge16::available() {
         return 0;
     }
     #[cfg(target_arch = "x86_64")]
@@ -231,8 +236,7 @@ pub fn decode_merge16_steps_pair(
     merges: [Merge16<'_>; 2],
     outs: [&mut [u8]; 2],
 ) -> usize {
-    let whole = |t: &PackedTable| t.entries.len() == 1 << t.prob_bits;
-    if !tables.iter().all(|t| whole(t)) || !Merge16::available() {
+    if !tables.iter().all(|t| has_every_slot(t)) || !Merge16::available() {
         return 0;
     }
     #[cfg(target_arch = "x86_64")]
