@@ -82,7 +82,7 @@ pub fn candidate_bits(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<Op
 
 fn is_free(t: &crate::source::SourceTensor, opts: &ConvertOptions) -> bool {
     t.shape.len() >= 2
-        && t.shape.iter().product::<u64>() > 0
+        && t.elements() > 0
         && FloatFormat::of(t.dtype).is_some()
         && opts.lossy.rules.lookup(&t.name).is_none()
 }
@@ -150,11 +150,7 @@ pub fn allocate(
             what: format!("target of {target_bits_per_weight} bits per weight"),
         });
     }
-    let elements: u64 = source
-        .tensors
-        .iter()
-        .map(|t| t.shape.iter().product::<u64>())
-        .sum();
+    let elements = source.elements();
     let budget = (target_bits_per_weight * elements as f64 / 8.0).floor() as u64;
     let free: Vec<usize> = (0..source.tensors.len())
         .filter(|&i| is_free(&source.tensors[i], opts))
@@ -265,7 +261,7 @@ pub fn allocate(
             let man_bits = FloatFormat::of(t.dtype).map_or(0, |f| f.man_bits);
             TensorChoice {
                 name: t.name.clone(),
-                elements: t.shape.iter().product(),
+                elements: t.elements(),
                 // K at or past the dtype's mantissa is that dtype's lossless run.
                 mantissa_bits: bits[c].filter(|&k| k < man_bits),
                 payload_bytes: payload(c, ti),

@@ -160,7 +160,7 @@ pub fn analyze(
     let mut tensors = Vec::new();
     let mut by_dtype: BTreeMap<Dtype, (u64, f64)> = BTreeMap::new();
     for (i, (t, e)) in source.tensors.iter().zip(&entries).enumerate() {
-        let n = t.shape.iter().product::<u64>();
+        let n = t.elements();
         if t.dtype.exponent_bits().is_some() {
             let d = by_dtype.entry(t.dtype).or_default();
             d.0 += n;
@@ -392,6 +392,7 @@ pub fn sweep(
         // The importance file against the tensors it names.
         crate::convert::check_settings(source, opts)?;
     }
+    let elements = source.elements();
     let mut points = Vec::new();
     let settings: Vec<Option<f64>> = bits.iter().map(|&k| Some(k)).chain([None]).collect();
     for k in settings {
@@ -456,11 +457,6 @@ pub fn sweep(
                 error: codebook_total.report(),
             }
         });
-        let elements: u64 = source
-            .tensors
-            .iter()
-            .map(|t| t.shape.iter().product::<u64>())
-            .sum();
         points.push(SweepPoint {
             mantissa_bits: k.filter(|_| !codebook_mode).map(|k| k as u32),
             codebook_bits: k.filter(|_| codebook_mode),

@@ -104,7 +104,7 @@ pub fn plan_tensor(
     opts: &ConvertOptions,
 ) -> TensorPlan {
     let data = source.data(t);
-    let elements = t.shape.iter().product::<u64>();
+    let elements = t.elements();
     let stored = || {
         let block_units = opts.stored_block_bytes.max(1);
         let blocks = (data.len() as u64).div_ceil(block_units as u64);

@@ -17,6 +17,13 @@ pub struct SourceTensor {
     pub end: u64,
 }
 
+impl SourceTensor {
+    /// Number of elements (1 for a scalar).
+    pub fn elements(&self) -> u64 {
+        self.shape.iter().product()
+    }
+}
+
 fn invalid(what: impl Into<String>) -> NzError {
     NzError::InvalidSafetensors { what: what.into() }
 }
@@ -92,6 +99,11 @@ impl SafetensorsFile {
 
     pub fn file_len(&self) -> u64 {
         self.bytes.len() as u64
+    }
+
+    /// Elements of every tensor together: the weights a bits-per-weight figure divides by.
+    pub fn elements(&self) -> u64 {
+        self.tensors.iter().map(SourceTensor::elements).sum()
     }
 }
 
