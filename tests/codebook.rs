@@ -574,18 +574,7 @@ fn cli_rejects_bad_codebook_flags_and_writes_nothing() {
         (&["--codebook-bits", "nan"], "between 2 and 8"),
         (&["--fixed-rate"], "--codebook-bits"),
     ];
-    for (flags, message) in cases {
-        neuzip()
-            .arg("convert")
-            .args(*flags)
-            .arg(&input)
-            .arg("-o")
-            .arg(&out)
-            .assert()
-            .failure()
-            .stderr(contains(*message));
-        assert!(!out.exists(), "{flags:?} left an output");
-    }
+    assert_convert_refused(&input, &out, cases);
 }
 
 #[test]

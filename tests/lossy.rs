@@ -377,18 +377,7 @@ fn cli_rejects_bad_lossy_flags_and_writes_nothing() {
         (&["--tensor-bits", "*=many"], "not a bit count"),
         (&["--norm-block", "64", "--no-norm"], "cannot be used with"),
     ];
-    for (flags, message) in cases {
-        neuzip()
-            .arg("convert")
-            .args(*flags)
-            .arg(&input)
-            .arg("-o")
-            .arg(&out)
-            .assert()
-            .failure()
-            .stderr(contains(*message));
-        assert!(!out.exists(), "{flags:?} left an output");
-    }
+    assert_convert_refused(&input, &out, cases);
 }
 
 #[test]

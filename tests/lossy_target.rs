@@ -7,7 +7,6 @@
 mod common;
 
 use assert_cmd::Command;
-use predicates::str::contains;
 
 use neuzip::convert::{convert_to_vec, ConvertOptions};
 use neuzip::format::Codec;
@@ -247,17 +246,5 @@ fn cli_reports_the_choice_and_refuses_bad_targets() {
         ),
     ];
     let refused = dir.path().join("refused.nzt");
-    for (flags, message) in bad {
-        Command::cargo_bin("neuzip")
-            .unwrap()
-            .arg("convert")
-            .args(*flags)
-            .arg(&input)
-            .arg("-o")
-            .arg(&refused)
-            .assert()
-            .failure()
-            .stderr(contains(*message));
-        assert!(!refused.exists(), "{flags:?} left an output");
-    }
+    assert_convert_refused(&input, &refused, bad);
 }

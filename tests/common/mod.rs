@@ -174,6 +174,24 @@ pub fn decode_everything(file: &NztFile) -> neuzip::Result<()> {
     Ok(())
 }
 
+/// Runs `neuzip convert FLAGS INPUT -o OUTPUT` for each `(flags, message)`: each must fail with `message` in
+/// its stderr and leave no output file.
+pub fn assert_convert_refused(input: &Path, output: &Path, cases: &[(&[&str], &str)]) {
+    for (flags, message) in cases {
+        assert_cmd::Command::cargo_bin("neuzip")
+            .unwrap()
+            .arg("convert")
+            .args(*flags)
+            .arg(input)
+            .arg("-o")
+            .arg(output)
+            .assert()
+            .failure()
+            .stderr(predicates::str::contains(*message));
+        assert!(!output.exists(), "{flags:?} left an output");
+    }
+}
+
 /// Every entry name in `dir`, hidden files included.
 pub fn dir_entries(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
