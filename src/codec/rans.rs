@@ -275,6 +275,14 @@ pub struct Merged16Block<'a> {
 /// them go to `ranks`, as `decode_ranks` writes them. Returns how many leading elements are already in `out`
 /// (a multiple of 32); the caller merges the rest. Accepts and rejects exactly what `decode_ranks` does.
 pub fn decode_merged16(block: Merged16Block<'_>) -> Result<usize, StreamError> {
+    decode_merged16_with(Kernel::selected(), block)
+}
+
+/// `decode_merged16` with a chosen kernel (one without a merge kernel on this CPU decodes ranks only).
+pub fn decode_merged16_with(
+    kernel: Kernel,
+    block: Merged16Block<'_>,
+) -> Result<usize, StreamError> {
     let Merged16Block {
         states,
         words,
@@ -285,6 +293,7 @@ pub fn decode_merged16(block: Merged16Block<'_>) -> Result<usize, StreamError> {
     } = block;
     let mut cursor = Cursor::start(states, words)?;
     let done = super::simd::decode_merge16_steps(
+        kernel,
         &mut cursor.x,
         &mut cursor.pos,
         words,
@@ -292,23 +301,37 @@ pub fn decode_merged16(block: Merged16Block<'_>) -> Result<usize, StreamError> {
         merge,
         &mut out[..2 * ranks.len()],
     );
-    cursor.finish_ranks(Kernel::selected(), words, table, ranks, done * LANES)?;
+    cursor.finish_ranks(kernel, words, table, ranks, done * LANES)?;
     Ok(done * LANES)
 }
 
 /// `decode_merged16` for two blocks, their full steps interleaved in one kernel so that each block's table
 /// lookups overlap the other's. Same results as two calls.
 pub fn decode_merged16_pair(blocks: [Merged16Block<'_>; 2]) -> [Result<usize, StreamError>; 2] {
+    decode_merged16_pair_with(Kernel::selected(), blocks)
+}
+
+/// `decode_merged16_pair` with a chosen kernel.
+pub fn decode_merged16_pair_with(
+    kernel: Kernel,
+    blocks: [Merged16Block<'_>; 2],
+) -> [Result<usize, StreamError>; 2] {
     let [a, b] = blocks;
     let mut cursors = match (
         Cursor::start(a.states, a.words),
         Cursor::start(b.states, b.words),
     ) {
         (Ok(ca), Ok(cb)) => [ca, cb],
-        _ => return [decode_merged16(a), decode_merged16(b)],
+        _ => {
+            return [
+                decode_merged16_with(kernel, a),
+                decode_merged16_with(kernel, b),
+            ]
+        }
     };
     let [ca, cb] = &mut cursors;
     let together = super::simd::decode_merge16_steps_pair(
+        kernel,
         [&mut ca.x, &mut cb.x],
         [&mut ca.pos, &mut cb.pos],
         [a.words, b.words],
@@ -323,6 +346,7 @@ pub fn decode_merged16_pair(blocks: [Merged16Block<'_>; 2]) -> [Result<usize, St
         let from = together * LANES;
         let n = block.ranks.len();
         let more = super::simd::decode_merge16_steps(
+            kernel,
             &mut cursor.x,
             &mut cursor.pos,
             block.words,
@@ -331,13 +355,7 @@ pub fn decode_merged16_pair(blocks: [Merged16Block<'_>; 2]) -> [Result<usize, St
             &mut block.out[2 * from..2 * n],
         );
         let done = from + more * LANES;
-        cursor.finish_ranks(
-            Kernel::selected(),
-            block.words,
-            block.table,
-            block.ranks,
-            done,
-        )?;
+        cursor.finish_ranks(kernel, block.words, block.table, block.ranks, done)?;
         Ok(done)
     };
     let [ca, cb] = cursors;
@@ -620,7 +638,7 @@ mod tests {
     fn merged16_matches_the_reference() {
         use crate::codec::bitpack;
         use crate::codec::freq::PackedTable;
-        use crate::codec::simd::Merge16;
+        use crate::codec::simd::{Kernel, Merge16};
         let mut seed = 11u64;
         for raw_width in 0..=8u32 {
             let bits = 10.min(16 - raw_width);
@@ -699,57 +717,65 @@ mod tests {
                         }
                     }
                 };
-                for a in &cases {
-                    let expected = expect(a);
-                    let (mut ranks, mut out) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
-                    let got = decode_merged16(Merged16Block {
-                        states: &a.0,
-                        words: &a.1,
-                        table: &packed,
-                        merge: merge_of(&symbols16, &a.2, raw_width),
-                        ranks: &mut ranks,
-                        out: &mut out,
-                    });
-                    let what = format!("raw width {raw_width}, n {n}");
-                    assert_eq!(
-                        got.as_ref().map(|_| ()),
-                        expected.as_ref().map(|_| ()),
-                        "{what}"
-                    );
-                    if let (Ok(done), Ok(expected)) = (got, &expected) {
-                        finish(done, &ranks, &a.2, &mut out);
-                        assert!(out == *expected, "{what}");
-                    }
-                    for b in &cases {
-                        let (mut ranks_a, mut out_a) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
-                        let (mut ranks_b, mut out_b) = (vec![0u8; b.3], vec![0u8; 2 * b.3]);
-                        let got = decode_merged16_pair([
+                for kernel in Kernel::available() {
+                    for a in &cases {
+                        let expected = expect(a);
+                        let (mut ranks, mut out) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
+                        let got = decode_merged16_with(
+                            kernel,
                             Merged16Block {
                                 states: &a.0,
                                 words: &a.1,
                                 table: &packed,
                                 merge: merge_of(&symbols16, &a.2, raw_width),
-                                ranks: &mut ranks_a,
-                                out: &mut out_a,
+                                ranks: &mut ranks,
+                                out: &mut out,
                             },
-                            Merged16Block {
-                                states: &b.0,
-                                words: &b.1,
-                                table: &packed,
-                                merge: merge_of(&symbols16, &b.2, raw_width),
-                                ranks: &mut ranks_b,
-                                out: &mut out_b,
-                            },
-                        ]);
-                        for (got, (case, ranks, out)) in got
-                            .into_iter()
-                            .zip([(a, &ranks_a, &mut out_a), (b, &ranks_b, &mut out_b)])
-                        {
-                            let expected = expect(case);
-                            assert_eq!(got.as_ref().map(|_| ()), expected.as_ref().map(|_| ()));
-                            if let (Ok(done), Ok(expected)) = (got, expected) {
-                                finish(done, ranks, &case.2, out);
-                                assert!(*out == expected, "pair, {what}");
+                        );
+                        let what = format!("{kernel:?}, raw width {raw_width}, n {n}");
+                        assert_eq!(
+                            got.as_ref().map(|_| ()),
+                            expected.as_ref().map(|_| ()),
+                            "{what}"
+                        );
+                        if let (Ok(done), Ok(expected)) = (got, &expected) {
+                            finish(done, &ranks, &a.2, &mut out);
+                            assert!(out == *expected, "{what}");
+                        }
+                        for b in &cases {
+                            let (mut ranks_a, mut out_a) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
+                            let (mut ranks_b, mut out_b) = (vec![0u8; b.3], vec![0u8; 2 * b.3]);
+                            let got = decode_merged16_pair_with(
+                                kernel,
+                                [
+                                    Merged16Block {
+                                        states: &a.0,
+                                        words: &a.1,
+                                        table: &packed,
+                                        merge: merge_of(&symbols16, &a.2, raw_width),
+                                        ranks: &mut ranks_a,
+                                        out: &mut out_a,
+                                    },
+                                    Merged16Block {
+                                        states: &b.0,
+                                        words: &b.1,
+                                        table: &packed,
+                                        merge: merge_of(&symbols16, &b.2, raw_width),
+                                        ranks: &mut ranks_b,
+                                        out: &mut out_b,
+                                    },
+                                ],
+                            );
+                            for (got, (case, ranks, out)) in got
+                                .into_iter()
+                                .zip([(a, &ranks_a, &mut out_a), (b, &ranks_b, &mut out_b)])
+                            {
+                                let expected = expect(case);
+                                assert_eq!(got.as_ref().map(|_| ()), expected.as_ref().map(|_| ()));
+                                if let (Ok(done), Ok(expected)) = (got, expected) {
+                                    finish(done, ranks, &case.2, out);
+                                    assert!(*out == expected, "pair, {what}");
+                                }
                             }
                         }
                     }

@@ -4,7 +4,8 @@
 //!    table entry is fetched with one gather, and the shared word stream is handed out with a compare mask, a
 //!    popcount and an expand (AVX-512) or a permute from a small index table (AVX2).
 //! 2. The merge of 2-byte elements (`merge16`): ranks become symbols through a 256-entry table held in
-//!    registers, and the raw low field is unpacked with a byte permute and per-lane shifts (AVX-512 VBMI).
+//!    registers (AVX-512 VBMI) or gathered from memory (AVX2), and the raw field is unpacked with a byte
+//!    permute and per-lane shifts (AVX-512) or a byte shuffle and a multiply (AVX2).
 //!
 //! A kernel only runs full 32-element steps, and only while 32 words remain after the current one, so every
 //! vector load stays inside the stream; the scalar reference finishes the block and does the end checks.
@@ -179,33 +180,48 @@ impl<'a> Merge16<'a> {
         Merge16 { raw, ..self }
     }
 
-    /// Whether the fused and bulk merge kernels can run on this CPU with the selected kernel.
-    fn available() -> bool {
+    /// Whether `kernel` has fused and bulk merge kernels on this CPU (AVX2, or AVX-512 with VBMI).
+    fn runs_on(kernel: Kernel) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if x86::has_avx512_vbmi() && Kernel::selected() == Kernel::Avx512 {
-            return true;
+        match kernel {
+            Kernel::Avx512 => return x86::has_avx512_vbmi(),
+            Kernel::Avx2 => return x86::has_avx2(),
+            Kernel::Scalar => {}
         }
+        let _ = kernel;
         false
     }
 }
 
 /// Elements of a 2-byte-element block merged so far by `merge16`, from `ranks` into `out` as `merge` says.
-/// It handles whole groups of 32 while 64 raw bytes can be loaded, and returns how many elements it wrote (a
-/// multiple of 32; 0 without AVX-512 VBMI).
+/// It handles whole groups of 32 while the raw field's loads stay inside it, and returns how many elements it
+/// wrote (a multiple of 32; 0 where the selected kernel has no merge kernel).
 pub fn merge16(ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if Merge16::available() {
-        // SAFETY: the CPU has the features (checked by `available`); the kernel bounds every access itself.
-        return unsafe { x86::merge16_avx512(ranks, merge, out) };
+    merge16_with(Kernel::selected(), ranks, merge, out)
+}
+
+/// `merge16` with a chosen kernel; one without a merge kernel on this CPU merges nothing.
+pub fn merge16_with(kernel: Kernel, ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
+    if !Merge16::runs_on(kernel) {
+        return 0;
     }
-    let _ = (ranks, merge, out);
-    0
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
+        Kernel::Avx512 => unsafe { x86::merge16_avx512(ranks, merge, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { x86::merge16_avx2(ranks, merge, out) },
+        _ => 0,
+    }
 }
 
 /// `decode_steps` for a 2-byte-element block that merges as it decodes: each full step writes its 32
 /// elements straight to `out` (64 bytes at `64 * step`) as `merge` says, so no ranks are stored. Runs while
-/// the output and the raw field hold the whole step too; returns the step count (0 without AVX-512 VBMI).
+/// the output and the raw field hold the whole step too; returns the step count (0 where `kernel` has no
+/// merge kernel on this CPU).
 pub fn decode_merge16_steps(
+    kernel: Kernel,
     x: &mut [u32; LANES],
     pos: &mut usize,
     words: &[u8],
@@ -213,22 +229,27 @@ pub fn decode_merge16_steps(
     merge: Merge16<'_>,
     out: &mut [u8],
 ) -> usize {
-    if !has_every_slot(table) || !Merge16::available() {
+    if !has_every_slot(table) || !Merge16::runs_on(kernel) {
         return 0;
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-    return unsafe { x86::avx512_merge16_steps(x, pos, words, table, merge, out) };
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, pos, words, merge, out);
-        0
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
+        Kernel::Avx512 => unsafe { x86::avx512_merge16_steps(x, pos, words, table, merge, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { x86::avx2_merge16_steps(x, pos, words, table, merge, out) },
+        _ => {
+            let _ = (x, pos, words, merge, out);
+            0
+        }
     }
 }
 
 /// `decode_merge16_steps` for two blocks, their steps interleaved as in `decode_steps_pair`; runs while both
-/// can take a full step and returns the common step count.
+/// can take a full step and returns the common step count (only AVX-512 has a two-stream merge kernel).
 pub fn decode_merge16_steps_pair(
+    kernel: Kernel,
     x: [&mut [u32; LANES]; 2],
     pos: [&mut usize; 2],
     words: [&[u8]; 2],
@@ -236,16 +257,19 @@ pub fn decode_merge16_steps_pair(
     merges: [Merge16<'_>; 2],
     outs: [&mut [u8]; 2],
 ) -> usize {
-    if !tables.iter().all(|t| has_every_slot(t)) || !Merge16::available() {
+    if !tables.iter().all(|t| has_every_slot(t)) || !Merge16::runs_on(kernel) {
         return 0;
     }
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-    return unsafe { x86::avx512_merge16_steps_pair(x, pos, words, tables, merges, outs) };
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (x, pos, words, merges, outs);
-        0
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
+        Kernel::Avx512 => unsafe {
+            x86::avx512_merge16_steps_pair(x, pos, words, tables, merges, outs)
+        },
+        _ => {
+            let _ = (x, pos, words, merges, outs);
+            0
+        }
     }
 }
 
@@ -776,6 +800,90 @@ mod x86 {
         table
     };
 
+    /// One packed table's constants for the AVX2 decode step of 8 lanes (a quarter of a step).
+    #[derive(Clone, Copy)]
+    struct Lanes256 {
+        mask: __m256i,
+        low12: __m256i,
+        one: __m256i,
+        zero: __m256i,
+        shift: __m128i,
+        entries: *const i32,
+    }
+
+    impl Lanes256 {
+        #[target_feature(enable = "avx2")]
+        fn new(table: &PackedTable) -> Lanes256 {
+            Lanes256 {
+                mask: _mm256_set1_epi32(((1u32 << table.prob_bits) - 1) as i32),
+                low12: _mm256_set1_epi32(0xfff),
+                one: _mm256_set1_epi32(1),
+                zero: _mm256_setzero_si256(),
+                shift: _mm_cvtsi32_si128(table.prob_bits as i32),
+                entries: table.entries.as_ptr() as *const i32,
+            }
+        }
+
+        /// The packed entries of 8 lanes' slots.
+        ///
+        /// # Safety
+        /// As `Lanes512::gather`.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn gather(&self, state: __m256i) -> __m256i {
+            _mm256_i32gather_epi32::<4>(self.entries, _mm256_and_si256(state, self.mask))
+        }
+
+        /// `Lanes512::advance` for 8 lanes, refilled from the 8 words at `words`.
+        ///
+        /// # Safety
+        /// 8 words (16 bytes) must be readable at `words`.
+        #[inline]
+        #[target_feature(enable = "avx2,popcnt")]
+        unsafe fn advance(&self, state: __m256i, e: __m256i, words: *const u8) -> (__m256i, usize) {
+            let freq = _mm256_add_epi32(
+                _mm256_and_si256(_mm256_srli_epi32::<12>(e), self.low12),
+                self.one,
+            );
+            let decoded = _mm256_add_epi32(
+                _mm256_mullo_epi32(freq, _mm256_srl_epi32(state, self.shift)),
+                _mm256_and_si256(e, self.low12),
+            );
+            let need_lanes = _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(decoded), self.zero);
+            let need = _mm256_movemask_ps(_mm256_castsi256_ps(need_lanes)) as usize;
+            let fresh = _mm256_cvtepu16_epi32(_mm_loadu_si128(words as *const _));
+            let index = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(EXPAND_INDEX[need] as i64));
+            let fresh = _mm256_permutevar8x32_epi32(fresh, index);
+            let refilled = _mm256_or_si256(_mm256_slli_epi32::<16>(decoded), fresh);
+            (
+                _mm256_blendv_epi8(decoded, refilled, need_lanes),
+                need.count_ones() as usize,
+            )
+        }
+    }
+
+    /// Loads 32 lane states as four 8-lane quarters.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn load_quarters(x: &[u32; LANES]) -> [__m256i; 4] {
+        std::array::from_fn(|k| _mm256_loadu_si256(x.as_ptr().add(8 * k) as *const _))
+    }
+
+    /// Stores four 8-lane quarters as 32 lane states.
+    ///
+    /// # Safety
+    /// The CPU must have AVX.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    unsafe fn store_quarters(x: &mut [u32; LANES], states: &[__m256i; 4]) {
+        for (k, s) in states.iter().enumerate() {
+            _mm256_storeu_si256(x.as_mut_ptr().add(8 * k) as *mut _, *s);
+        }
+    }
+
     /// # Safety
     /// The CPU must have AVX2 and POPCNT. Memory as for `avx512_steps`, with four 8-lane quarters each reading
     /// 8 words at `p`.
@@ -789,47 +897,25 @@ mod x86 {
     ) -> usize {
         let word_count = words.len() / 2;
         let steps = ranks.len() / LANES;
-        let mask = _mm256_set1_epi32(((1u32 << table.prob_bits) - 1) as i32);
-        let low12 = _mm256_set1_epi32(0xfff);
-        let one = _mm256_set1_epi32(1);
-        let zero = _mm256_setzero_si256();
-        let shift = _mm_cvtsi32_si128(table.prob_bits as i32);
-        let entries = table.entries.as_ptr() as *const i32;
+        let lanes = Lanes256::new(table);
         let word_ptr = words.as_ptr();
         let rank_ptr = ranks.as_mut_ptr();
-        let mut states = [_mm256_setzero_si256(); 4];
-        for (k, s) in states.iter_mut().enumerate() {
-            *s = _mm256_loadu_si256(x.as_ptr().add(8 * k) as *const _);
-        }
+        let mut states = load_quarters(x);
         let mut p = *pos;
         let mut step = 0;
+        // Ranks are the top bytes of the entries: byte 3 of every lane, in lane order.
+        let pick = _mm256_setr_epi8(
+            3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
+            3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+        );
         while step < steps && p + 32 <= word_count {
             let base = step * LANES;
-            let mut entry = [zero; 4];
-            for (e, state) in entry.iter_mut().zip(&states) {
-                *e = _mm256_i32gather_epi32::<4>(entries, _mm256_and_si256(*state, mask));
-            }
+            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather(states[k]));
             for (state, &e) in states.iter_mut().zip(&entry) {
-                let freq =
-                    _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32::<12>(e), low12), one);
-                let decoded = _mm256_add_epi32(
-                    _mm256_mullo_epi32(freq, _mm256_srl_epi32(*state, shift)),
-                    _mm256_and_si256(e, low12),
-                );
-                let need_lanes = _mm256_cmpeq_epi32(_mm256_srli_epi32::<16>(decoded), zero);
-                let need = _mm256_movemask_ps(_mm256_castsi256_ps(need_lanes)) as usize;
-                let fresh = _mm256_cvtepu16_epi32(_mm_loadu_si128(word_ptr.add(2 * p) as *const _));
-                let index = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(EXPAND_INDEX[need] as i64));
-                let fresh = _mm256_permutevar8x32_epi32(fresh, index);
-                let refilled = _mm256_or_si256(_mm256_slli_epi32::<16>(decoded), fresh);
-                *state = _mm256_blendv_epi8(decoded, refilled, need_lanes);
-                p += need.count_ones() as usize;
+                let used;
+                (*state, used) = lanes.advance(*state, e, word_ptr.add(2 * p));
+                p += used;
             }
-            // Ranks are the top bytes of the entries: gather byte 3 of every lane, in lane order.
-            let pick = _mm256_setr_epi8(
-                3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, //
-                3, 7, 11, 15, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
-            );
             let mut bytes = [0u8; 32];
             for (k, &e) in entry.iter().enumerate() {
                 let r = _mm256_shuffle_epi8(e, pick);
@@ -841,9 +927,179 @@ mod x86 {
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), rank_ptr.add(base), LANES);
             step += 1;
         }
-        for (k, s) in states.iter().enumerate() {
-            _mm256_storeu_si256(x.as_mut_ptr().add(8 * k) as *mut _, *s);
+        store_quarters(x, &states);
+        *pos = p;
+        step
+    }
+
+    /// A `Merge16` for the AVX2 kernels: the symbols widened to 32 bits for gathers by rank, and the raw
+    /// field's unpacking constants. Each group of 8 elements starts on a byte (8 * width bits), so one 16-byte
+    /// load, one byte shuffle and one multiply unpack it the same way for every group.
+    struct Merger256 {
+        symbols: [u32; 256],
+        raw: *const u8,
+        /// Raw bytes per group of 8 elements (the width), 0 without a raw field.
+        raw_step: usize,
+        byte_index: __m256i,
+        multiplier: __m256i,
+        field_mask: __m256i,
+        shift: __m128i,
+    }
+
+    impl Merger256 {
+        #[target_feature(enable = "avx2")]
+        fn new(merge: Merge16<'_>) -> Merger256 {
+            let (raw_bytes, width, shift) = merge.raw.unwrap_or((&[], 0, 0));
+            // Word lane i of a group takes the two bytes holding bits i*width.., moved up by 8 - (i*width) % 8
+            // so that a shift right by 8 brings the field down.
+            let mut byte_index = [0i8; 32];
+            let mut multiplier = [0i16; 16];
+            for i in 0..16 {
+                let bit = (i % 8) * width as usize;
+                byte_index[2 * i] = (bit / 8) as i8;
+                byte_index[2 * i + 1] = (bit / 8 + 1) as i8;
+                multiplier[i] = 1 << (8 - bit % 8);
+            }
+            // SAFETY: both arrays are 32 readable bytes.
+            let (byte_index, multiplier) = unsafe {
+                (
+                    _mm256_loadu_si256(byte_index.as_ptr() as *const _),
+                    _mm256_loadu_si256(multiplier.as_ptr() as *const _),
+                )
+            };
+            Merger256 {
+                symbols: std::array::from_fn(|k| merge.symbols[k] as u32),
+                raw: raw_bytes.as_ptr(),
+                raw_step: width as usize,
+                byte_index,
+                multiplier,
+                field_mask: _mm256_set1_epi16(((1u32 << width) - 1) as i16),
+                shift: _mm_cvtsi32_si128(shift as i32),
+            }
         }
+
+        /// Groups of 32 that `out` (64 bytes each) and the raw field (16-byte loads at `raw_step * (4g + k)`,
+        /// k < 4) hold.
+        fn groups(&self, merge: Merge16<'_>, out: &[u8]) -> usize {
+            let out_groups = out.len() / 64;
+            match merge.raw {
+                None => out_groups,
+                Some((bytes, _, _)) => {
+                    // The last load of group g starts at raw_step * (4g + 3).
+                    match (bytes.len().checked_sub(16)).map(|spare| spare / self.raw_step) {
+                        Some(last) if last >= 3 => out_groups.min((last - 3) / 4 + 1),
+                        _ => 0,
+                    }
+                }
+            }
+        }
+
+        /// The symbols of 8 elements whose entries (rank in the top byte) are `e`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn symbols_of_entries(&self, e: __m256i) -> __m256i {
+            _mm256_i32gather_epi32::<4>(
+                self.symbols.as_ptr() as *const i32,
+                _mm256_srli_epi32::<24>(e),
+            )
+        }
+
+        /// The symbols of the 8 elements whose ranks are the 8 bytes at `ranks`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2, and 8 bytes must be readable at `ranks`.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn symbols_of_ranks(&self, ranks: *const u8) -> __m256i {
+            let index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks as *const _));
+            _mm256_i32gather_epi32::<4>(self.symbols.as_ptr() as *const i32, index)
+        }
+
+        /// Stores the 32 elements of group `g` at `out`, from the symbols of its four groups of 8 (32-bit lanes).
+        ///
+        /// # Safety
+        /// `g < groups(..)` for the `Merge16` this was built from, and 64 bytes writable at `out`.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn merge(&self, g: usize, symbols: [__m256i; 4], out: *mut u8) {
+            // Narrow to 16 bits (symbols are below 2^16); the pack interleaves 128-bit halves, the permute
+            // puts them back in order.
+            let halves = [
+                _mm256_permute4x64_epi64::<0xd8>(_mm256_packus_epi32(symbols[0], symbols[1])),
+                _mm256_permute4x64_epi64::<0xd8>(_mm256_packus_epi32(symbols[2], symbols[3])),
+            ];
+            for (h, value) in halves.into_iter().enumerate() {
+                let value = if self.raw_step == 0 {
+                    value
+                } else {
+                    let first = self.raw.add(self.raw_step * (4 * g + 2 * h));
+                    let src = _mm256_loadu2_m128i(
+                        first.add(self.raw_step) as *const _,
+                        first as *const _,
+                    );
+                    let pairs = _mm256_shuffle_epi8(src, self.byte_index);
+                    let field = _mm256_and_si256(
+                        _mm256_srli_epi16::<8>(_mm256_mullo_epi16(pairs, self.multiplier)),
+                        self.field_mask,
+                    );
+                    _mm256_or_si256(value, _mm256_sll_epi16(field, self.shift))
+                };
+                _mm256_storeu_si256(out.add(32 * h) as *mut _, value);
+            }
+        }
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2. Memory: groups of 32 elements are handled while `32 * (g + 1) <= ranks.len()`
+    /// and `g < Merger256::groups` (output and raw loads in bounds); gathers index 256 symbols by a byte.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn merge16_avx2(ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
+        let merger = Merger256::new(merge);
+        let groups = (ranks.len() / 32).min(merger.groups(merge, out));
+        for g in 0..groups {
+            let at = ranks.as_ptr().add(32 * g);
+            let symbols = std::array::from_fn(|k| merger.symbols_of_ranks(at.add(8 * k)));
+            merger.merge(g, symbols, out.as_mut_ptr().add(64 * g));
+        }
+        groups * 32
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and POPCNT. Memory: as `avx2_steps` for the stream (a step starts only while
+    /// `p + 32 <= word_count`), and a step runs only while `step < Merger256::groups`.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) unsafe fn avx2_merge16_steps(
+        x: &mut [u32; LANES],
+        pos: &mut usize,
+        words: &[u8],
+        table: &PackedTable,
+        merge: Merge16<'_>,
+        out: &mut [u8],
+    ) -> usize {
+        let word_count = words.len() / 2;
+        let lanes = Lanes256::new(table);
+        let merger = Merger256::new(merge);
+        let steps = merger.groups(merge, out);
+        let word_ptr = words.as_ptr();
+        let out_ptr = out.as_mut_ptr();
+        let mut states = load_quarters(x);
+        let mut p = *pos;
+        let mut step = 0;
+        while step < steps && p + 32 <= word_count {
+            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather(states[k]));
+            for (state, &e) in states.iter_mut().zip(&entry) {
+                let used;
+                (*state, used) = lanes.advance(*state, e, word_ptr.add(2 * p));
+                p += used;
+            }
+            let symbols = std::array::from_fn(|k| merger.symbols_of_entries(entry[k]));
+            merger.merge(step, symbols, out_ptr.add(64 * step));
+            step += 1;
+        }
+        store_quarters(x, &states);
         *pos = p;
         step
     }
