@@ -138,6 +138,16 @@ pub fn encode_single_in(
     table: &EncodeTable,
     buffer: &mut Vec<u16>,
 ) -> ([u32; LANES], usize) {
+    encode_single_in_with(Kernel::selected(), symbols, table, buffer)
+}
+
+/// `encode_single_in` with a chosen kernel for the full steps.
+pub fn encode_single_in_with(
+    kernel: Kernel,
+    symbols: &[u16],
+    table: &EncodeTable,
+    buffer: &mut Vec<u16>,
+) -> ([u32; LANES], usize) {
     let n = symbols.len();
     let mut states = [STATE_LOWER; LANES];
     // One extra slot: every lane writes a word below `pos` whether or not it emits it.
@@ -146,7 +156,7 @@ pub fn encode_single_in(
     let mut pos = n + 1;
     let (full, last) = symbols.split_at(n - n % LANES);
     table.scalar_step(&mut states, last, buffer, &mut pos);
-    let done = super::simd::encode_steps(&mut states, full, table, buffer, &mut pos);
+    let done = super::simd::encode_steps_with(kernel, &mut states, full, table, buffer, &mut pos);
     for chunk in full[..full.len() - done * LANES].rchunks_exact(LANES) {
         table.scalar_step(&mut states, chunk, buffer, &mut pos);
     }
@@ -786,6 +796,7 @@ mod tests {
 
     #[test]
     fn encode_single_matches_encode() {
+        use crate::codec::simd::Kernel;
         for (n, bits, prob_bits) in [
             (0, 4, 4),
             (33, 6, 12),
@@ -805,6 +816,16 @@ mod tests {
                 reference,
                 "n={n} pb={prob_bits}"
             );
+            for kernel in Kernel::available() {
+                let mut buffer = Vec::new();
+                let (states, start) =
+                    encode_single_in_with(kernel, &symbols, &EncodeTable::new(&table), &mut buffer);
+                let got = Encoded {
+                    states,
+                    words: buffer[start..].to_vec(),
+                };
+                assert_eq!(got, reference, "{kernel:?} n={n} pb={prob_bits}");
+            }
         }
         // a one-symbol table: frequency 2^prob_bits, reciprocal 2^63
         let table = FreqTable::from_counts(&[0, 5, 0, 0], 2, 10).unwrap();

@@ -126,8 +126,9 @@ pub fn decode_steps_pair(
     }
 }
 
-/// Encodes the last full steps of `symbols` (a multiple of 32 long) backwards with AVX-512 when the CPU has it,
-/// writing words below `pos` in `buffer` as `rans::encode_single` does; returns the steps done (from the end).
+/// Encodes the last full steps of `symbols` (a multiple of 32 long) backwards with the selected kernel (AVX2 or
+/// AVX-512), writing words below `pos` in `buffer` as `rans::encode_single` does; returns the steps done (from
+/// the end).
 pub fn encode_steps(
     x: &mut [u32; LANES],
     symbols: &[u16],
@@ -135,16 +136,35 @@ pub fn encode_steps(
     buffer: &mut [u16],
     pos: &mut usize,
 ) -> usize {
-    #[cfg(target_arch = "x86_64")]
-    if x86::has_avx512_vbmi()
-        && Kernel::selected() == Kernel::Avx512
-        && table.freq_cum.len().is_power_of_two()
-    {
-        // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
-        return unsafe { x86::encode_avx512(x, symbols, table, buffer, pos) };
+    encode_steps_with(Kernel::selected(), x, symbols, table, buffer, pos)
+}
+
+/// `encode_steps` with a chosen kernel; one this CPU lacks (or the scalar one) encodes no steps.
+pub fn encode_steps_with(
+    kernel: Kernel,
+    x: &mut [u32; LANES],
+    symbols: &[u16],
+    table: &super::rans::EncodeTable,
+    buffer: &mut [u16],
+    pos: &mut usize,
+) -> usize {
+    if !table.freq_cum.len().is_power_of_two() || !Kernel::available().contains(&kernel) {
+        return 0;
     }
-    let _ = (x, symbols, table, buffer, pos);
-    0
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
+        Kernel::Avx512 if x86::has_avx512_vbmi() => unsafe {
+            x86::encode_avx512(x, symbols, table, buffer, pos)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { x86::encode_avx2(x, symbols, table, buffer, pos) },
+        _ => {
+            let _ = (x, symbols, table, buffer, pos);
+            0
+        }
+    }
 }
 
 /// Packs the `width`-bit field at `shift` (width at most 8, inside the element) of the `W`-byte little-endian
@@ -1102,5 +1122,115 @@ mod x86 {
         store_quarters(x, &states);
         *pos = p;
         step
+    }
+
+    /// For each 8-bit emit mask, the source lane of each output lane when the emitting lanes are packed, in
+    /// lane order, at the top: output lane `8 - c + i` (c emitting lanes) takes the i-th emitting lane, and the
+    /// lanes below take lane 0 (they land below the stream and are overwritten or cut off).
+    static COMPRESS_TOP_INDEX: [u64; 256] = {
+        let mut table = [0u64; 256];
+        let mut m = 0;
+        while m < 256 {
+            let count = (m as u32).count_ones() as usize;
+            let mut entry = 0u64;
+            let (mut lane, mut i) = (0, 0);
+            while lane < 8 {
+                if m & (1 << lane) != 0 {
+                    entry |= (lane as u64) << (8 * (8 - count + i));
+                    i += 1;
+                }
+                lane += 1;
+            }
+            table[m] = entry;
+            m += 1;
+        }
+        table
+    };
+
+    /// The 8 unsigned 32-bit lanes of `v` plus one half, as two vectors of 4 doubles (exact: below 2^33).
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn plus_half_pd(v: __m256i) -> [__m256d; 2] {
+        // Flipping the top bit makes the signed conversion give v - 2^31; adding 2^31 + 0.5 restores it.
+        let flipped = _mm256_xor_si256(v, _mm256_set1_epi32(i32::MIN));
+        let offset = _mm256_set1_pd(2147483648.5);
+        [
+            _mm256_add_pd(_mm256_cvtepi32_pd(_mm256_castsi256_si128(flipped)), offset),
+            _mm256_add_pd(
+                _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(flipped)),
+                offset,
+            ),
+        ]
+    }
+
+    /// # Safety
+    /// The CPU must have AVX2 and POPCNT. Memory: symbols are masked to the table length (a power of two)
+    /// before the gathers; each group of 8 lanes stores 8 words ending at `pos` (the emitted ones on top), and
+    /// `pos` stays at least the number of symbols left (one word per symbol at most), so at least 8 when a
+    /// group starts: every store stays inside `buffer`.
+    #[target_feature(enable = "avx2,popcnt")]
+    pub(super) unsafe fn encode_avx2(
+        x: &mut [u32; LANES],
+        symbols: &[u16],
+        table: &super::super::rans::EncodeTable,
+        buffer: &mut [u16],
+        pos: &mut usize,
+    ) -> usize {
+        let steps = symbols.len() / LANES;
+        if *pos < symbols.len() || buffer.len() < *pos {
+            return 0;
+        }
+        let pb = table.prob_bits;
+        let symbol_mask = _mm256_set1_epi32((table.freq_cum.len() - 1) as i32);
+        let low16 = _mm256_set1_epi32(0xffff);
+        let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
+        let pb_shift = _mm_cvtsi32_si128(pb as i32);
+        let freq_cum = table.freq_cum.as_ptr() as *const i32;
+        let inverse = table.inverse.as_ptr();
+        let mut states = load_quarters(x);
+        let mut p = *pos;
+        for step in (0..steps).rev() {
+            for q in (0..4).rev() {
+                let base = step * LANES + 8 * q;
+                let sym =
+                    _mm256_cvtepu16_epi32(_mm_loadu_si128(symbols.as_ptr().add(base) as *const _));
+                let sym = _mm256_and_si256(sym, symbol_mask);
+                let fc = _mm256_i32gather_epi32::<4>(freq_cum, sym);
+                let inv = [
+                    _mm256_i32gather_pd::<8>(inverse, _mm256_castsi256_si128(sym)),
+                    _mm256_i32gather_pd::<8>(inverse, _mm256_extracti128_si256::<1>(sym)),
+                ];
+                let freq = _mm256_srli_epi32::<16>(fc);
+                let cum = _mm256_and_si256(fc, low16);
+                let state = states[q];
+                // Emit where state >> (32 - pb) >= freq (both below 2^16, so a signed compare is right).
+                let keep = _mm256_cmpgt_epi32(freq, _mm256_srl_epi32(state, top_shift));
+                let emit = !_mm256_movemask_ps(_mm256_castsi256_ps(keep)) as usize & 0xff;
+                let count = emit.count_ones() as usize;
+                let index =
+                    _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(COMPRESS_TOP_INDEX[emit] as i64));
+                let words = _mm256_and_si256(_mm256_permutevar8x32_epi32(state, index), low16);
+                let words = _mm256_permute4x64_epi64::<0xd8>(_mm256_packus_epi32(words, words));
+                _mm_storeu_si128(
+                    buffer.as_mut_ptr().add(p - 8) as *mut _,
+                    _mm256_castsi256_si128(words),
+                );
+                p -= count;
+                let state = _mm256_blendv_epi8(_mm256_srli_epi32::<16>(state), state, keep);
+                let plus_half = plus_half_pd(state);
+                let quotient = _mm256_set_m128i(
+                    _mm256_cvttpd_epi32(_mm256_mul_pd(plus_half[1], inv[1])),
+                    _mm256_cvttpd_epi32(_mm256_mul_pd(plus_half[0], inv[0])),
+                );
+                let rest = _mm256_sub_epi32(state, _mm256_mullo_epi32(quotient, freq));
+                states[q] = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_sll_epi32(quotient, pb_shift), rest),
+                    cum,
+                );
+            }
+        }
+        store_quarters(x, &states);
+        *pos = p;
+        steps
     }
 }
