@@ -11,7 +11,7 @@
 use neuzip::codec::freq::{histogram, FreqTable, PackedTable};
 use neuzip::codec::rans::{self, FieldSymbols};
 use neuzip::codec::simd::Kernel;
-use neuzip::codec::split::{encode_block, plan, FieldStats, SplitDecoder};
+use neuzip::codec::split::{block_field_counts, encode_block, plan, FieldStats, SplitDecoder};
 use neuzip::dtype::Dtype;
 use std::hint::black_box;
 use std::time::Instant;
@@ -211,6 +211,12 @@ fn main() {
         }
     });
     println!("split encode_block      {gbps:8.3} GB/s");
+    let gbps = median_gbps(data.len(), runs, || {
+        for b in &blocks {
+            black_box(block_field_counts(&params.fields, Dtype::BF16, b));
+        }
+    });
+    println!("block_field_counts (each block, every field) {gbps:8.3} GB/s");
     if let Ok(nzt_path) = std::env::var("NEUZIP_BENCH_NZT") {
         let file = neuzip::NztFile::open(std::path::Path::new(&nzt_path)).expect("open .nzt");
         let total: usize = file.tensors().iter().map(|t| t.byte_len() as usize).sum();
