@@ -432,14 +432,67 @@ pub struct DecodeTable {
 }
 
 /// A decode table packed into one `u32` per slot, so a SIMD decoder needs one gather per symbol:
-/// `rank << 24 | (freq - 1) << 12 | (slot - cum)`, where `rank` indexes `alphabet`, the symbols that occur in
-/// ascending order. It exists for tables of at most 12 probability bits and 256 symbols, which covers the
-/// tables the encoder writes for real weights.
+/// `rank << 24 | (freq - 1) << 12 | (slot - cum)`, where `rank` indexes `alphabet`. It exists for tables of
+/// at most 12 probability bits and 256 symbols, which covers the tables the encoder writes for real weights.
+/// Ranks are laid out in `windows` when the symbols that occur allow it, else they are the symbols' places
+/// in ascending order. (Ranks are the decoder's own choice: the file holds only the frequencies.)
 #[derive(Clone, Debug)]
 pub struct PackedTable {
     pub prob_bits: u32,
     pub entries: Vec<u32>,
+    /// The symbol of each rank (0 for a rank no symbol has).
     pub alphabet: Vec<u16>,
+    pub windows: Option<RankWindows>,
+}
+
+/// Ranks laid out in windows of `2^size_bits` consecutive symbols: the k-th window starts at the smallest
+/// symbol above the windows before it, and a symbol `s` in it has rank `k * 2^size_bits + (s - start_k)`.
+/// A rank `r` then becomes its symbol by one addition, `r + bases[r >> size_bits]` (wrapping), which SIMD
+/// decoders do with a register permute instead of a table gather. At most 8 windows, of 32 to 128 symbols.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RankWindows {
+    pub size_bits: u32,
+    /// `start_k - k * 2^size_bits` (wrapping) for window k; unused windows hold 0.
+    pub bases: [u32; 8],
+    /// Windows in use.
+    pub count: usize,
+}
+
+impl RankWindows {
+    /// Windows covering the ascending `used` symbols, of the largest size that needs at most `256 / size`
+    /// of them, if any.
+    fn cover(used: &[u16]) -> Option<RankWindows> {
+        (5..=7).rev().find_map(|size_bits| {
+            let size = 1u32 << size_bits;
+            let mut starts: Vec<u32> = Vec::new();
+            for &s in used {
+                if starts.last().is_none_or(|&start| s as u32 >= start + size) {
+                    starts.push(s as u32);
+                }
+            }
+            (starts.len() <= (256 >> size_bits) as usize).then(|| {
+                let mut bases = [0u32; 8];
+                for (k, &start) in starts.iter().enumerate() {
+                    bases[k] = start.wrapping_sub((k as u32) << size_bits);
+                }
+                RankWindows {
+                    size_bits,
+                    bases,
+                    count: starts.len(),
+                }
+            })
+        })
+    }
+
+    /// The rank of `symbol`, one of the symbols the windows were built from.
+    fn rank_of(&self, symbol: u16) -> u32 {
+        let size = 1u32 << self.size_bits;
+        (0..self.count as u32)
+            .map(|k| (k, self.bases[k as usize].wrapping_add(k << self.size_bits)))
+            .find(|&(_, start)| symbol as u32 >= start && (symbol as u32) < start + size)
+            .map(|(k, start)| (k << self.size_bits) + symbol as u32 - start)
+            .expect("a covered symbol")
+    }
 }
 
 /// Most probability bits a packed table can have.
@@ -452,20 +505,33 @@ impl PackedTable {
         if table.prob_bits > PACKED_MAX_PROB_BITS {
             return None;
         }
+        let used: Vec<(u16, u32)> = table
+            .freqs
+            .iter()
+            .enumerate()
+            .filter(|(_, &f)| f > 0)
+            .map(|(s, &f)| (s as u16, f))
+            .collect();
+        if used.len() > PACKED_MAX_SYMBOLS {
+            return None;
+        }
+        let symbols: Vec<u16> = used.iter().map(|&(s, _)| s).collect();
+        let windows = RankWindows::cover(&symbols);
+        let ranks: Vec<u32> = match &windows {
+            Some(w) => symbols.iter().map(|&s| w.rank_of(s)).collect(),
+            None => (0..symbols.len() as u32).collect(),
+        };
+        let mut alphabet = vec![0u16; ranks.last().map_or(0, |&r| r as usize + 1)];
         let mut entries = Vec::with_capacity(1 << table.prob_bits);
-        let mut alphabet = Vec::new();
-        for (s, &f) in table.freqs.iter().enumerate().filter(|(_, &f)| f > 0) {
-            if alphabet.len() == PACKED_MAX_SYMBOLS {
-                return None;
-            }
-            let rank = alphabet.len() as u32;
-            alphabet.push(s as u16);
+        for (&(s, f), &rank) in used.iter().zip(&ranks) {
+            alphabet[rank as usize] = s;
             entries.extend((0..f).map(|bias| rank << 24 | (f - 1) << 12 | bias));
         }
         Some(PackedTable {
             prob_bits: table.prob_bits,
             entries,
             alphabet,
+            windows,
         })
     }
 }
@@ -492,6 +558,62 @@ impl DecodeTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every symbol of a packed table is found again from its rank, through the alphabet and, where the
+    /// ranks are in windows, through the windows' one addition; alphabets the windows cannot cover keep
+    /// ascending ranks.
+    #[test]
+    fn packed_ranks_map_back_to_their_symbols() {
+        let mut seed = 5u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut windowed = 0;
+        for case in 0..300 {
+            let bits = 4 + (case % 9) as u32;
+            let mut counts = vec![0u64; 1 << bits];
+            // Clusters of symbols (like the exponents of weights of both signs), sometimes scattered ones.
+            for _ in 0..1 + next() % 4 {
+                let centre = (next() % (1 << bits)) as usize;
+                let spread = 1 + (next() % 80) as usize;
+                for _ in 0..200 {
+                    let s = centre + (next() as usize % spread);
+                    counts[s.min((1 << bits) - 1)] += 1;
+                }
+            }
+            let Some(table) = FreqTable::from_counts(&counts, bits, 12) else {
+                continue;
+            };
+            let Some(packed) = PackedTable::new(&table) else {
+                continue;
+            };
+            windowed += packed.windows.is_some() as u32;
+            let mut seen = vec![false; packed.alphabet.len()];
+            for e in &packed.entries {
+                let rank = e >> 24;
+                let symbol = packed.alphabet[rank as usize];
+                assert!(table.freqs[symbol as usize] > 0, "case {case}");
+                seen[rank as usize] = true;
+                if let Some(w) = &packed.windows {
+                    let from_windows = rank.wrapping_add(w.bases[(rank >> w.size_bits) as usize]);
+                    assert_eq!(from_windows, symbol as u32, "case {case}");
+                }
+            }
+            let used = table.freqs.iter().filter(|&&f| f > 0).count();
+            assert_eq!(seen.iter().filter(|&&s| s).count(), used, "case {case}");
+            if packed.windows.is_none() {
+                assert_eq!(packed.alphabet.len(), used, "case {case}");
+                assert!(
+                    packed.alphabet.windows(2).all(|p| p[0] < p[1]),
+                    "case {case}"
+                );
+            }
+        }
+        assert!(windowed > 50, "only {windowed} alphabets in windows");
+    }
 
     #[test]
     fn serialized_len_counts_what_write_writes() {

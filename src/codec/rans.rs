@@ -648,7 +648,7 @@ mod tests {
     fn merged16_matches_the_reference() {
         use crate::codec::bitpack;
         use crate::codec::freq::PackedTable;
-        use crate::codec::simd::{Kernel, Merge16};
+        use crate::codec::simd::{Kernel, Merge16, ShiftedWindows};
         let mut seed = 11u64;
         for raw_width in 0..=8u32 {
             let bits = 10.min(16 - raw_width);
@@ -706,10 +706,16 @@ mod tests {
                             .collect::<Vec<u8>>()
                     })
                 };
-                fn merge_of<'a>(symbols: &'a [u16; 256], raw: &'a [u8], width: u32) -> Merge16<'a> {
+                fn merge_of<'a>(
+                    symbols: &'a [u16; 256],
+                    raw: &'a [u8],
+                    width: u32,
+                    windows: Option<ShiftedWindows>,
+                ) -> Merge16<'a> {
                     Merge16 {
                         symbols,
                         raw: (width > 0).then_some((raw, width, 0)),
+                        windows,
                     }
                 }
                 // Elements the kernel left to the caller, merged from their ranks.
@@ -727,7 +733,12 @@ mod tests {
                         }
                     }
                 };
-                for kernel in Kernel::available() {
+                // Windows in use when the table has them, and the gathered symbols of the same ranks.
+                let shifted = packed.windows.map(|w| ShiftedWindows::new(&w, raw_width));
+                for (kernel, windows) in Kernel::available()
+                    .into_iter()
+                    .flat_map(|k| [(k, shifted), (k, None)])
+                {
                     for a in &cases {
                         let expected = expect(a);
                         let (mut ranks, mut out) = (vec![0u8; a.3], vec![0u8; 2 * a.3]);
@@ -737,12 +748,14 @@ mod tests {
                                 states: &a.0,
                                 words: &a.1,
                                 table: &packed,
-                                merge: merge_of(&symbols16, &a.2, raw_width),
+                                merge: merge_of(&symbols16, &a.2, raw_width, windows),
                                 ranks: &mut ranks,
                                 out: &mut out,
                             },
                         );
-                        let what = format!("{kernel:?}, raw width {raw_width}, n {n}");
+                        let what = format!(
+                            "{kernel:?}, windows {windows:?}, raw width {raw_width}, n {n}"
+                        );
                         assert_eq!(
                             got.as_ref().map(|_| ()),
                             expected.as_ref().map(|_| ()),
@@ -762,7 +775,7 @@ mod tests {
                                         states: &a.0,
                                         words: &a.1,
                                         table: &packed,
-                                        merge: merge_of(&symbols16, &a.2, raw_width),
+                                        merge: merge_of(&symbols16, &a.2, raw_width, windows),
                                         ranks: &mut ranks_a,
                                         out: &mut out_a,
                                     },
@@ -770,7 +783,7 @@ mod tests {
                                         states: &b.0,
                                         words: &b.1,
                                         table: &packed,
-                                        merge: merge_of(&symbols16, &b.2, raw_width),
+                                        merge: merge_of(&symbols16, &b.2, raw_width, windows),
                                         ranks: &mut ranks_b,
                                         out: &mut out_b,
                                     },

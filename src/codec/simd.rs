@@ -188,6 +188,27 @@ pub fn pack_groups<const W: usize>(block: &[u8], shift: u32, width: u32, out: &m
 pub struct Merge16<'a> {
     pub symbols: &'a [u16; 256],
     pub raw: Option<(&'a [u8], u32, u32)>,
+    /// The ranks' windows, when the table has them: AVX2 then computes symbols instead of gathering them.
+    pub windows: Option<ShiftedWindows>,
+}
+
+/// A packed table's `RankWindows` with the bases shifted into place as `Merge16::symbols` are: a rank `r`'s
+/// symbol in place is `(r << shift) + bases[r >> size_bits]` (wrapping).
+#[derive(Clone, Copy, Debug)]
+pub struct ShiftedWindows {
+    pub size_bits: u32,
+    pub shift: u32,
+    pub bases: [u32; 8],
+}
+
+impl ShiftedWindows {
+    pub fn new(windows: &super::freq::RankWindows, shift: u32) -> ShiftedWindows {
+        ShiftedWindows {
+            size_bits: windows.size_bits,
+            shift,
+            bases: windows.bases.map(|b| b.wrapping_shl(shift)),
+        }
+    }
 }
 
 impl<'a> Merge16<'a> {
@@ -957,6 +978,8 @@ mod x86 {
     /// load, one byte shuffle and one multiply unpack it the same way for every group.
     struct Merger256 {
         symbols: [u32; 256],
+        /// With rank windows: the shifted bases, the shift from a rank to its window and the symbols' shift.
+        windows: Option<(__m256i, __m128i, __m128i)>,
         raw: *const u8,
         /// Raw bytes per group of 8 elements (the width), 0 without a raw field.
         raw_step: usize,
@@ -987,8 +1010,18 @@ mod x86 {
                     _mm256_loadu_si256(multiplier.as_ptr() as *const _),
                 )
             };
+            let windows = merge.windows.map(|w| {
+                // SAFETY: `bases` is 32 readable bytes.
+                let bases = unsafe { _mm256_loadu_si256(w.bases.as_ptr() as *const _) };
+                (
+                    bases,
+                    _mm_cvtsi32_si128(w.size_bits as i32),
+                    _mm_cvtsi32_si128(w.shift as i32),
+                )
+            });
             Merger256 {
                 symbols: std::array::from_fn(|k| merge.symbols[k] as u32),
+                windows,
                 raw: raw_bytes.as_ptr(),
                 raw_step: width as usize,
                 byte_index,
@@ -1021,10 +1054,23 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn symbols_of_entries(&self, e: __m256i) -> __m256i {
-            _mm256_i32gather_epi32::<4>(
-                self.symbols.as_ptr() as *const i32,
-                _mm256_srli_epi32::<24>(e),
-            )
+            self.symbols_of(_mm256_srli_epi32::<24>(e))
+        }
+
+        /// The symbols of 8 ranks (32-bit lanes, below 256): computed through the windows, or gathered.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn symbols_of(&self, ranks: __m256i) -> __m256i {
+            match self.windows {
+                Some((bases, size_bits, shift)) => _mm256_add_epi32(
+                    _mm256_sll_epi32(ranks, shift),
+                    _mm256_permutevar8x32_epi32(bases, _mm256_srl_epi32(ranks, size_bits)),
+                ),
+                None => _mm256_i32gather_epi32::<4>(self.symbols.as_ptr() as *const i32, ranks),
+            }
         }
 
         /// The symbols of the 8 elements whose ranks are the 8 bytes at `ranks`.
@@ -1034,8 +1080,7 @@ mod x86 {
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn symbols_of_ranks(&self, ranks: *const u8) -> __m256i {
-            let index = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks as *const _));
-            _mm256_i32gather_epi32::<4>(self.symbols.as_ptr() as *const i32, index)
+            self.symbols_of(_mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks as *const _)))
         }
 
         /// Stores the 32 elements of group `g` at `out`, from the symbols of its four groups of 8 (32-bit lanes).

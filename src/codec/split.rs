@@ -526,7 +526,7 @@ impl SplitDecoder {
                         states: &states,
                         words,
                         table: packed,
-                        merge: self.merge16(&symbols, n, raw),
+                        merge: self.merge16(packed, &symbols, n, raw),
                         ranks: &mut *ranks,
                         out: &mut *out,
                     })?,
@@ -642,8 +642,8 @@ impl SplitDecoder {
         done: usize,
     ) {
         match self.width {
-            2 => self.merge::<2>(ranks, &packed.alphabet, raw, out, done),
-            _ => self.merge::<4>(ranks, &packed.alphabet, raw, out, done),
+            2 => self.merge::<2>(ranks, packed, raw, out, done),
+            _ => self.merge::<4>(ranks, packed, raw, out, done),
         }
     }
 
@@ -688,12 +688,26 @@ impl SplitDecoder {
 
     /// The `simd::Merge16` of a block of `n` elements whose raw part is `raw` (a layout `merge16_symbols`
     /// accepts).
-    fn merge16<'p>(&self, symbols: &'p [u16; 256], n: usize, raw: &'p [u8]) -> Merge16<'p> {
+    fn merge16<'p>(
+        &self,
+        packed: &PackedTable,
+        symbols: &'p [u16; 256],
+        n: usize,
+        raw: &'p [u8],
+    ) -> Merge16<'p> {
         let raw = self
             .raw_fields(n, raw)
             .first()
             .map(|f| (f.bytes, f.width, f.shift));
-        Merge16 { symbols, raw }
+        let coded_shift = self.coded_shifts().next().expect("one coded field");
+        let windows = packed
+            .windows
+            .map(|w| super::simd::ShiftedWindows::new(&w, coded_shift));
+        Merge16 {
+            symbols,
+            raw,
+            windows,
+        }
     }
 
     /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each) after the first
@@ -701,11 +715,12 @@ impl SplitDecoder {
     fn merge<const W: usize>(
         &self,
         ranks: &[u8],
-        alphabet: &[u16],
+        packed: &PackedTable,
         raw: &[u8],
         out: &mut [u8],
         done: usize,
     ) {
+        let alphabet = &packed.alphabet;
         let mut raw_fields = self.raw_fields(ranks.len(), raw);
         let symbols = self.coded_symbols(alphabet);
         let mut first_group = done / 8;
@@ -718,7 +733,7 @@ impl SplitDecoder {
         if let Some(symbols16) = self.merge16_symbols(alphabet) {
             // The kernel's groups are of 32 elements; `done` is a whole number of them.
             let merge = self
-                .merge16(&symbols16, ranks.len(), raw)
+                .merge16(packed, &symbols16, ranks.len(), raw)
                 .advanced(done / 32);
             let more = super::simd::merge16(&ranks[done..], merge, &mut out[2 * done..]) / 8;
             skip(&mut raw_fields, more);
@@ -777,7 +792,7 @@ pub fn decode_pair(
                     states: states_a,
                     words: words_a,
                     table: packed_a,
-                    merge: dec_a.merge16(symbols_a, n[0], raw[0]),
+                    merge: dec_a.merge16(packed_a, symbols_a, n[0], raw[0]),
                     ranks: &mut *ranks_a,
                     out: &mut *out_a,
                 },
@@ -785,7 +800,7 @@ pub fn decode_pair(
                     states: states_b,
                     words: words_b,
                     table: packed_b,
-                    merge: dec_b.merge16(symbols_b, n[1], raw[1]),
+                    merge: dec_b.merge16(packed_b, symbols_b, n[1], raw[1]),
                     ranks: &mut *ranks_b,
                     out: &mut *out_b,
                 },
