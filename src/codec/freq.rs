@@ -184,12 +184,11 @@ impl UsedCounts {
         if self.total == 0 || self.used.len() as u64 > target {
             return false;
         }
-        let total = self.total as u128;
         freqs.clear();
         freqs.extend(
             self.used
                 .iter()
-                .map(|&(_, c)| ((c as u128 * target as u128 / total) as u64).max(1) as u32),
+                .map(|&(_, c)| share_of(c, target, self.total).max(1) as u32),
         );
         let sum: u64 = freqs.iter().map(|&f| f as u64).sum();
         // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
@@ -260,13 +259,13 @@ impl UsedCounts {
     /// and never takes one below 1.
     pub fn serialized_len_floor(&self, prob_bits: Option<u32>) -> usize {
         let target = prob_bits.map_or(0, |p| 1u64 << p);
-        let total = self.total.max(1) as u128;
+        let total = self.total.max(1);
         // Bits with every frequency at 1, and with every frequency at its rounded-down share (at least 1).
         let (mut ones, mut shares, mut share_sum) = (0, 0, 0u64);
         let mut next = 0u32;
         for &(s, c) in &self.used {
             let delta = gamma_bits(s - next + 1);
-            let share = ((c as u128 * target as u128 / total) as u64).max(1);
+            let share = share_of(c, target, total).max(1);
             ones += delta + 1;
             shares += delta + gamma_bits(share.min(u32::MAX as u64) as u32);
             share_sum += share;
@@ -292,6 +291,14 @@ impl UsedCounts {
             out[s as usize] = f;
         }
         out
+    }
+}
+
+/// `count * target / total` rounded down, in 64 bits when the product fits (the usual case) and 128 otherwise.
+fn share_of(count: u64, target: u64, total: u64) -> u64 {
+    match count.checked_mul(target) {
+        Some(product) => product / total,
+        None => (count as u128 * target as u128 / total as u128) as u64,
     }
 }
 

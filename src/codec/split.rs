@@ -1027,6 +1027,48 @@ impl FieldStats {
         self.candidate_fields_of(hi, &self.occurring())
     }
 
+    /// `candidate_fields(hi)` for every `hi` in `1..=min(top_bits, MAX_SYMBOL_BITS)`, in that order: the
+    /// widest top and middle fields are counted from the occurring values once, and the others are folded from
+    /// them (a top field of `hi` bits sums pairs of the one of `hi + 1`; a middle field drops its top bit).
+    fn all_candidate_fields(&self) -> Vec<Vec<(u32, Vec<u64>)>> {
+        let occurring = self.occurring();
+        let widest = self.top_bits.min(MAX_SYMBOL_BITS);
+        let mut tops = vec![self.top_field(widest, &occurring)];
+        while tops.len() < widest as usize {
+            let wider = tops.last().expect("one top field");
+            tops.push(wider.chunks_exact(2).map(|p| p[0] + p[1]).collect());
+        }
+        tops.reverse(); // tops[hi - 1] is the top field of hi bits
+                        // The middle field of the smallest `hi` that leaves it codable, then narrower ones.
+        let first_mid = self.top_bits.saturating_sub(MAX_SYMBOL_BITS).max(1);
+        let mut mids: Vec<Vec<u64>> = Vec::new();
+        for hi in 1..=widest {
+            let mid = if hi >= self.top_bits || hi < first_mid {
+                Vec::new()
+            } else if let Some(wider) = mids.last().filter(|m| !m.is_empty()) {
+                let half = wider.len() / 2;
+                wider[..half]
+                    .iter()
+                    .zip(&wider[half..])
+                    .map(|(a, b)| a + b)
+                    .collect()
+            } else {
+                self.mid_field(hi, &occurring)
+            };
+            mids.push(mid);
+        }
+        (1..=widest)
+            .map(|hi| {
+                let mut out = vec![(hi, tops[hi as usize - 1].clone())];
+                if hi < self.top_bits {
+                    out.push((self.top_bits - hi, mids[hi as usize - 1].clone()));
+                }
+                out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
+                out
+            })
+            .collect()
+    }
+
     fn candidate_fields_of(&self, hi: u32, occurring: &[(usize, u64)]) -> Vec<(u32, Vec<u64>)> {
         let mut out = vec![(hi, self.top_field(hi, occurring))];
         if hi < self.top_bits {
@@ -1169,16 +1211,15 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     }
     let flush_bits = blocks as f64 * (RANS_HEADER_BYTES as f64 + 2.0) * 8.0;
     let mut best: Option<Plan> = None;
-    let occurring = stats.occurring();
     // Each layout costs at least its zero-order bound (entropy or raw per field, plus flushes), so layouts are
     // tried in order of bound and those whose bound exceeds the best cost found are never built. Ties between
     // equal costs go to the smaller top field, as in a plain scan.
-    let mut candidates: Vec<(f64, u32, CandidateFields, Vec<f64>)> = (1..=stats
-        .top_bits
-        .min(MAX_SYMBOL_BITS))
-        .map(|hi| {
-            let fields: CandidateFields = stats
-                .candidate_fields_of(hi, &occurring)
+    let mut candidates: Vec<(f64, u32, CandidateFields, Vec<f64>)> = stats
+        .all_candidate_fields()
+        .into_iter()
+        .zip(1..)
+        .map(|(fields, hi)| {
+            let fields: CandidateFields = fields
                 .into_iter()
                 .map(|(width, counts)| {
                     let price = (!counts.is_empty()).then(|| FieldPrice::new(&counts));
@@ -1649,6 +1690,32 @@ mod tests {
                     reference.as_ref().map(|p| (&p.0, p.1.to_bits())),
                     "round {round} {dtype:?}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn all_candidate_fields_match_each_candidate() {
+        for dtype in Dtype::ALL.iter().copied() {
+            let (Some(_), Some(width)) = (dtype.exponent_bits(), dtype.byte_width()) else {
+                continue;
+            };
+            for (n, seed) in [(0usize, 1u64), (9, 2), (5000, 3)] {
+                let data: Vec<u8> = gaussian_bf16(n * width, seed)[..n * width].to_vec();
+                let stats = FieldStats::gather(dtype, &data);
+                let all = stats.all_candidate_fields();
+                assert_eq!(
+                    all.len() as u32,
+                    stats.top_bits.min(MAX_SYMBOL_BITS),
+                    "{dtype:?}"
+                );
+                for (hi, fields) in (1..).zip(&all) {
+                    assert_eq!(
+                        *fields,
+                        stats.candidate_fields(hi),
+                        "{dtype:?} n={n} hi={hi}"
+                    );
+                }
             }
         }
     }
