@@ -572,12 +572,7 @@ mod tests {
     #[test]
     fn packed_ranks_map_back_to_their_symbols() {
         let mut seed = 5u64;
-        let mut next = || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = || crate::codec::rans::tests::xorshift(&mut seed);
         let mut windowed = 0;
         for case in 0..300 {
             let bits = 4 + (case % 9) as u32;

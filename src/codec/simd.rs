@@ -148,7 +148,10 @@ pub fn encode_steps_with(
     buffer: &mut [u16],
     pos: &mut usize,
 ) -> usize {
-    if !table.freq_cum.len().is_power_of_two() || !Kernel::available().contains(&kernel) {
+    // The kernels write 8 or 16 words below `pos` at a time: it must stay at least the symbols left (one
+    // word per symbol at most) and inside `buffer`.
+    let room = *pos >= symbols.len() && *pos <= buffer.len();
+    if !room || !table.freq_cum.len().is_power_of_two() || !Kernel::available().contains(&kernel) {
         return 0;
     }
     match kernel {
@@ -563,9 +566,10 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU must have AVX-512F, BW and VL. Memory: symbols are masked to the table length (a power of two)
-    /// before the gathers; each step writes at most 32 words below `pos`, and `pos` starts at least one word
-    /// per remaining symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
+    /// The CPU must have AVX-512F, BW and VL, and `symbols.len() <= *pos <= buffer.len()` (checked by
+    /// `encode_steps_with`). Memory: symbols are masked to the table length (a power of two) before the
+    /// gathers; each step writes at most 32 words below `pos`, and `pos` stays at least one word per remaining
+    /// symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
     pub(super) unsafe fn encode_avx512(
         x: &mut [u32; LANES],
@@ -575,9 +579,6 @@ mod x86 {
         pos: &mut usize,
     ) -> usize {
         let steps = symbols.len() / LANES;
-        if *pos < symbols.len() || buffer.len() < *pos {
-            return 0;
-        }
         let pb = table.prob_bits;
         let symbol_mask = _mm512_set1_epi32((table.freq_cum.len() - 1) as i32);
         let low16 = _mm512_set1_epi32(0xffff);
@@ -1214,8 +1215,9 @@ mod x86 {
     /// two gathers of reciprocals.
     ///
     /// # Safety
-    /// The CPU must have AVX2 and POPCNT. Memory: symbols are masked to the table length (a power of two)
-    /// before the gather; each group of 8 lanes stores 8 words ending at `pos` (the emitted ones on top), and
+    /// The CPU must have AVX2 and POPCNT, and `symbols.len() <= *pos <= buffer.len()` (checked by
+    /// `encode_steps_with`). Memory: symbols are masked to the table length (a power of two) before the
+    /// gather; each group of 8 lanes stores 8 words ending at `pos` (the emitted ones on top), and
     /// `pos` stays at least the number of symbols left (one word per symbol at most), so at least 8 when a
     /// group starts: every store stays inside `buffer`.
     #[target_feature(enable = "avx2,popcnt")]
@@ -1227,9 +1229,6 @@ mod x86 {
         pos: &mut usize,
     ) -> usize {
         let steps = symbols.len() / LANES;
-        if *pos < symbols.len() || buffer.len() < *pos {
-            return 0;
-        }
         let pb = table.prob_bits;
         let symbol_mask = _mm256_set1_epi32((table.freq_cum.len() - 1) as i32);
         let low16 = _mm256_set1_epi32(0xffff);
