@@ -1346,8 +1346,9 @@ pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<V
     counts
 }
 
-/// Adds the histogram of one field of `W`-byte elements to `counts`, through four sub-histograms so that
-/// repeated symbols do not serialize on one counter.
+/// Adds the histogram of one field of `W`-byte elements to `counts`, through sub-histograms (eight for fields
+/// of up to 12 bits, four for wider ones, whose tables would outgrow the caches) so that repeated symbols do
+/// not serialize on one counter.
 fn field_histogram<const W: usize>(block: &[u8], shift: u32, width: u32, counts: &mut [u64]) {
     let mask = (1u32 << width) - 1;
     let value = |c: &[u8]| {
@@ -1357,30 +1358,38 @@ fn field_histogram<const W: usize>(block: &[u8], shift: u32, width: u32, counts:
     };
     let elements = block.len() / W;
     if elements < 4 * counts.len() {
-        // Few elements for the alphabet: four sub-histograms would cost more to clear and sum than they save.
+        // Few elements for the alphabet: sub-histograms would cost more to clear and sum than they save.
         for e in block.chunks_exact(W) {
             counts[value(e) as usize] += 1;
         }
         return;
     }
-    let mut sub = vec![[0u32; 4]; counts.len()];
+    match width <= MAX_SYMBOL_BITS {
+        true => sub_histograms::<W, 8>(block, value, counts),
+        false => sub_histograms::<W, 4>(block, value, counts),
+    }
+}
+
+/// `field_histogram`'s counting through `S` sub-histograms: element `k` of each group of `S` goes to the
+/// k-th. `value` is below `counts.len()`, a power of two.
+fn sub_histograms<const W: usize, const S: usize>(
+    block: &[u8],
+    value: impl Fn(&[u8]) -> u32,
+    counts: &mut [u64],
+) {
     // u32 counters: a block holds fewer than 2^32 elements
-    let quads = block.chunks_exact(4 * W);
-    let rest = quads.remainder();
-    for q in quads {
-        let (a, b, c, d) = (
-            value(&q[..W]),
-            value(&q[W..2 * W]),
-            value(&q[2 * W..3 * W]),
-            value(&q[3 * W..]),
-        );
-        sub[a as usize][0] += 1;
-        sub[b as usize][1] += 1;
-        sub[c as usize][2] += 1;
-        sub[d as usize][3] += 1;
+    let mut sub = vec![[0u32; S]; counts.len()];
+    // Masking by the table size lets the compiler drop the bounds checks.
+    let last = sub.len() - 1;
+    let groups = block.chunks_exact(S * W);
+    let rest = groups.remainder();
+    for g in groups {
+        for (k, e) in g.chunks_exact(W).enumerate() {
+            sub[value(e) as usize & last][k] += 1;
+        }
     }
     for e in rest.chunks_exact(W) {
-        sub[value(e) as usize][0] += 1;
+        sub[value(e) as usize & last][0] += 1;
     }
     for (total, s) in counts.iter_mut().zip(&sub) {
         *total += s.iter().map(|&k| k as u64).sum::<u64>();
