@@ -317,17 +317,28 @@ impl NztFile {
         loop {
             decoding.blocks.clear();
             let mut batch_bytes = 0usize;
+            // Tensors of this batch without a decoder yet, in block order.
+            let mut new_tensors: Vec<usize> = Vec::new();
             while let Some(&(t, k)) = blocks.peek() {
                 let len = tensors[t].block_range(k).len();
                 if !decoding.blocks.is_empty() && (batch_bytes + len) as u64 > DECODE_BATCH_BYTES {
                     break;
                 }
-                if decoders[t].is_none() {
-                    decoders[t] = Some(self.decoder(&tensors[t])?);
+                if decoders[t].is_none() && new_tensors.last() != Some(&t) {
+                    new_tensors.push(t);
                 }
                 decoding.blocks.push((t, k, len));
                 batch_bytes += len;
                 blocks.next();
+            }
+            // Building decoders (tables) is per-tensor work: a batch of many small tensors builds them in
+            // parallel. The first error in block order is the one reported.
+            let built: Vec<Result<TensorDecoder>> = new_tensors
+                .par_iter()
+                .map(|&t| self.decoder(&tensors[t]))
+                .collect();
+            for (&t, decoder) in new_tensors.iter().zip(built) {
+                decoders[t] = Some(decoder?);
             }
             if decoding.blocks.is_empty() && consuming.blocks.is_empty() {
                 return Ok(());
