@@ -116,5 +116,31 @@ pub fn align_up(x: u64, align: u64) -> Option<u64> {
 
 /// XXH3-64 with seed 0, the checksum of the header and of every block.
 pub fn checksum(bytes: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(bytes)
+    twox_hash::XxHash3_64::oneshot(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The spec's check value (section 2.4), and the one-shot hash (SIMD paths on long inputs) equal to the
+    /// streaming one. (tests/golden.rs holds checksums computed by another XXH3 implementation.)
+    #[test]
+    fn checksum_is_xxh3_64_with_seed_0() {
+        assert_eq!(checksum(b""), 0x2D06_8005_38D3_94C2);
+        let data: Vec<u8> = (0..100_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [1, 16, 17, 128, 129, 240, 241, 1024, 100_000] {
+            let mut streamed = twox_hash::XxHash3_64::with_seed(0);
+            for chunk in data[..len].chunks(7) {
+                std::hash::Hasher::write(&mut streamed, chunk);
+            }
+            assert_eq!(
+                checksum(&data[..len]),
+                std::hash::Hasher::finish(&streamed),
+                "len {len}"
+            );
+        }
+    }
 }
