@@ -6,6 +6,8 @@
 //! 2. The merge of 2-byte elements (`merge16`): ranks become symbols through a 256-entry table held in
 //!    registers (AVX-512 VBMI) or gathered from memory (AVX2), and the raw field is unpacked with a byte
 //!    permute and per-lane shifts (AVX-512) or a byte shuffle and a multiply (AVX2).
+//! 3. The merge of 4-byte elements (`merge32`, AVX2): symbols gathered or computed through rank windows, and up
+//!    to three raw fields unpacked with a byte shuffle and per-lane shifts.
 //!
 //! A kernel only runs full 32-element steps, and only while 32 words remain after the current one, so every
 //! vector load stays inside the stream; the scalar reference finishes the block and does the end checks.
@@ -258,6 +260,43 @@ pub fn merge16_with(kernel: Kernel, ranks: &[u8], merge: Merge16<'_>, out: &mut 
         Kernel::Avx2 => unsafe { x86::merge16_avx2(ranks, merge, out) },
         _ => 0,
     }
+}
+
+/// How the elements of a 4-byte-element block are put together from the ranks of its one coded field:
+/// `out[i] = symbols[ranks[i]] | sum over raw fields of raw[i] << shift`, each raw field (bytes, width 1..=8,
+/// shift) packed LSB-first.
+#[derive(Clone, Copy)]
+pub struct Merge32<'a> {
+    pub symbols: &'a [u32; 256],
+    pub raw: &'a [(&'a [u8], u32, u32)],
+    /// The ranks' windows, when the table has them (symbols computed instead of gathered).
+    pub windows: Option<ShiftedWindows>,
+}
+
+/// Elements of a 4-byte-element block merged by AVX2 (at most three raw fields), from `ranks` into `out` as
+/// `merge` says: whole groups of 8 while every raw field's 16-byte loads stay inside it. Returns how many
+/// elements it wrote (a multiple of 8; 0 without AVX2 or with the scalar kernel selected).
+pub fn merge32(ranks: &[u8], merge: Merge32<'_>, out: &mut [u8]) -> usize {
+    merge32_with(Kernel::selected(), ranks, merge, out)
+}
+
+/// `merge32` with a chosen kernel (AVX-512 runs the AVX2 kernel: it has none of its own).
+pub fn merge32_with(kernel: Kernel, ranks: &[u8], merge: Merge32<'_>, out: &mut [u8]) -> usize {
+    let fits = merge.raw.len() <= 3
+        && merge
+            .raw
+            .iter()
+            .all(|&(_, w, s)| (1..=8).contains(&w) && s + w <= 32);
+    if kernel == Kernel::Scalar || !fits || !Kernel::available().contains(&kernel) {
+        return 0;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86::has_avx2() {
+        // SAFETY: the CPU has AVX2 (checked above); the kernel bounds every access itself.
+        return unsafe { x86::merge32_avx2(ranks, merge, out) };
+    }
+    let _ = (ranks, merge, out);
+    0
 }
 
 /// `decode_steps` for a 2-byte-element block that merges as it decodes: each full step writes its 32
@@ -1170,6 +1209,75 @@ mod x86 {
         step
     }
 
+    /// # Safety
+    /// The CPU must have AVX2; `merge.raw` holds at most three fields of 1 to 8 bits (checked by
+    /// `merge32_with`). Memory: group g reads 8 ranks at `8g` and 16 bytes of each raw field at `width * g`,
+    /// and writes 32 bytes at `32g`; groups run while all of these are in bounds.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn merge32_avx2(ranks: &[u8], merge: Merge32<'_>, out: &mut [u8]) -> usize {
+        let mut groups = (ranks.len() / 8).min(out.len() / 32);
+        for &(bytes, width, _) in merge.raw {
+            // The last load of group g starts at width * g.
+            groups = match bytes.len().checked_sub(16) {
+                Some(spare) => groups.min(spare / width as usize + 1),
+                None => 0,
+            };
+        }
+        // Per raw field: lane i takes the two bytes holding bits i*width.. (both 128-bit halves see the same 16
+        // bytes), shifted down by (i*width) % 8, masked, and moved to the field's place.
+        let fields: Vec<(__m256i, __m256i, __m256i, __m128i)> = merge
+            .raw
+            .iter()
+            .map(|&(_, width, shift)| {
+                let mut index = [-1i8; 32];
+                let mut down = [0u32; 8];
+                for (i, down) in down.iter_mut().enumerate() {
+                    let bit = i * width as usize;
+                    let at = 16 * (i / 4) + 4 * (i % 4);
+                    index[at] = (bit / 8) as i8;
+                    index[at + 1] = (bit / 8 + 1) as i8;
+                    *down = (bit % 8) as u32;
+                }
+                // SAFETY: both arrays are 32 readable bytes.
+                let (index, down) = unsafe {
+                    (
+                        _mm256_loadu_si256(index.as_ptr() as *const _),
+                        _mm256_loadu_si256(down.as_ptr() as *const _),
+                    )
+                };
+                let mask = _mm256_set1_epi32(((1u32 << width) - 1) as i32);
+                (index, down, mask, _mm_cvtsi32_si128(shift as i32))
+            })
+            .collect();
+        let windows = merge.windows.map(|w| {
+            // SAFETY: `bases` is 32 readable bytes.
+            let bases = unsafe { _mm256_loadu_si256(w.bases.as_ptr() as *const _) };
+            (
+                bases,
+                _mm_cvtsi32_si128(w.size_bits as i32),
+                _mm_cvtsi32_si128(w.shift as i32),
+            )
+        });
+        for g in 0..groups {
+            let rank = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks.as_ptr().add(8 * g) as *const _));
+            let mut value = match windows {
+                Some((bases, size_bits, shift)) => _mm256_add_epi32(
+                    _mm256_sll_epi32(rank, shift),
+                    _mm256_permutevar8x32_epi32(bases, _mm256_srl_epi32(rank, size_bits)),
+                ),
+                None => _mm256_i32gather_epi32::<4>(merge.symbols.as_ptr() as *const i32, rank),
+            };
+            for (&(bytes, width, _), &(index, down, mask, shift)) in merge.raw.iter().zip(&fields) {
+                let src = _mm_loadu_si128(bytes.as_ptr().add(width as usize * g) as *const _);
+                let pairs = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(src), index);
+                let field = _mm256_and_si256(_mm256_srlv_epi32(pairs, down), mask);
+                value = _mm256_or_si256(value, _mm256_sll_epi32(field, shift));
+            }
+            _mm256_storeu_si256(out.as_mut_ptr().add(32 * g) as *mut _, value);
+        }
+        groups * 8
+    }
+
     /// For each 8-bit emit mask, the source lane of each output lane when the emitting lanes are packed, in
     /// lane order, at the top: output lane `8 - c + i` (c emitting lanes) takes the i-th emitting lane, and the
     /// lanes below take lane 0 (they land below the stream and are overwritten or cut off).
@@ -1280,5 +1388,96 @@ mod x86 {
         store_quarters(x, &states);
         *pos = p;
         steps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::bitpack;
+    use crate::codec::rans::tests::xorshift;
+
+    /// `merge32` against the elements put together one by one: zero to three raw fields of every width, with
+    /// the symbols gathered and through windows, on lengths with and without a tail.
+    #[test]
+    fn merge32_matches_the_elements() {
+        let mut seed = 21u64;
+        let kernels = Kernel::available();
+        for case in 0..60u32 {
+            let n = [8usize, 37, 4096, 5003][case as usize % 4];
+            let field_count = (case % 4) as usize;
+            let widths: Vec<u32> = (0..field_count)
+                .map(|_| 1 + (xorshift(&mut seed) % 8) as u32)
+                .collect();
+            // Raw fields at the bottom, the coded field's symbols above them.
+            let shifts: Vec<u32> = widths
+                .iter()
+                .scan(0, |at, &w| Some(std::mem::replace(at, *at + w)))
+                .collect();
+            let coded_shift: u32 = widths.iter().sum();
+            // Symbols of a windowed layout: rank r is r + base of its window of 32.
+            let windows = crate::codec::freq::RankWindows {
+                size_bits: 5,
+                bases: std::array::from_fn(|k| (100 * k as u32).wrapping_sub(32 * k as u32)),
+                count: 8,
+            };
+            let symbols: [u32; 256] = std::array::from_fn(|r| {
+                (r as u32).wrapping_add(windows.bases[r >> 5]) << coded_shift
+            });
+            let ranks: Vec<u8> = (0..n).map(|_| xorshift(&mut seed) as u8).collect();
+            let values: Vec<Vec<u32>> = widths
+                .iter()
+                .map(|&w| {
+                    (0..n)
+                        .map(|_| (xorshift(&mut seed) as u32) & ((1 << w) - 1))
+                        .collect()
+                })
+                .collect();
+            let packed: Vec<Vec<u8>> = values
+                .iter()
+                .zip(&widths)
+                .map(|(v, &w)| {
+                    let mut bytes = Vec::new();
+                    bitpack::pack_slice(v, w, &mut bytes);
+                    bytes
+                })
+                .collect();
+            let expected: Vec<u8> = (0..n)
+                .flat_map(|i| {
+                    let raw = values
+                        .iter()
+                        .zip(&shifts)
+                        .map(|(v, &s)| v[i] << s)
+                        .fold(0, |a, b| a | b);
+                    (symbols[ranks[i] as usize] | raw).to_le_bytes()
+                })
+                .collect();
+            let raw: Vec<(&[u8], u32, u32)> = packed
+                .iter()
+                .zip(&widths)
+                .zip(&shifts)
+                .map(|((b, &w), &s)| (&b[..], w, s))
+                .collect();
+            for &kernel in &kernels {
+                for windows in [None, Some(ShiftedWindows::new(&windows, coded_shift))] {
+                    let mut out = vec![0u8; 4 * n];
+                    let merge = Merge32 {
+                        symbols: &symbols,
+                        raw: &raw,
+                        windows,
+                    };
+                    let done = merge32_with(kernel, &ranks, merge, &mut out);
+                    assert_eq!(done % 8, 0);
+                    if kernel != Kernel::Scalar && n >= 4096 {
+                        assert!(done > 0, "{kernel:?} merged nothing");
+                    }
+                    assert_eq!(
+                        out[..4 * done],
+                        expected[..4 * done],
+                        "{kernel:?} case {case}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -742,6 +742,24 @@ impl SplitDecoder {
                 return;
             }
         }
+        if W == 4 {
+            let raw: Vec<(&[u8], u32, u32)> = raw_fields
+                .iter()
+                .map(|f| (f.bytes, f.width, f.shift))
+                .collect();
+            let coded_shift = self.coded_shifts().next().expect("one coded field");
+            let merge = super::simd::Merge32 {
+                symbols: &symbols,
+                raw: &raw,
+                windows: packed
+                    .windows
+                    .map(|w| super::simd::ShiftedWindows::new(&w, coded_shift)),
+            };
+            let start = first_group * 8;
+            let more = super::simd::merge32(&ranks[start..], merge, &mut out[4 * start..]) / 8;
+            skip(&mut raw_fields, more);
+            first_group += more;
+        }
         let (ranks, out) = (&ranks[first_group * 8..], &mut out[first_group * 8 * W..]);
         match raw_fields[..] {
             [] => merge_fields::<W, 0>(ranks, &symbols, [], out),
