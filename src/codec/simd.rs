@@ -1013,13 +1013,60 @@ mod x86 {
         step
     }
 
-    /// A `Merge16` for the AVX2 kernels: the symbols widened to 32 bits for gathers by rank, and the raw
-    /// field's unpacking constants. Each group of 8 elements starts on a byte (8 * width bits), so one 16-byte
-    /// load, one byte shuffle and one multiply unpack it the same way for every group.
-    struct Merger256 {
-        symbols: [u32; 256],
+    /// How the AVX2 merges turn ranks into symbols (already shifted into place): through the rank windows
+    /// when the table has them, else by a gather from the symbols widened to 32 bits.
+    struct RankSymbols {
+        table: [u32; 256],
         /// With rank windows: the shifted bases, the shift from a rank to its window and the symbols' shift.
         windows: Option<(__m256i, __m128i, __m128i)>,
+    }
+
+    impl RankSymbols {
+        #[target_feature(enable = "avx2")]
+        fn new(table: [u32; 256], windows: Option<ShiftedWindows>) -> RankSymbols {
+            let windows = windows.map(|w| {
+                // SAFETY: `bases` is 32 readable bytes.
+                let bases = unsafe { _mm256_loadu_si256(w.bases.as_ptr() as *const _) };
+                (
+                    bases,
+                    _mm_cvtsi32_si128(w.size_bits as i32),
+                    _mm_cvtsi32_si128(w.shift as i32),
+                )
+            });
+            RankSymbols { table, windows }
+        }
+
+        /// The symbols of 8 ranks (32-bit lanes, below 256).
+        ///
+        /// # Safety
+        /// The CPU must have AVX2.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn of(&self, ranks: __m256i) -> __m256i {
+            match self.windows {
+                Some((bases, size_bits, shift)) => _mm256_add_epi32(
+                    _mm256_sll_epi32(ranks, shift),
+                    _mm256_permutevar8x32_epi32(bases, _mm256_srl_epi32(ranks, size_bits)),
+                ),
+                None => _mm256_i32gather_epi32::<4>(self.table.as_ptr() as *const i32, ranks),
+            }
+        }
+
+        /// The symbols of the 8 ranks that are the 8 bytes at `ranks`.
+        ///
+        /// # Safety
+        /// The CPU must have AVX2, and 8 bytes must be readable at `ranks`.
+        #[inline]
+        #[target_feature(enable = "avx2")]
+        unsafe fn of_bytes(&self, ranks: *const u8) -> __m256i {
+            self.of(_mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks as *const _)))
+        }
+    }
+
+    /// A `Merge16` for the AVX2 kernels: its symbols by rank, and the raw field's unpacking constants. Each group of 8 elements starts on a byte (8 * width bits), so one 16-byte
+    /// load, one byte shuffle and one multiply unpack it the same way for every group.
+    struct Merger256 {
+        symbols: RankSymbols,
         raw: *const u8,
         /// Raw bytes per group of 8 elements (the width), 0 without a raw field.
         raw_step: usize,
@@ -1050,18 +1097,11 @@ mod x86 {
                     _mm256_loadu_si256(multiplier.as_ptr() as *const _),
                 )
             };
-            let windows = merge.windows.map(|w| {
-                // SAFETY: `bases` is 32 readable bytes.
-                let bases = unsafe { _mm256_loadu_si256(w.bases.as_ptr() as *const _) };
-                (
-                    bases,
-                    _mm_cvtsi32_si128(w.size_bits as i32),
-                    _mm_cvtsi32_si128(w.shift as i32),
-                )
-            });
             Merger256 {
-                symbols: std::array::from_fn(|k| merge.symbols[k] as u32),
-                windows,
+                symbols: RankSymbols::new(
+                    std::array::from_fn(|k| merge.symbols[k] as u32),
+                    merge.windows,
+                ),
                 raw: raw_bytes.as_ptr(),
                 raw_step: width as usize,
                 byte_index,
@@ -1085,42 +1125,6 @@ mod x86 {
                     }
                 }
             }
-        }
-
-        /// The symbols of 8 elements whose entries (rank in the top byte) are `e`.
-        ///
-        /// # Safety
-        /// The CPU must have AVX2.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn symbols_of_entries(&self, e: __m256i) -> __m256i {
-            self.symbols_of(_mm256_srli_epi32::<24>(e))
-        }
-
-        /// The symbols of 8 ranks (32-bit lanes, below 256): computed through the windows, or gathered.
-        ///
-        /// # Safety
-        /// The CPU must have AVX2.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn symbols_of(&self, ranks: __m256i) -> __m256i {
-            match self.windows {
-                Some((bases, size_bits, shift)) => _mm256_add_epi32(
-                    _mm256_sll_epi32(ranks, shift),
-                    _mm256_permutevar8x32_epi32(bases, _mm256_srl_epi32(ranks, size_bits)),
-                ),
-                None => _mm256_i32gather_epi32::<4>(self.symbols.as_ptr() as *const i32, ranks),
-            }
-        }
-
-        /// The symbols of the 8 elements whose ranks are the 8 bytes at `ranks`.
-        ///
-        /// # Safety
-        /// The CPU must have AVX2, and 8 bytes must be readable at `ranks`.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn symbols_of_ranks(&self, ranks: *const u8) -> __m256i {
-            self.symbols_of(_mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks as *const _)))
         }
 
         /// Stores the 32 elements of group `g` at `out`, from the symbols of its four groups of 8 (32-bit lanes).
@@ -1166,7 +1170,7 @@ mod x86 {
         let groups = (ranks.len() / 32).min(merger.groups(merge, out));
         for g in 0..groups {
             let at = ranks.as_ptr().add(32 * g);
-            let symbols = std::array::from_fn(|k| merger.symbols_of_ranks(at.add(8 * k)));
+            let symbols = std::array::from_fn(|k| merger.symbols.of_bytes(at.add(8 * k)));
             merger.merge(g, symbols, out.as_mut_ptr().add(64 * g));
         }
         groups * 32
@@ -1200,7 +1204,9 @@ mod x86 {
                 (*state, used) = lanes.advance(*state, e, word_ptr.add(2 * p));
                 p += used;
             }
-            let symbols = std::array::from_fn(|k| merger.symbols_of_entries(entry[k]));
+            // Ranks are the entries' top bytes.
+            let symbols =
+                std::array::from_fn(|k| merger.symbols.of(_mm256_srli_epi32::<24>(entry[k])));
             merger.merge(step, symbols, out_ptr.add(64 * step));
             step += 1;
         }
@@ -1249,24 +1255,9 @@ mod x86 {
                 (index, down, mask, _mm_cvtsi32_si128(shift as i32))
             })
             .collect();
-        let windows = merge.windows.map(|w| {
-            // SAFETY: `bases` is 32 readable bytes.
-            let bases = unsafe { _mm256_loadu_si256(w.bases.as_ptr() as *const _) };
-            (
-                bases,
-                _mm_cvtsi32_si128(w.size_bits as i32),
-                _mm_cvtsi32_si128(w.shift as i32),
-            )
-        });
+        let symbols = RankSymbols::new(*merge.symbols, merge.windows);
         for g in 0..groups {
-            let rank = _mm256_cvtepu8_epi32(_mm_loadl_epi64(ranks.as_ptr().add(8 * g) as *const _));
-            let mut value = match windows {
-                Some((bases, size_bits, shift)) => _mm256_add_epi32(
-                    _mm256_sll_epi32(rank, shift),
-                    _mm256_permutevar8x32_epi32(bases, _mm256_srl_epi32(rank, size_bits)),
-                ),
-                None => _mm256_i32gather_epi32::<4>(merge.symbols.as_ptr() as *const i32, rank),
-            };
+            let mut value = symbols.of_bytes(ranks.as_ptr().add(8 * g));
             for (&(bytes, width, _), &(index, down, mask, shift)) in merge.raw.iter().zip(&fields) {
                 let src = _mm_loadu_si128(bytes.as_ptr().add(width as usize * g) as *const _);
                 let pairs = _mm256_shuffle_epi8(_mm256_broadcastsi128_si256(src), index);
