@@ -699,15 +699,19 @@ impl SplitDecoder {
             .raw_fields(n, raw)
             .first()
             .map(|f| (f.bytes, f.width, f.shift));
-        let coded_shift = self.coded_shifts().next().expect("one coded field");
-        let windows = packed
-            .windows
-            .map(|w| super::simd::ShiftedWindows::new(&w, coded_shift));
         Merge16 {
             symbols,
             raw,
-            windows,
+            windows: self.shifted_windows(packed),
         }
+    }
+
+    /// The packed table's rank windows, if any, with the bases shifted into place as `coded_symbols` are.
+    fn shifted_windows(&self, packed: &PackedTable) -> Option<super::simd::ShiftedWindows> {
+        let coded_shift = self.coded_shifts().next().expect("one coded field");
+        packed
+            .windows
+            .map(|w| super::simd::ShiftedWindows::new(&w, coded_shift))
     }
 
     /// Writes `alphabet[rank] << shift | raw fields` for every element (`W` bytes each) after the first
@@ -747,13 +751,10 @@ impl SplitDecoder {
                 .iter()
                 .map(|f| (f.bytes, f.width, f.shift))
                 .collect();
-            let coded_shift = self.coded_shifts().next().expect("one coded field");
             let merge = super::simd::Merge32 {
                 symbols: &symbols,
                 raw: &raw,
-                windows: packed
-                    .windows
-                    .map(|w| super::simd::ShiftedWindows::new(&w, coded_shift)),
+                windows: self.shifted_windows(packed),
             };
             let start = first_group * 8;
             let more = super::simd::merge32(&ranks[start..], merge, &mut out[4 * start..]) / 8;
