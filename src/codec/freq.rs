@@ -461,44 +461,32 @@ pub struct RankWindows {
     pub size_bits: u32,
     /// `start_k - k * 2^size_bits` (wrapping) for window k; unused windows hold 0.
     pub bases: [u32; 8],
-    /// Windows in use.
-    pub count: usize,
 }
 
 impl RankWindows {
     /// Windows covering the ascending `used` symbols, of the largest size that needs at most `256 / size`
-    /// of them, if any.
-    fn cover(used: &[u16]) -> Option<RankWindows> {
+    /// of them, if any, with each symbol's rank.
+    fn cover(used: &[u16]) -> Option<(RankWindows, Vec<u32>)> {
         (5..=7).rev().find_map(|size_bits| {
             let size = 1u32 << size_bits;
             let mut starts: Vec<u32> = Vec::new();
+            let mut ranks = Vec::with_capacity(used.len());
             for &s in used {
-                if starts.last().is_none_or(|&start| s as u32 >= start + size) {
-                    starts.push(s as u32);
+                let s = s as u32;
+                if starts.last().is_none_or(|&start| s >= start + size) {
+                    starts.push(s);
                 }
+                let k = starts.len() - 1;
+                ranks.push(((k as u32) << size_bits) + s - starts[k]);
             }
             (starts.len() <= (256 >> size_bits) as usize).then(|| {
                 let mut bases = [0u32; 8];
                 for (k, &start) in starts.iter().enumerate() {
                     bases[k] = start.wrapping_sub((k as u32) << size_bits);
                 }
-                RankWindows {
-                    size_bits,
-                    bases,
-                    count: starts.len(),
-                }
+                (RankWindows { size_bits, bases }, ranks)
             })
         })
-    }
-
-    /// The rank of `symbol`, one of the symbols the windows were built from.
-    fn rank_of(&self, symbol: u16) -> u32 {
-        let size = 1u32 << self.size_bits;
-        (0..self.count as u32)
-            .map(|k| (k, self.bases[k as usize].wrapping_add(k << self.size_bits)))
-            .find(|&(_, start)| symbol as u32 >= start && (symbol as u32) < start + size)
-            .map(|(k, start)| (k << self.size_bits) + symbol as u32 - start)
-            .expect("a covered symbol")
     }
 }
 
@@ -523,10 +511,9 @@ impl PackedTable {
             return None;
         }
         let symbols: Vec<u16> = used.iter().map(|&(s, _)| s).collect();
-        let windows = RankWindows::cover(&symbols);
-        let ranks: Vec<u32> = match &windows {
-            Some(w) => symbols.iter().map(|&s| w.rank_of(s)).collect(),
-            None => (0..symbols.len() as u32).collect(),
+        let (windows, ranks) = match RankWindows::cover(&symbols) {
+            Some((windows, ranks)) => (Some(windows), ranks),
+            None => (None, (0..symbols.len() as u32).collect()),
         };
         let mut alphabet = vec![0u16; ranks.last().map_or(0, |&r| r as usize + 1)];
         let mut entries = Vec::with_capacity(1 << table.prob_bits);

@@ -1410,7 +1410,6 @@ mod tests {
             let windows = crate::codec::freq::RankWindows {
                 size_bits: 5,
                 bases: std::array::from_fn(|k| (100 * k as u32).wrapping_sub(32 * k as u32)),
-                count: 8,
             };
             let symbols: [u32; 256] = std::array::from_fn(|r| {
                 (r as u32).wrapping_add(windows.bases[r >> 5]) << coded_shift
