@@ -1043,7 +1043,23 @@ impl FieldStats {
     /// The fields and their histograms for a top field of `hi` bits (a histogram is empty for a field too
     /// wide to code).
     pub fn candidate_fields(&self, hi: u32) -> Vec<(u32, Vec<u64>)> {
-        self.candidate_fields_of(hi, &self.occurring())
+        let occurring = self.occurring();
+        let (top, mid) = (
+            self.top_field(hi, &occurring),
+            self.mid_field(hi, &occurring),
+        );
+        self.layout_fields(hi, top, mid)
+    }
+
+    /// The fields of the layout with a top field of `hi` bits, from its top and middle histograms (the middle
+    /// one is dropped when the top field takes the whole top part).
+    fn layout_fields(&self, hi: u32, top: Vec<u64>, mid: Vec<u64>) -> Vec<(u32, Vec<u64>)> {
+        let mut out = vec![(hi, top)];
+        if hi < self.top_bits {
+            out.push((self.top_bits - hi, mid));
+        }
+        out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
+        out
     }
 
     /// `candidate_fields(hi)` for every `hi` in `1..=min(top_bits, MAX_SYMBOL_BITS)`, in that order: the
@@ -1057,8 +1073,9 @@ impl FieldStats {
             let wider = tops.last().expect("one top field");
             tops.push(wider.chunks_exact(2).map(|p| p[0] + p[1]).collect());
         }
-        tops.reverse(); // tops[hi - 1] is the top field of hi bits
-                        // The middle field of the smallest `hi` that leaves it codable, then narrower ones.
+        // tops[hi - 1] is the top field of hi bits.
+        tops.reverse();
+        // The middle field of the smallest `hi` that leaves it codable, then narrower ones.
         let first_mid = self.top_bits.saturating_sub(MAX_SYMBOL_BITS).max(1);
         let mut mids: Vec<Vec<u64>> = Vec::new();
         for hi in 1..=widest {
@@ -1077,24 +1094,10 @@ impl FieldStats {
             mids.push(mid);
         }
         (1..=widest)
-            .map(|hi| {
-                let mut out = vec![(hi, tops[hi as usize - 1].clone())];
-                if hi < self.top_bits {
-                    out.push((self.top_bits - hi, mids[hi as usize - 1].clone()));
-                }
-                out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
-                out
-            })
+            .zip(tops)
+            .zip(mids)
+            .map(|((hi, top), mid)| self.layout_fields(hi, top, mid))
             .collect()
-    }
-
-    fn candidate_fields_of(&self, hi: u32, occurring: &[(usize, u64)]) -> Vec<(u32, Vec<u64>)> {
-        let mut out = vec![(hi, self.top_field(hi, occurring))];
-        if hi < self.top_bits {
-            out.push((self.top_bits - hi, self.mid_field(hi, occurring)));
-        }
-        out.extend(self.low_bytes.iter().map(|h| (8, h.clone())));
-        out
     }
 }
 
