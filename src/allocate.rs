@@ -1,11 +1,13 @@
-//! Mantissa widths per tensor for a size target (`convert --target-bits R`). One dry conversion per
-//! candidate K measures every free tensor's exact encoded size and its relative squared error
-//! (error energy / signal energy); then a multiple-choice knapsack picks one K per tensor with the least
-//! summed error that fits the target, and what its rounding leaves over goes to the upgrades with the best
-//! error drop per byte. The objective, the sum of the free tensors' relative
-//! errors, treats every weight matrix as an equal source of relative noise at the model's output: the classic
-//! bit-allocation model, with no calibration data. Its effect is that large tables (an embedding matrix)
-//! get fewer bits than the small matrices every token passes through.
+//! Lossy settings per tensor for a size target (`convert --target-bits R`). One dry conversion per
+//! candidate setting measures every free tensor's exact encoded size and its relative squared error
+//! (error energy / signal energy); then a multiple-choice knapsack picks one setting per tensor with the
+//! least summed error that fits the target, and what its rounding leaves over goes to the upgrades with the
+//! best error drop per byte. The candidates are the mantissa widths K (at the given normalization), or, when
+//! K is given too (`--mantissa-bits K --target-bits R`), the normalization group sizes at that K. The
+//! objective, the sum of the free tensors' relative errors, treats every weight matrix as an equal source of
+//! relative noise at the model's output: the classic bit-allocation model, with no calibration data. Its
+//! effect is that large tables (an embedding matrix) get fewer bits than the small matrices every token
+//! passes through.
 //!
 //! Free tensors are those the lossy rank default would make lossy: rank 2 or more, BF16/F16/F32, and no
 //! `--tensor-bits` rule naming them. Rules and 1-D tensors keep their settings.
@@ -27,6 +29,28 @@ pub const MAX_CANDIDATE_BITS: u32 = 10;
 /// share.
 const KNAPSACK_UNITS: u64 = 20_000;
 
+/// Normalization group sizes tried at a fixed K, cheapest first (0: none). Groups of 16 cost half a bit per
+/// weight in scale bytes; past that the scales cost more than a mantissa bit gains.
+pub const CANDIDATE_NORM_BLOCKS: [u32; 9] = [0, 1024, 512, 256, 128, 64, 48, 32, 16];
+
+/// One candidate setting of the free tensors: a mantissa width (None for lossless) and a group size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Setting {
+    pub mantissa_bits: Option<u32>,
+    pub norm_block: u32,
+}
+
+impl std::fmt::Display for Setting {
+    /// "K = 3, groups of 64", "K = 0, no normalization", "lossless".
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.mantissa_bits, self.norm_block) {
+            (None, _) => write!(f, "lossless"),
+            (Some(k), 0) => write!(f, "K = {k}, no normalization"),
+            (Some(k), b) => write!(f, "K = {k}, groups of {b}"),
+        }
+    }
+}
+
 /// The precision chosen for one free tensor.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TensorChoice {
@@ -34,6 +58,8 @@ pub struct TensorChoice {
     pub elements: u64,
     /// Mantissa bits kept; None for lossless.
     pub mantissa_bits: Option<u32>,
+    /// Elements per scale byte (0: no normalization).
+    pub norm_block: u32,
     /// Block payload bytes at this precision.
     pub payload_bytes: u64,
     /// Error energy over signal energy at this precision (0 for lossless).
@@ -44,6 +70,9 @@ pub struct TensorChoice {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct Allocation {
     pub target_bits_per_weight: f64,
+    /// The K every free tensor kept when the group sizes were chosen (`--mantissa-bits` given); None when K
+    /// was chosen.
+    pub fixed_mantissa_bits: Option<u32>,
     pub choices: Vec<TensorChoice>,
     /// The exact size a conversion with these choices writes.
     pub predicted_bytes: u64,
@@ -60,6 +89,32 @@ impl Allocation {
                     .map_or(Precision::Lossless, Precision::MantissaBits),
             )
         })
+    }
+
+    /// The chosen group sizes as exact-name settings for `LossySettings::assigned_norm_blocks`.
+    pub fn norm_block_assignments(&self) -> impl Iterator<Item = (String, u32)> + '_ {
+        self.choices.iter().map(|c| (c.name.clone(), c.norm_block))
+    }
+}
+
+/// The settings tried, narrowest first: with a K given (`opts.lossy.default_bits`), that K at each of
+/// `CANDIDATE_NORM_BLOCKS`; otherwise `candidate_bits` at the given group size.
+pub fn candidate_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Vec<Setting> {
+    match opts.lossy.default_bits {
+        Some(k) => CANDIDATE_NORM_BLOCKS
+            .iter()
+            .map(|&norm_block| Setting {
+                mantissa_bits: Some(k),
+                norm_block,
+            })
+            .collect(),
+        None => candidate_bits(source, opts)
+            .into_iter()
+            .map(|mantissa_bits| Setting {
+                mantissa_bits,
+                norm_block: opts.lossy.norm_block,
+            })
+            .collect(),
     }
 }
 
@@ -123,22 +178,26 @@ impl Candidate {
     }
 }
 
-/// Error energy over signal energy of a lossy tensor's round trip; 0 for tensors stored exactly.
+/// Error energy over signal energy of a lossy tensor's round trip, weighted by its input channels'
+/// importance when it has one (`--importance`); 0 for tensors stored exactly.
 fn relative_error(
     source: &SafetensorsFile,
     t: &crate::source::SourceTensor,
     plan: &TensorPlan,
 ) -> f64 {
+    if let Some(weighted) = crate::analyze::planned_weighted_relative_error(source, t, plan) {
+        return weighted;
+    }
     match crate::analyze::planned_error(source, t, plan) {
         Some(stats) if stats.signal_energy > 0.0 => stats.error_energy / stats.signal_energy,
         _ => 0.0,
     }
 }
 
-/// Chooses K per free tensor so that the converted file is at most `target_bits_per_weight` bits per weight
+/// Chooses a setting (K, or the group size at a given K) per free tensor so that the converted file is at most `target_bits_per_weight` bits per weight
 /// (file bytes × 8 over all elements) with the least summed relative error (exact up to the knapsack's
 /// size rounding, which the final greedy steps make up for).
-/// `progress` receives the input bytes of each dry conversion (one per `candidate_bits`).
+/// `progress` receives the input bytes of each dry conversion (one per `candidate_settings`).
 pub fn allocate(
     source: &SafetensorsFile,
     opts: &ConvertOptions,
@@ -155,12 +214,14 @@ pub fn allocate(
     let free: Vec<usize> = (0..source.tensors.len())
         .filter(|&i| is_free(&source.tensors[i], opts))
         .collect();
-    let bits = candidate_bits(source, opts);
-    let mut candidates = Vec::with_capacity(bits.len());
-    for &k in &bits {
+    let settings = candidate_settings(source, opts);
+    let mut candidates = Vec::with_capacity(settings.len());
+    for setting in &settings {
         let mut candidate_opts = opts.clone();
-        candidate_opts.lossy.default_bits = k;
+        candidate_opts.lossy.default_bits = setting.mantissa_bits;
+        candidate_opts.lossy.norm_block = setting.norm_block;
         candidate_opts.lossy.assigned.clear();
+        candidate_opts.lossy.assigned_norm_blocks.clear();
         candidates.push(Candidate::measure(source, &candidate_opts, progress)?);
     }
     let payload = |c: usize, ti: usize| candidates[c].block_lens[ti].iter().sum::<u64>();
@@ -185,7 +246,8 @@ pub fn allocate(
         return Err(NzError::InvalidSetting {
             what: format!(
                 "a target of {target_bits_per_weight} bits per weight: the smallest this file reaches, with \
-                 every free tensor at K = 0, is {:.3}",
+                 every free tensor at {}, is {:.3}",
+                settings[0],
                 8.0 * smallest as f64 / elements.max(1) as f64
             ),
         });
@@ -263,7 +325,8 @@ pub fn allocate(
                 name: t.name.clone(),
                 elements: t.elements(),
                 // K at or past the dtype's mantissa is that dtype's lossless run.
-                mantissa_bits: bits[c].filter(|&k| k < man_bits),
+                mantissa_bits: settings[c].mantissa_bits.filter(|&k| k < man_bits),
+                norm_block: settings[c].norm_block,
                 payload_bytes: payload(c, ti),
                 relative_error: candidates[c].relative_error[ti],
             }
@@ -271,6 +334,7 @@ pub fn allocate(
         .collect();
     Ok(Allocation {
         target_bits_per_weight,
+        fixed_mantissa_bits: opts.lossy.default_bits,
         choices,
         predicted_bytes,
         predicted_bits_per_weight: 8.0 * predicted_bytes as f64 / elements.max(1) as f64,

@@ -482,32 +482,76 @@ pub fn planned_error(
     plan: &TensorPlan,
 ) -> Option<ErrorStats> {
     let fmt = FloatFormat::of(t.dtype)?;
+    let mut stats = ErrorStats::default();
+    let quantizer = plan.quantizer();
+    let bound = quantizer.map(|q| move |x: f64| q.error_bound(x));
+    let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
+    for_each_round_trip(source, t, plan, |_, a, b| {
+        stats.add(fmt.to_f64(a), fmt.to_f64(b), bound_ref)
+    })?;
+    Some(stats)
+}
+
+/// Weighted error energy over weighted signal energy of a lossy tensor whose quantizer has channel weights
+/// (`--importance`): every finite element's squared error and square weighted by its input channel's
+/// importance. None for other tensors.
+pub fn planned_weighted_relative_error(
+    source: &SafetensorsFile,
+    t: &crate::source::SourceTensor,
+    plan: &TensorPlan,
+) -> Option<f64> {
+    let fmt = FloatFormat::of(t.dtype)?;
+    let q = plan.quantizer().filter(|q| q.has_channel_weights())?;
+    let (mut error, mut signal) = (0.0, 0.0);
+    for_each_round_trip(source, t, plan, |i, a, b| {
+        let (x, y) = (fmt.to_f64(a), fmt.to_f64(b));
+        if x.is_finite() && y.is_finite() {
+            let w = q.element_weight(i);
+            error += w * (x - y) * (x - y);
+            signal += w * x * x;
+        }
+    })?;
+    (signal > 0.0).then(|| error / signal)
+}
+
+/// Calls `f(index, original, decoded)` with the bit patterns of every element of a planned tensor and its
+/// round trip (see `planned_error`). None for dtypes without whole-byte elements.
+fn for_each_round_trip(
+    source: &SafetensorsFile,
+    t: &crate::source::SourceTensor,
+    plan: &TensorPlan,
+    mut f: impl FnMut(usize, u64, u64),
+) -> Option<()> {
     let width = t.dtype.byte_width()?;
     let data = source.data(t);
-    let mut stats = ErrorStats::default();
     if let Some(cb) = plan.codebook() {
         let original = crate::codec::split::element_values(data, width);
         let decoded = crate::codec::split::element_values(
             &reconstruction_bytes(&cb.quantized, t.dtype),
             width,
         );
-        for (&a, &b) in original.iter().zip(&decoded) {
-            stats.add(fmt.to_f64(a), fmt.to_f64(b), None);
+        for (i, (&a, &b)) in original.iter().zip(&decoded).enumerate() {
+            f(i, a, b);
         }
-        return Some(stats);
+        return Some(());
     }
-    let block_bytes = plan.entry.block_units as usize * width;
-    for block in data.chunks(block_bytes.max(width)) {
+    let block_units = (plan.entry.block_units as usize).max(1);
+    for (k, block) in data.chunks(block_units * width).enumerate() {
         let original = crate::codec::split::element_values(block, width);
-        let decoded = match plan.quantizer() {
-            Some(q) => q.round_trip_block(block, width),
-            None => original.clone(),
-        };
-        let bound = plan.quantizer().map(|q| move |x: f64| q.error_bound(x));
-        let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
-        for (&a, &b) in original.iter().zip(&decoded) {
-            stats.add(fmt.to_f64(a), fmt.to_f64(b), bound_ref);
+        let first = k * block_units;
+        match plan.quantizer() {
+            Some(q) => {
+                let decoded = q.round_trip_block(block, width, first);
+                for (i, (&a, &b)) in original.iter().zip(&decoded).enumerate() {
+                    f(first + i, a, b);
+                }
+            }
+            None => {
+                for (i, &a) in original.iter().enumerate() {
+                    f(first + i, a, a);
+                }
+            }
         }
     }
-    Some(stats)
+    Some(())
 }

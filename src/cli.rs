@@ -114,13 +114,15 @@ struct ConvertArgs {
     zstd_level: i32,
     #[command(flatten)]
     lossy: LossyArgs,
-    /// Lossy with a size target instead of one K: the whole file gets at most R bits per weight, and neuzip
-    /// picks K for each tensor of rank 2 or more that no --tensor-bits rule names, giving bits where they
-    /// lower the error most (every matrix counted as an equal source of relative error, so large embedding
-    /// tables get fewer bits than the matrices every token goes through). It runs one dry conversion per
-    /// candidate K first (K = 0..=10 and lossless), so it takes about that many times longer. With a
-    /// sharded model, each shard meets the target. See the chosen K per tensor with `neuzip inspect`.
-    #[arg(long, value_name = "R", conflicts_with_all = ["mantissa_bits", "codebook_bits"])]
+    /// Lossy with a size target: the whole file gets at most R bits per weight, and neuzip picks K for each
+    /// tensor of rank 2 or more that no --tensor-bits rule names, giving bits where they lower the error most
+    /// (every matrix counted as an equal source of relative error, so large embedding tables get fewer bits
+    /// than the matrices every token goes through). With --mantissa-bits K, K stays the same everywhere and
+    /// neuzip picks each tensor's normalization group instead (none, or 1024 down to 16 elements per scale
+    /// byte). It runs one dry conversion per candidate first (K = 0..=10 and lossless, or the 9 group
+    /// sizes), so it takes about that many times longer. With a sharded model, each shard meets the target.
+    /// See the chosen settings per tensor with `neuzip inspect`.
+    #[arg(long, value_name = "R", conflicts_with = "codebook_bits")]
     target_bits: Option<f64>,
     #[command(flatten)]
     codebook: CodebookArgs,
@@ -204,10 +206,12 @@ struct CodebookArgs {
     /// Codebook: row clusters per tensor (1..=256), each with its own codebook.
     #[arg(long, value_name = "K", default_value_t = DEFAULT_ROW_CLUSTERS, requires = "codebook_bits")]
     row_clusters: u32,
-    /// Codebook: a safetensors file of per-input-channel importances (e.g. activation second moments), one
-    /// 1-D F32 vector per weight tensor under its name, as the fit's error weights; tensors without one use
-    /// |w| + sigma.
-    #[arg(long, value_name = "FILE", requires = "codebook_bits")]
+    /// Codebook and lossy: a safetensors file of per-input-channel importances (e.g. activation second
+    /// moments over calibration text, like llama.cpp's imatrix; `examples/embedding_check --importance-out`
+    /// writes one for BERT models), one 1-D F32 vector per weight tensor under its name. They weigh the
+    /// codebook fit's errors (tensors without one use |w| + sigma) and the lossy mode's choice of scale
+    /// bytes, and with --target-bits each tensor's error. Decoding does not need them.
+    #[arg(long, value_name = "FILE")]
     importance: Option<PathBuf>,
 }
 
@@ -399,7 +403,7 @@ fn convert_one(
     if opts.target_bits_per_weight.is_some() {
         // One dry conversion per candidate K, then the conversion itself.
         if let Ok(source) = SafetensorsFile::open(input) {
-            size *= 1 + neuzip::allocate::candidate_bits(&source, opts).len() as u64;
+            size *= 1 + neuzip::allocate::candidate_settings(&source, opts).len() as u64;
         }
     }
     let bar = progress_bar(size, &format!("convert {}", input.display()), quiet);
@@ -409,30 +413,43 @@ fn convert_one(
     Ok(converted)
 }
 
-/// "K=2: 1 tensor (11.7 M weights), K=4: 24 tensors (...), ...; 6.55 bits/weight (target 6.6)".
+/// "K=2: 1 tensor (11.7 M weights), K=4: 24 tensors (...), ...; 6.55 bits/weight (target 6.6)", or at a fixed
+/// K, "groups of 48: 30 tensors (...), no normalization: 1 tensor (...)".
 fn allocation_line(a: &neuzip::allocate::Allocation) -> String {
-    let mut groups: BTreeMap<Option<u32>, (usize, u64)> = BTreeMap::new();
+    let fixed_k = a.fixed_mantissa_bits.is_some();
+    // Lossless last; the smallest groups first, no normalization last.
+    let key = |c: &neuzip::allocate::TensorChoice| match fixed_k {
+        true => (0, c.norm_block.wrapping_sub(1)),
+        false => (c.mantissa_bits.map_or(u32::MAX, |k| k), 0),
+    };
+    let mut groups: BTreeMap<(u32, u32), (String, usize, u64)> = BTreeMap::new();
     for c in &a.choices {
-        let g = groups.entry(c.mantissa_bits).or_default();
-        g.0 += 1;
-        g.1 += c.elements;
+        let label = match (fixed_k, c.mantissa_bits, c.norm_block) {
+            (true, _, 0) => "no normalization".to_string(),
+            (true, _, b) => format!("groups of {b}"),
+            (false, None, _) => "lossless".to_string(),
+            (false, Some(k), _) => format!("K={k}"),
+        };
+        let g = groups.entry(key(c)).or_insert((label, 0, 0));
+        g.1 += 1;
+        g.2 += c.elements;
     }
-    // Lossless last.
-    let mut parts: Vec<(Option<u32>, (usize, u64))> = groups.into_iter().collect();
-    parts.sort_by_key(|(k, _)| k.map_or(u32::MAX, |k| k));
-    let parts: Vec<String> = parts
-        .into_iter()
-        .map(|(k, (n, weights))| {
+    let parts: Vec<String> = groups
+        .into_values()
+        .map(|(label, n, weights)| {
             format!(
-                "{}: {n} tensor{} ({:.2} M weights)",
-                k.map_or("lossless".to_string(), |k| format!("K={k}")),
+                "{label}: {n} tensor{} ({:.2} M weights)",
                 if n == 1 { "" } else { "s" },
                 weights as f64 / 1e6
             )
         })
         .collect();
     format!(
-        "mantissa bits chosen for {:.2} bits/weight (target {}): {}",
+        "{} chosen for {:.2} bits/weight (target {}): {}",
+        match fixed_k {
+            true => "normalization groups",
+            false => "mantissa bits",
+        },
         a.predicted_bits_per_weight,
         a.target_bits_per_weight,
         parts.join(", ")
@@ -458,9 +475,28 @@ fn convert_cmd(args: ConvertArgs, quiet: bool) -> Result<ExitCode> {
         target_bits_per_weight: args.target_bits,
         ..ConvertOptions::default()
     };
+    if args.codebook.importance.is_some()
+        && args.codebook.codebook_bits.is_none()
+        && args.lossy.mantissa_bits.is_none()
+        && args.lossy.tensor_bits.is_empty()
+        && args.target_bits.is_none()
+    {
+        bail!(
+            "--importance weighs a lossy conversion: give --mantissa-bits, --tensor-bits, --target-bits or \
+             --codebook-bits"
+        );
+    }
     if let Some(r) = args.target_bits {
         if !(r.is_finite() && r > 0.0) {
             bail!("--target-bits must be a positive number of bits per weight, not {r}");
+        }
+        if args.lossy.mantissa_bits.is_some()
+            && (args.lossy.norm_block.is_some() || args.lossy.no_norm)
+        {
+            bail!(
+                "--target-bits with --mantissa-bits chooses each tensor's normalization group itself: \
+                 leave out --norm-block and --no-norm"
+            );
         }
     }
     let started = Instant::now();
@@ -709,17 +745,23 @@ fn inspect_cmd(args: InspectArgs) -> Result<ExitCode> {
     }
     writeln!(
         out,
-        "{:<52} {:>5} {:>14} {:>11} {:>11} {:>11} {:>11} {:>7}",
+        "{:<52} {:>5} {:>14} {:>13} {:>11} {:>11} {:>11} {:>7}",
         "tensor", "dtype", "shape", "codec", "blocks t/l/z/r", "original", "stored", "bits/w"
     )?;
     for t in &r.tensors {
+        // Lossy tensors show K and their normalization group: "lossy K3 g48", "lossy K3 -".
+        let codec = match (t.mantissa_bits, t.norm_block) {
+            (Some(k), Some(0)) => format!("{} K{k} -", t.codec),
+            (Some(k), Some(b)) => format!("{} K{k} g{b}", t.codec),
+            _ => t.codec.clone(),
+        };
         writeln!(
             out,
-            "{:<52} {:>5} {:>14} {:>11} {:>11} {:>11} {:>11} {:>7.3}",
+            "{:<52} {:>5} {:>14} {:>13} {:>11} {:>11} {:>11} {:>7.3}",
             t.name,
             t.dtype,
             format!("{:?}", t.shape),
-            t.codec,
+            codec,
             format!(
                 "{}/{}/{}/{}",
                 t.blocks[2] + t.blocks[4] + t.blocks[5],

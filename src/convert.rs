@@ -121,6 +121,11 @@ pub fn plan_tensor(
     }
     let block_units = opts.float_block_elements.max(1);
     let blocks = elements.div_ceil(block_units as u64);
+    // `check_settings` checked the importance lengths.
+    let importance = opts.importance.as_ref().and_then(|i| {
+        let cols = t.shape.last().copied().unwrap_or(0);
+        i.for_tensor(&t.name, cols).ok().flatten()
+    });
     let codebook_rate = opts.codebook.bits_for(&t.name, t.dtype, t.shape.len());
     if let Some(rate) = codebook_rate {
         let fit = FitOptions {
@@ -128,11 +133,6 @@ pub fn plan_tensor(
             row_clusters: opts.codebook.row_clusters as usize,
             ..FitOptions::default()
         };
-        // `check_settings` checked the importance lengths.
-        let importance = opts.importance.as_ref().and_then(|i| {
-            let cols = t.shape.last().copied().unwrap_or(0);
-            i.for_tensor(&t.name, cols).ok().flatten()
-        });
         let error_weights = importance.map_or(ErrorWeights::AbsPlusSigma, ErrorWeights::PerInput);
         // A tensor the codec cannot apply to (a non-finite weight, a row over the block limit) stays lossless.
         let planned = match opts.codebook.mode {
@@ -177,7 +177,9 @@ pub fn plan_tensor(
         .ok()
         .flatten();
     if let Some(k) = mantissa_bits {
-        if let Some(p) = lossy::plan(t.dtype, k, opts.lossy.norm_block, data, block_units) {
+        let norm_block = opts.lossy.norm_block_for(&t.name);
+        let weights = importance.unwrap_or_default();
+        if let Some(p) = lossy::plan(t.dtype, k, norm_block, data, block_units, weights) {
             return TensorPlan {
                 entry: entry(t, Codec::Lossy, block_units, p.params.to_bytes(), blocks),
                 split: None,
@@ -257,7 +259,8 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
         });
     }
     if let Some((params, quantizer)) = &plan.lossy {
-        let payload = lossy::encode_block(params, quantizer, plan.entry.dtype, raw);
+        let first = k * plan.entry.block_units as usize;
+        let payload = lossy::encode_block(params, quantizer, plan.entry.dtype, raw, first);
         return Ok(EncodedBlock {
             mode: BlockMode::Lossy,
             bound_bits: 8.0 * payload.len() as f64,
@@ -368,13 +371,17 @@ pub fn check_settings(source: &SafetensorsFile, opts: &ConvertOptions) -> Result
         });
     }
     for t in &source.tensors {
-        opts.lossy
+        let mantissa_bits = opts
+            .lossy
             .mantissa_bits_for(&t.name, t.dtype, t.shape.len())?;
         if let Some(importance) = &opts.importance {
-            if opts
-                .codebook
-                .bits_for(&t.name, t.dtype, t.shape.len())
-                .is_some()
+            // A size target may make any free tensor lossy.
+            let lossy = mantissa_bits.is_some() || opts.target_bits_per_weight.is_some();
+            if lossy
+                || opts
+                    .codebook
+                    .bits_for(&t.name, t.dtype, t.shape.len())
+                    .is_some()
             {
                 importance.for_tensor(&t.name, t.shape.last().copied().unwrap_or(0))?;
             }
@@ -583,6 +590,7 @@ fn resolve_target<'a>(
     resolved.target_bits_per_weight = None;
     resolved.lossy.default_bits = None;
     resolved.lossy.assigned = allocation.assignments().collect();
+    resolved.lossy.assigned_norm_blocks = allocation.norm_block_assignments().collect();
     check_settings(source, &resolved)?;
     Ok((Cow::Owned(resolved), Some(allocation)))
 }

@@ -2,8 +2,9 @@
 
 use serde::Serialize;
 
+use crate::codec::lossy::LossyParams;
 use crate::format::reader::NztFile;
-use crate::format::BlockMode;
+use crate::format::{BlockMode, Codec};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TensorRow {
@@ -11,6 +12,11 @@ pub struct TensorRow {
     pub dtype: String,
     pub shape: Vec<u64>,
     pub codec: String,
+    /// Lossy tensors: mantissa bits kept (K) and elements per scale byte (0: no normalization).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mantissa_bits: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub norm_block: Option<u32>,
     /// Block count per mode: raw, zstd, split, split_local, lossy, codebook.
     pub blocks: [usize; 6],
     pub original_bytes: u64,
@@ -61,11 +67,17 @@ pub fn report(file: &NztFile) -> Report {
         let n = t.elements().unwrap_or(0);
         elements += n;
         original += t.byte_len();
+        // The header parser has checked the params.
+        let lossy = (t.codec == Codec::Lossy)
+            .then(|| LossyParams::parse(&t.params, t.dtype).ok())
+            .flatten();
         rows.push(TensorRow {
             name: t.name.clone(),
             dtype: t.dtype.to_string(),
             shape: t.shape.clone(),
             codec: t.codec.name().to_string(),
+            mantissa_bits: lossy.as_ref().map(|p| p.mantissa_bits),
+            norm_block: lossy.as_ref().map(|p| p.norm_block),
             blocks,
             original_bytes: t.byte_len(),
             stored_bytes: t.stored_len(),

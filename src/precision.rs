@@ -130,18 +130,22 @@ pub struct LossySettings {
     /// Per-tensor precision by exact name, as chosen by `allocate` for a size target; consulted after the
     /// rules and before the rank default.
     pub assigned: BTreeMap<String, Precision>,
+    /// Per-tensor normalization group size by exact name, as chosen by `allocate` for a size target at a
+    /// fixed K; tensors not named use `norm_block`.
+    pub assigned_norm_blocks: BTreeMap<String, u32>,
 }
 
 impl LossySettings {
     /// Checks the settings on their own (K within the widest dtype, group size within 0..=1024).
     pub fn validate(&self) -> Result<()> {
-        if self.norm_block > MAX_NORM_BLOCK {
-            return Err(NzError::InvalidSetting {
-                what: format!(
-                    "norm block {} outside 1..={MAX_NORM_BLOCK}",
-                    self.norm_block
-                ),
-            });
+        let blocks =
+            std::iter::once(self.norm_block).chain(self.assigned_norm_blocks.values().copied());
+        for block in blocks {
+            if block > MAX_NORM_BLOCK {
+                return Err(NzError::InvalidSetting {
+                    what: format!("norm block {block} outside 1..={MAX_NORM_BLOCK}"),
+                });
+            }
         }
         let bits = self
             .default_bits
@@ -172,6 +176,14 @@ impl LossySettings {
                 .map(|r| &r.value)
                 .chain(self.assigned.values())
                 .all(|&p| p == Precision::Lossless)
+    }
+
+    /// Elements per scale byte for a tensor (0 = no normalization): its assigned group size, else `norm_block`.
+    pub fn norm_block_for(&self, name: &str) -> u32 {
+        self.assigned_norm_blocks
+            .get(name)
+            .copied()
+            .unwrap_or(self.norm_block)
     }
 
     /// The mantissa bits to keep for a tensor, None for lossless: a rule's value if one matches, else its

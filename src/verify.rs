@@ -240,7 +240,7 @@ pub fn verify(
                 .filter(|(a, b)| a != b)
                 .count() as u64;
             if let Some(fmt) = FloatFormat::of(t.dtype) {
-                let q = quantizers[index];
+                let q = &quantizers[index];
                 let bound = q.as_ref().map(|q| move |x: f64| q.error_bound(x));
                 let bound_ref = bound.as_ref().map(|b| b as &dyn Fn(f64) -> f64);
                 let bits = |c: &[u8]| {

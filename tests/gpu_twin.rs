@@ -600,7 +600,7 @@ fn forced_lossy_nzt(
         let tops = data.chunks(block_units as usize * width).flat_map(|block| {
             let values = field_values(block, dtype, 0, 8 * width as u32);
             let values: Vec<u64> = values.into_iter().map(u64::from).collect();
-            let (_, codes) = quantizer.quantize_block(&values);
+            let (_, codes) = quantizer.quantize_block(&values, 0);
             codes.into_iter().map(|c| c >> (code_bits - coded_bits))
         });
         table_for(tops, coded_bits, prob_bits)
@@ -613,10 +613,12 @@ fn forced_lossy_nzt(
     };
     let blocks = data
         .chunks(block_units as usize * width)
-        .map(|block| {
+        .enumerate()
+        .map(|(i, block)| {
+            let first = i * block_units as usize;
             (
                 BlockMode::Lossy,
-                lossy::encode_block(&params, &quantizer, dtype, block),
+                lossy::encode_block(&params, &quantizer, dtype, block, first),
             )
         })
         .collect();

@@ -1,7 +1,7 @@
 //! Lossy mode end to end: every decoded element within the error bound of format-spec/nzt.md section
 //! 13.3.5 (on every BF16 and F16 bit pattern, on F32 specials and random bits, on real MiniLM weights), NaN
 //! and Inf kept, no Inf made, K = full mantissa giving the lossless file, the version byte, the CLI's flags,
-//! errors, `verify --against` and `analyze --sweep`.
+//! errors, `verify --against`, `analyze --sweep`, and `--importance` weighing the choice of scale bytes.
 
 mod common;
 
@@ -461,8 +461,8 @@ mod property {
                 };
                 block.extend_from_slice(&bits.to_le_bytes()[..width]);
             }
-            let lossy = plan(dtype, k, norm_block, &block, 4096).unwrap();
-            let payload = encode_block(&lossy.params, &lossy.quantizer, dtype, &block);
+            let lossy = plan(dtype, k, norm_block, &block, 4096, &[]).unwrap();
+            let payload = encode_block(&lossy.params, &lossy.quantizer, dtype, &block, 0);
             let decoder = LossyDecoder::new(lossy.params.clone(), dtype).unwrap();
             let mut out = vec![0u8; block.len()];
             decoder.decode_block(&payload, &mut out).unwrap();
@@ -484,4 +484,84 @@ mod property {
             }
         }
     }
+}
+
+#[test]
+fn importance_weighs_the_scale_bytes_of_its_tensor_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = fixture("minilm_slice_bf16.safetensors");
+    let source = SafetensorsFile::open(&input).unwrap();
+    let query = "encoder.layer.0.attention.self.query.weight";
+    let cols = 384;
+    // Seeded importances spanning four decades.
+    let mut rng = SplitMix::new(29);
+    let importance: Vec<f32> = (0..cols)
+        .map(|_| 10f64.powf(4.0 * rng.unit() - 2.0) as f32)
+        .collect();
+    let path = write_file(
+        dir.path(),
+        "importance.safetensors",
+        &safetensors_bytes(
+            &[TestTensor {
+                name: query.into(),
+                dtype: Dtype::F32,
+                shape: vec![cols],
+                data: importance.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            }],
+            None,
+        ),
+    );
+    let mut weighted = lossy_opts(3, 64);
+    weighted.importance = Some(std::sync::Arc::new(
+        neuzip::codec::codebook_format::Importance::from_file(
+            &SafetensorsFile::open(&path).unwrap(),
+        )
+        .unwrap(),
+    ));
+    let with = open_bytes(convert_to_vec(&source, &weighted).unwrap()).unwrap();
+    let without = open_bytes(convert_to_vec(&source, &lossy_opts(3, 64)).unwrap()).unwrap();
+    let weighted_error = |file: &NztFile, t: &neuzip::source::SourceTensor| -> f64 {
+        let decoded = file.decode_tensor(&t.name).unwrap();
+        source
+            .data(t)
+            .chunks_exact(2)
+            .zip(decoded.chunks_exact(2))
+            .enumerate()
+            .map(|(i, (x, y))| {
+                let d = value(Dtype::BF16, x) - value(Dtype::BF16, y);
+                importance[i % cols] as f64 * d * d
+            })
+            .sum()
+    };
+    for t in &source.tensors {
+        let same = with.decode_tensor(&t.name).unwrap() == without.decode_tensor(&t.name).unwrap();
+        assert_eq!(same, t.name != query, "{}", t.name);
+        if t.name == query {
+            let (w, u) = (weighted_error(&with, t), weighted_error(&without, t));
+            assert!(w < u, "weighted error {w} with the importance, {u} without");
+        }
+    }
+    // The CLI writes the same file from the same flags.
+    let out = dir.path().join("x.nzt");
+    neuzip()
+        .args([
+            "convert",
+            "--tensor-bits",
+            "*=3",
+            "--norm-block",
+            "64",
+            "--block-elements",
+            "4096",
+            "--importance",
+        ])
+        .arg(&path)
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .assert()
+        .success();
+    assert!(
+        std::fs::read(&out).unwrap() == convert_to_vec(&source, &weighted).unwrap(),
+        "the CLI and the library wrote different files"
+    );
 }

@@ -1,13 +1,15 @@
 //! Lossy mode with a size target (`convert --target-bits R`): the file stays within R bits per weight, more
 //! room never means more error, the choice beats one K for all at that K's size, rules and 1-D tensors keep
 //! their settings, a target at or above the lossless size gives the lossless file, the bytes do not depend
-//! on the thread count, and bad targets are refused. Errors are measured here by decoding the file and
+//! on the thread count, and bad targets are refused. With K given too, every free tensor keeps that K and
+//! only the normalization groups are chosen. Errors are measured here by decoding the file and
 //! comparing values, independently of the allocator's own figures.
 
 mod common;
 
 use assert_cmd::Command;
 
+use neuzip::codec::lossy::LossyParams;
 use neuzip::convert::{convert_to_vec, ConvertOptions};
 use neuzip::format::Codec;
 use neuzip::mmap::Bytes;
@@ -237,8 +239,19 @@ fn cli_reports_the_choice_and_refuses_bad_targets() {
         (&["--target-bits", "0"], "positive"),
         (&["--target-bits", "1"], "smallest"),
         (
-            &["--target-bits", "6", "--mantissa-bits", "3"],
-            "cannot be used with",
+            &[
+                "--target-bits",
+                "6",
+                "--mantissa-bits",
+                "3",
+                "--norm-block",
+                "64",
+            ],
+            "leave out --norm-block",
+        ),
+        (
+            &["--target-bits", "6", "--mantissa-bits", "3", "--no-norm"],
+            "leave out --norm-block",
         ),
         (
             &["--target-bits", "6", "--codebook-bits", "3"],
@@ -247,4 +260,66 @@ fn cli_reports_the_choice_and_refuses_bad_targets() {
     ];
     let refused = dir.path().join("refused.nzt");
     assert_convert_refused(&input, &refused, bad);
+}
+
+fn fixed_k_target(k: u32, r: f64) -> ConvertOptions {
+    let mut o = with_target(r);
+    o.lossy.default_bits = Some(k);
+    o
+}
+
+/// (K, group size) of every lossy tensor of `nzt`, by name.
+fn lossy_settings(nzt: &[u8]) -> Vec<(String, u32, u32)> {
+    let file = open_bytes(nzt.to_vec()).unwrap();
+    file.tensors()
+        .iter()
+        .filter(|e| e.codec == Codec::Lossy)
+        .map(|e| {
+            let p = LossyParams::parse(&e.params, e.dtype).unwrap();
+            (e.name.clone(), p.mantissa_bits, p.norm_block)
+        })
+        .collect()
+}
+
+#[test]
+fn a_fixed_k_target_keeps_k_and_chooses_the_groups() {
+    let source = source();
+    let matrices = source.tensors.iter().filter(|t| t.shape.len() >= 2).count();
+    let one_group = convert_to_vec(&source, &uniform(3)).unwrap();
+    let uniform_bits = bits_per_weight(&source, &one_group);
+    let uniform_error = summed_relative_error(&source, one_group);
+    let mut previous = f64::INFINITY;
+    let mut group_sizes = std::collections::BTreeSet::new();
+    for extra in [0.001, 0.1, 0.3, 1.0] {
+        let target = uniform_bits * (1.0 + extra);
+        let nzt = convert_to_vec(&source, &fixed_k_target(3, target)).unwrap();
+        let got = bits_per_weight(&source, &nzt);
+        assert!(got <= target, "target {target}: {got} bits/weight");
+        let settings = lossy_settings(&nzt);
+        assert_eq!(settings.len(), matrices, "every matrix stays lossy");
+        assert!(settings.iter().all(|(_, k, _)| *k == 3), "{settings:?}");
+        group_sizes.extend(settings.iter().map(|(_, _, b)| *b));
+        let error = summed_relative_error(&source, nzt);
+        assert!(
+            error <= uniform_error,
+            "target {target}: {error} vs one group size {uniform_error}"
+        );
+        assert!(error <= previous, "more room cost error at {target}");
+        previous = error;
+    }
+    assert!(
+        group_sizes.len() > 1,
+        "one group size for every target: {group_sizes:?}"
+    );
+    // Below the file with no normalization anywhere there is nothing to choose.
+    let no_norm = {
+        let mut o = uniform(3);
+        o.lossy.norm_block = 0;
+        bits_per_weight(&source, &convert_to_vec(&source, &o).unwrap())
+    };
+    let err = convert_to_vec(&source, &fixed_k_target(3, no_norm * 0.98)).unwrap_err();
+    assert!(
+        matches!(&err, NzError::InvalidSetting { what } if what.contains("K = 3, no normalization")),
+        "{err}"
+    );
 }

@@ -27,6 +27,19 @@ fn align4(x: usize) -> usize {
 /// Scale bytes between the candidates of the first pass of the scale search.
 const SCALE_SEARCH_STRIDE: usize = 8;
 
+/// `f(0) + ... + f(n - 1)` as eight partial sums, so that the compiler keeps eight terms in flight (SIMD).
+#[inline]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f64) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let full = n - n % 8;
+    for base in (0..full).step_by(8) {
+        for (j, lane) in lanes.iter_mut().enumerate() {
+            *lane += f(base + j);
+        }
+    }
+    lanes.iter().sum::<f64>() + (full..n).map(f).sum::<f64>()
+}
+
 /// `v >= 0` rounded to `bits` mantissa bits, to nearest with ties to even, in f64 (exact for values whose
 /// rounded form is a normal number of the target format; the search uses it as its error model).
 fn round_mantissa(v: f64, bits: u32) -> f64 {
@@ -156,13 +169,16 @@ impl FloatFormat {
 }
 
 /// Rounding and normalization of one tensor: dtype bits to narrow codes and back.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Quantizer {
     fmt: FloatFormat,
     narrow: FloatFormat,
     /// Stored mantissa bits, `max(K, 1)` (at K = 0 the one bit marks NaN).
     stored: u32,
     norm_block: u32,
+    /// Error weights of the scale search, one per input channel (the last dimension), e.g. activation second
+    /// moments; None weighs every element alike. Encoder-only: decoding never reads them.
+    channel_weights: Option<std::sync::Arc<[f32]>>,
 }
 
 impl Quantizer {
@@ -181,7 +197,26 @@ impl Quantizer {
             },
             stored: mantissa_bits.max(1),
             norm_block,
+            channel_weights: None,
         })
+    }
+
+    /// The quantizer whose scale search weighs element `i` of the tensor by `weights[i % weights.len()]`
+    /// (an importance per input channel; non-negative, not all zero). Empty weights are ignored.
+    pub fn with_channel_weights(mut self, weights: &[f32]) -> Quantizer {
+        self.channel_weights = (!weights.is_empty()).then(|| weights.into());
+        self
+    }
+
+    /// The error weight of the tensor's element `index` (1 without channel weights).
+    pub fn element_weight(&self, index: usize) -> f64 {
+        self.channel_weights
+            .as_ref()
+            .map_or(1.0, |w| w[index % w.len()] as f64)
+    }
+
+    pub fn has_channel_weights(&self) -> bool {
+        self.channel_weights.is_some()
     }
 
     pub fn mantissa_bits(&self) -> u32 {
@@ -241,11 +276,12 @@ impl Quantizer {
         (fraction * (1 << SCALE_BITS) as f64) as u8
     }
 
-    /// The scale byte of least squared error for a group, given the magnitudes of its finite elements (ties
-    /// to the byte of `scale_byte` of their maximum, which makes a BF16 group's maximum exact): every 8th
-    /// byte, then the neighbours of the best of those. The error is the decoded one for normal values: `x`
-    /// rounded to K bits after division, multiplied back and rounded to the dtype.
-    fn best_scale_byte(&self, magnitudes: &[f64]) -> u8 {
+    /// The scale byte of least (weighted) squared error for a group, given the magnitudes of its finite
+    /// elements and, with channel weights, their weights (ties to the byte of `scale_byte` of their maximum,
+    /// which makes a BF16 group's maximum exact): every 8th byte, then the neighbours of the best of those.
+    /// The error is the decoded one for normal values: `x` rounded to K bits after division, multiplied back
+    /// and rounded to the dtype.
+    fn best_scale_byte(&self, magnitudes: &[f64], weights: &[f64]) -> u8 {
         let absmax = magnitudes.iter().copied().fold(0.0f64, f64::max);
         let max_rule = Self::scale_byte(absmax);
         if absmax == 0.0 {
@@ -258,16 +294,12 @@ impl Quantizer {
                 let decoded = round_mantissa(c * round_mantissa(x / c, k), m);
                 (x - decoded) * (x - decoded)
             };
-            // Eight partial sums, so that the compiler can keep eight elements in flight (SIMD).
-            let chunks = magnitudes.chunks_exact(8);
-            let tail: f64 = chunks.remainder().iter().map(|&x| squared_error(x)).sum();
-            let mut lanes = [0.0f64; 8];
-            for chunk in chunks {
-                for (lane, &x) in lanes.iter_mut().zip(chunk) {
-                    *lane += squared_error(x);
-                }
+            match weights.is_empty() {
+                true => lane_sum(magnitudes.len(), |i| squared_error(magnitudes[i])),
+                false => lane_sum(magnitudes.len(), |i| {
+                    weights[i] * squared_error(magnitudes[i])
+                }),
             }
-            lanes.iter().sum::<f64>() + tail
         };
         let mut best = (error(max_rule), max_rule);
         let consider = |byte: u8, best: &mut (f64, u8)| {
@@ -343,8 +375,9 @@ impl Quantizer {
         head | ((e as u64) << fm) | m as u64
     }
 
-    /// The scale bytes and narrow codes of a block of dtype bit patterns.
-    pub fn quantize_block(&self, values: &[u64]) -> (Vec<u8>, Vec<u32>) {
+    /// The scale bytes and narrow codes of a block of dtype bit patterns whose first element is element
+    /// `first` of the tensor (which places the channel weights).
+    pub fn quantize_block(&self, values: &[u64], first: usize) -> (Vec<u8>, Vec<u32>) {
         if self.norm_block == 0 {
             return (
                 Vec::new(),
@@ -354,14 +387,24 @@ impl Quantizer {
         let mut scales = Vec::with_capacity(self.scale_count(values.len()));
         let mut codes = Vec::with_capacity(values.len());
         let mut magnitudes = Vec::with_capacity(self.norm_block as usize);
-        for group in values.chunks(self.norm_block as usize) {
+        let mut weights = Vec::new();
+        for (g, group) in values.chunks(self.norm_block as usize).enumerate() {
             // NaN and Inf are left out of the scale choice.
-            magnitudes.clear();
-            magnitudes.extend(group.iter().filter_map(|&v| {
+            let start = first + g * self.norm_block as usize;
+            let finite = group.iter().enumerate().filter_map(|(i, &v)| {
                 let (_, exp, man) = self.split(v);
-                (exp != self.fmt.exp_all_ones()).then(|| self.fmt.value(exp, man))
-            }));
-            let byte = self.best_scale_byte(&magnitudes);
+                (exp != self.fmt.exp_all_ones()).then(|| (start + i, self.fmt.value(exp, man)))
+            });
+            magnitudes.clear();
+            weights.clear();
+            match self.channel_weights.is_some() {
+                true => finite.for_each(|(i, x)| {
+                    magnitudes.push(x);
+                    weights.push(self.element_weight(i));
+                }),
+                false => magnitudes.extend(finite.map(|(_, x)| x)),
+            }
+            let byte = self.best_scale_byte(&magnitudes, &weights);
             scales.push(byte);
             let scale = Self::scale(byte);
             codes.extend(group.iter().map(|&v| self.quantize(v, scale)));
@@ -382,10 +425,11 @@ impl Quantizer {
         }
     }
 
-    /// Quantizes and rebuilds a block of little-endian dtype bytes, as encoding and decoding it would.
-    pub fn round_trip_block(&self, block: &[u8], width: usize) -> Vec<u64> {
+    /// Quantizes and rebuilds a block of little-endian dtype bytes whose first element is element `first` of
+    /// the tensor, as encoding and decoding it would.
+    pub fn round_trip_block(&self, block: &[u8], width: usize, first: usize) -> Vec<u64> {
         let values = element_values(block, width);
-        let (scales, codes) = self.quantize_block(&values);
+        let (scales, codes) = self.quantize_block(&values, first);
         let mut out = Vec::with_capacity(values.len());
         self.dequantize_block(&scales, &codes, &mut out);
         out
@@ -490,11 +534,18 @@ fn payload_len(q: &Quantizer, coded_bits: u32, n: usize, word_count: usize) -> u
     size
 }
 
-/// Encodes one block of little-endian dtype bytes (spec: "lossy block payload").
-pub fn encode_block(params: &LossyParams, q: &Quantizer, dtype: Dtype, block: &[u8]) -> Vec<u8> {
+/// Encodes one block of little-endian dtype bytes whose first element is element `first` of the tensor
+/// (spec: "lossy block payload").
+pub fn encode_block(
+    params: &LossyParams,
+    q: &Quantizer,
+    dtype: Dtype,
+    block: &[u8],
+    first: usize,
+) -> Vec<u8> {
     let width = dtype.byte_width().expect("lossy dtypes are whole bytes");
     let values = element_values(block, width);
-    let (scales, codes) = q.quantize_block(&values);
+    let (scales, codes) = q.quantize_block(&values, first);
     let n = codes.len();
     let code_bits = q.code_bits();
     let raw_bits = code_bits - params.coded_bits;
@@ -618,15 +669,18 @@ pub struct LossyPlan {
 
 /// Quantizes every block of a tensor (blocks of `block_units` elements) and picks how many top bits of the
 /// narrow codes to rANS-code: the choice with the lowest predicted size, table and stream flushes included
-/// (the fewest coded bits on ties). None when the dtype or settings do not allow the lossy codec.
+/// (the fewest coded bits on ties). `channel_weights` (may be empty) weigh the scale search per input
+/// channel. None when the dtype or settings do not allow the lossy codec.
 pub fn plan(
     dtype: Dtype,
     mantissa_bits: u32,
     norm_block: u32,
     data: &[u8],
     block_units: u32,
+    channel_weights: &[f32],
 ) -> Option<LossyPlan> {
-    let quantizer = Quantizer::new(dtype, mantissa_bits, norm_block)?;
+    let quantizer =
+        Quantizer::new(dtype, mantissa_bits, norm_block)?.with_channel_weights(channel_weights);
     let width = dtype.byte_width()?;
     let code_bits = quantizer.code_bits();
     let top_bits = code_bits.min(MAX_SYMBOL_BITS);
@@ -634,9 +688,10 @@ pub fn plan(
     let mut blocks = 0u64;
     let mut scale_bytes = 0u64;
     for block in data.chunks(block_units as usize * width) {
-        blocks += 1;
         let values = element_values(block, width);
-        let (scales, codes) = quantizer.quantize_block(&values);
+        let (scales, codes) =
+            quantizer.quantize_block(&values, blocks as usize * block_units as usize);
+        blocks += 1;
         scale_bytes += align4(scales.len()) as u64;
         for c in codes {
             top[(c >> (code_bits - top_bits)) as usize] += 1;
@@ -861,7 +916,7 @@ mod tests {
                 for norm in [0, 1, 7, 512, 1024] {
                     let q = Quantizer::new(dtype, k, norm).unwrap();
                     let block = random_block(dtype, 1500, &mut rng);
-                    let decoded = q.round_trip_block(&block, width);
+                    let decoded = q.round_trip_block(&block, width, 0);
                     for (a, &b) in element_values(&block, width).iter().zip(&decoded) {
                         let (x, y) = (fmt.to_f64(*a), fmt.to_f64(b));
                         if !x.is_finite() {
@@ -917,7 +972,7 @@ mod tests {
                             }
                         })
                         .collect();
-                    let (scales, codes) = q.quantize_block(&values);
+                    let (scales, codes) = q.quantize_block(&values, 0);
                     let mut decoded = Vec::new();
                     q.dequantize_block(&scales, &codes, &mut decoded);
                     let (mut searched, mut max_rule) = (0.0, 0.0);
@@ -952,6 +1007,57 @@ mod tests {
         }
     }
 
+    /// With channel weights the search minimizes the weighted error: over a block it does better on that
+    /// error than the unweighted choice (per group it may not, the search being a coarse-to-fine one), and
+    /// the bound still holds everywhere.
+    #[test]
+    fn channel_weights_steer_the_scale_search() {
+        let mut rng = Rng(0xc0ffee);
+        let fmt = FloatFormat::of(Dtype::BF16).unwrap();
+        // Weights spanning four decades over 24 channels, groups of 8 (three per row of 24).
+        let weights: Vec<f32> = (0..24)
+            .map(|_| 10f32.powf((rng.next() % 400) as f32 / 100.0))
+            .collect();
+        let plain = Quantizer::new(Dtype::BF16, 3, 8).unwrap();
+        let weighted = plain.clone().with_channel_weights(&weights);
+        let values: Vec<u64> = (0..24 * 200)
+            .map(|_| {
+                let v = ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 - 0.5) * 0.2;
+                ((v.max(1e-3) as f32).to_bits() >> 16) as u64
+            })
+            .collect();
+        // The block starts at element 48 of the tensor, a multiple of the row length.
+        let first = 48;
+        let decode = |q: &Quantizer| {
+            let (scales, codes) = q.quantize_block(&values, first);
+            let mut out = Vec::new();
+            q.dequantize_block(&scales, &codes, &mut out);
+            out
+        };
+        let (by_plain, by_weighted) = (decode(&plain), decode(&weighted));
+        let weighted_error = |decoded: &[u64], range: std::ops::Range<usize>| -> f64 {
+            range
+                .map(|i| {
+                    let (x, y) = (fmt.to_f64(values[i]), fmt.to_f64(decoded[i]));
+                    weights[(first + i) % 24] as f64 * (x - y) * (x - y)
+                })
+                .sum()
+        };
+        let all = 0..values.len();
+        let (total_plain, total_weighted) = (
+            weighted_error(&by_plain, all.clone()),
+            weighted_error(&by_weighted, all),
+        );
+        assert!(
+            total_weighted < 0.98 * total_plain,
+            "weighted {total_weighted:e} against plain {total_plain:e}"
+        );
+        for (&a, &b) in values.iter().zip(&by_weighted) {
+            let x = fmt.to_f64(a);
+            assert!((fmt.to_f64(b) - x).abs() <= weighted.error_bound(x));
+        }
+    }
+
     #[test]
     fn blocks_round_trip_through_the_payload() {
         let mut rng = Rng(77);
@@ -959,18 +1065,25 @@ mod tests {
             let fmt = FloatFormat::of(dtype).unwrap();
             let width = dtype.byte_width().unwrap();
             for k in [0, 3, fmt.man_bits - 1] {
-                for norm in [0, 64] {
+                // Channel weights change only the encoder's scale choice: the decoder, which has none,
+                // must still give back what the weighted quantizer's round trip predicts.
+                for (norm, weights) in [
+                    (0, vec![]),
+                    (64, vec![]),
+                    (64, vec![0.5, 4.0, 0.0, 9.0, 1.0]),
+                ] {
                     let data = random_block(dtype, 3000, &mut rng);
-                    let plan = plan(dtype, k, norm, &data, 1000).unwrap();
+                    let plan = plan(dtype, k, norm, &data, 1000, &weights).unwrap();
                     let bytes = plan.params.to_bytes();
                     let params = LossyParams::parse(&bytes, dtype).unwrap();
                     assert_eq!(params, plan.params);
                     let decoder = LossyDecoder::new(params, dtype).unwrap();
-                    for block in data.chunks(1000 * width) {
-                        let payload = encode_block(&plan.params, &plan.quantizer, dtype, block);
+                    for (b, block) in data.chunks(1000 * width).enumerate() {
+                        let payload =
+                            encode_block(&plan.params, &plan.quantizer, dtype, block, 1000 * b);
                         let mut out = vec![0u8; block.len()];
                         decoder.decode_block(&payload, &mut out).unwrap();
-                        let want = plan.quantizer.round_trip_block(block, width);
+                        let want = plan.quantizer.round_trip_block(block, width, 1000 * b);
                         assert_eq!(element_values(&out, width), want, "{dtype} K={k} B={norm}");
                         let mut longer = payload.clone();
                         longer.extend_from_slice(&[0; 4]);
