@@ -68,6 +68,8 @@ impl BertConfig {
 
 /// `y = x W^T + b` with `W` stored `[outputs, inputs]` as in PyTorch.
 struct Linear {
+    /// The checkpoint's weight tensors stacked into `weight`, in order.
+    names: Vec<String>,
     weight: Vec<f32>,
     bias: Vec<f32>,
     inputs: usize,
@@ -89,6 +91,9 @@ struct Layer {
     output: Linear,
     output_norm: LayerNorm,
 }
+
+/// Called with a linear layer's weight names, its inputs (`[tokens * input_width]`) and `input_width`.
+pub type InputObserver<'a> = dyn FnMut(&[String], &[f32], usize) + 'a;
 
 /// A BERT encoder with its weights in f32.
 pub struct BertModel {
@@ -127,6 +132,7 @@ fn load_linear(
         bias.extend(load(ckpt, &format!("{prefix}.bias"), &[outputs])?.data);
     }
     Ok(Linear {
+        names: prefixes.iter().map(|p| format!("{p}.weight")).collect(),
         weight,
         bias,
         inputs,
@@ -199,6 +205,16 @@ impl BertModel {
 
     /// The last hidden states of each sequence (token type 0 throughout), `[tokens * hidden]` per sequence.
     pub fn encode(&self, sequences: &[Vec<u32>]) -> Result<Vec<Vec<f32>>> {
+        self.encode_observed(sequences, &mut |_, _, _| {})
+    }
+
+    /// `encode`, calling `observe(weight_names, inputs, input_width)` with the inputs of every linear layer
+    /// (`[tokens * input_width]`, every token of every sequence) before it is applied.
+    pub fn encode_observed(
+        &self,
+        sequences: &[Vec<u32>],
+        observe: &mut InputObserver<'_>,
+    ) -> Result<Vec<Vec<f32>>> {
         let h = self.config.hidden_size;
         let mut starts = vec![0usize];
         for seq in sequences {
@@ -231,7 +247,7 @@ impl BertModel {
         }
         layer_norm(&mut hidden, &self.embedding_norm);
         for layer in &self.layers {
-            self.layer_forward(layer, &mut hidden, &starts);
+            self.layer_forward(layer, &mut hidden, &starts, observe);
         }
         Ok(starts
             .windows(2)
@@ -249,19 +265,29 @@ impl BertModel {
             .collect())
     }
 
-    fn layer_forward(&self, layer: &Layer, hidden: &mut [f32], starts: &[usize]) {
-        let qkv = linear(hidden, &layer.qkv);
+    fn layer_forward(
+        &self,
+        layer: &Layer,
+        hidden: &mut [f32],
+        starts: &[usize],
+        observe: &mut InputObserver<'_>,
+    ) {
+        let mut apply = |x: &[f32], layer: &Linear| {
+            observe(&layer.names, x, layer.inputs);
+            linear(x, layer)
+        };
+        let qkv = apply(hidden, &layer.qkv);
         let context = self.attention(&qkv, starts);
-        let attended = linear(&context, &layer.attention_out);
+        let attended = apply(&context, &layer.attention_out);
         add_assign(hidden, &attended);
         layer_norm(hidden, &layer.attention_norm);
-        let mut inner = linear(hidden, &layer.intermediate);
+        let mut inner = apply(hidden, &layer.intermediate);
         inner.par_chunks_mut(4096).for_each(|chunk| {
             for x in chunk {
                 *x = gelu(*x);
             }
         });
-        let out = linear(&inner, &layer.output);
+        let out = apply(&inner, &layer.output);
         add_assign(hidden, &out);
         layer_norm(hidden, &layer.output_norm);
     }

@@ -54,6 +54,12 @@ struct Args {
     /// Write the sentences, token ids and every model's embeddings to this JSON file.
     #[arg(long)]
     dump: Option<PathBuf>,
+    /// Write the reference model's activation second moments over the sentences to this safetensors file:
+    /// for every linear layer's weight, the mean square of each input channel (the `--importance` file of
+    /// `neuzip convert`). Use calibration sentences other than the ones you evaluate on, e.g.
+    /// `--sentences fixtures/calibration.txt`.
+    #[arg(long, value_name = "FILE")]
+    importance_out: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -139,6 +145,9 @@ fn run(args: Args) -> Result<()> {
         .map(|s| tokenizer.encode(s, max_len))
         .collect();
 
+    if let Some(path) = &args.importance_out {
+        return write_importance(&args.reference, &config, &ids, path);
+    }
     let reference = embed_file(&args.reference, &config, &ids)?;
     let candidates = args
         .candidate
@@ -223,6 +232,57 @@ fn run(args: Args) -> Result<()> {
             min_at + 1
         );
     }
+    Ok(())
+}
+
+/// Mean square of every input channel of every linear layer of `path`'s model over the sequences, saved as
+/// one F32 vector per weight tensor name.
+fn write_importance(path: &Path, config: &BertConfig, ids: &[Vec<u32>], out: &Path) -> Result<()> {
+    let ckpt = Checkpoint::open(path)?;
+    let model =
+        BertModel::load(config, &ckpt).with_context(|| format!("loading {}", path.display()))?;
+    // Per weight name: sums of squares per input channel, and rows seen.
+    let mut sums: std::collections::BTreeMap<String, (Vec<f64>, u64)> = Default::default();
+    model.encode_observed(ids, &mut |names, x, width| {
+        for name in names {
+            let (sum, rows) = sums
+                .entry(name.clone())
+                .or_insert_with(|| (vec![0.0; width], 0));
+            for row in x.chunks_exact(width) {
+                for (s, &v) in sum.iter_mut().zip(row) {
+                    *s += (v as f64) * (v as f64);
+                }
+                *rows += 1;
+            }
+        }
+    })?;
+    let bytes: Vec<(String, Vec<u8>, usize)> = sums
+        .into_iter()
+        .map(|(name, (sum, rows))| {
+            let data = sum
+                .iter()
+                .flat_map(|s| ((s / rows.max(1) as f64) as f32).to_le_bytes())
+                .collect();
+            (name, data, sum.len())
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, data, len)| {
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*len], data)?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let file = safetensors::serialize(views, None)?;
+    std::fs::write(out, file).with_context(|| format!("cannot write {}", out.display()))?;
+    println!(
+        "{}: input second moments of {} weight tensors over {} sentences ({} tokens)",
+        out.display(),
+        bytes.len(),
+        ids.len(),
+        ids.iter().map(Vec::len).sum::<usize>()
+    );
     Ok(())
 }
 
