@@ -374,17 +374,22 @@ mod x86 {
             && std::arch::is_x86_feature_detected!("avx512vbmi")
     }
 
-    /// A `Merge16` held in registers: the 256 symbols as eight vectors of 32, and the raw field's unpacking
-    /// constants.
+    /// A `Merge16` held in registers: the 256 symbols as eight vectors of 32 (or, with rank windows, the
+    /// window bases), and the raw field's unpacking constants. Shift counts are vectors: a per-lane shift is
+    /// one uop where a shift by an xmm count is two.
     struct Merger512 {
         table: [__m512i; 8],
+        /// The shifted window bases (16-bit, wrapping) in lanes 0..8; zero without windows.
+        window_bases: __m512i,
+        window_bits: __m512i,
+        symbol_shift: __m512i,
         raw: *const u8,
         /// Raw bytes per group of 32 elements (4 * width), 0 without a raw field.
         raw_step: usize,
         byte_index: __m512i,
         bit_shift: __m512i,
         field_mask: __m512i,
-        shift: __m128i,
+        shift: __m512i,
         bit6: __m512i,
         bit7: __m512i,
     }
@@ -416,14 +421,27 @@ mod x86 {
                     _mm512_loadu_si512(bit_shift.as_ptr() as *const _),
                 )
             };
+            let windows = merge.windows.unwrap_or(ShiftedWindows {
+                size_bits: 0,
+                shift: 0,
+                bases: [0; 8],
+            });
+            let mut bases = [0u16; 32];
+            for (b, w) in bases.iter_mut().zip(windows.bases) {
+                *b = w as u16;
+            }
             Merger512 {
                 table,
+                // SAFETY: `bases` is 64 readable bytes.
+                window_bases: unsafe { _mm512_loadu_si512(bases.as_ptr() as *const _) },
+                window_bits: _mm512_set1_epi16(windows.size_bits as i16),
+                symbol_shift: _mm512_set1_epi16(windows.shift as i16),
                 raw: raw_bytes.as_ptr(),
                 raw_step: 4 * width as usize,
                 byte_index,
                 bit_shift,
                 field_mask: _mm512_set1_epi16(((1u32 << width) - 1) as i16),
-                shift: _mm_cvtsi32_si128(shift as i32),
+                shift: _mm512_set1_epi16(shift as i16),
                 bit6: _mm512_set1_epi16(0x40),
                 bit7: _mm512_set1_epi16(0x80),
             }
@@ -441,13 +459,37 @@ mod x86 {
             }
         }
 
-        /// The 32 elements of group `g` whose ranks are the 16-bit lanes of `idx`.
+        /// The 32 elements of group `g` whose ranks are the 16-bit lanes of `idx`; with `WINDOWS`, the
+        /// symbols come from the rank windows (`Merge16::windows` must be Some), else from the table.
         ///
         /// # Safety
         /// `g < groups(..)` for the `Merge16` this was built from.
         #[inline]
         #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
-        unsafe fn merge(&self, g: usize, idx: __m512i) -> __m512i {
+        unsafe fn merge<const WINDOWS: bool>(&self, g: usize, idx: __m512i) -> __m512i {
+            let value = match WINDOWS {
+                true => _mm512_add_epi16(
+                    _mm512_sllv_epi16(idx, self.symbol_shift),
+                    _mm512_permutexvar_epi16(
+                        _mm512_srlv_epi16(idx, self.window_bits),
+                        self.window_bases,
+                    ),
+                ),
+                false => self.table_symbols(idx),
+            };
+            if self.raw_step == 0 {
+                return value;
+            }
+            let src = _mm512_loadu_si512(self.raw.add(self.raw_step * g) as *const _);
+            let pairs = _mm512_permutexvar_epi8(self.byte_index, src);
+            let field = _mm512_and_si512(_mm512_srlv_epi16(pairs, self.bit_shift), self.field_mask);
+            _mm512_or_si512(value, _mm512_sllv_epi16(field, self.shift))
+        }
+
+        /// The symbols of the ranks in the 16-bit lanes of `idx`, looked up in the 256-entry table.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+        fn table_symbols(&self, idx: __m512i) -> __m512i {
             let t = &self.table;
             let t0 = _mm512_permutex2var_epi16(t[0], idx, t[1]);
             let t1 = _mm512_permutex2var_epi16(t[2], idx, t[3]);
@@ -456,18 +498,7 @@ mod x86 {
             let high6 = _mm512_test_epi16_mask(idx, self.bit6);
             let low_half = _mm512_mask_blend_epi16(high6, t0, t1);
             let high_half = _mm512_mask_blend_epi16(high6, t2, t3);
-            let value = _mm512_mask_blend_epi16(
-                _mm512_test_epi16_mask(idx, self.bit7),
-                low_half,
-                high_half,
-            );
-            if self.raw_step == 0 {
-                return value;
-            }
-            let src = _mm512_loadu_si512(self.raw.add(self.raw_step * g) as *const _);
-            let pairs = _mm512_permutexvar_epi8(self.byte_index, src);
-            let field = _mm512_and_si512(_mm512_srlv_epi16(pairs, self.bit_shift), self.field_mask);
-            _mm512_or_si512(value, _mm512_sll_epi16(field, self.shift))
+            _mm512_mask_blend_epi16(_mm512_test_epi16_mask(idx, self.bit7), low_half, high_half)
         }
     }
 
@@ -476,12 +507,26 @@ mod x86 {
     /// `32 * (g + 1) <= ranks.len()` and `g < Merger512::groups` (output and raw load in bounds).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
     pub(super) unsafe fn merge16_avx512(ranks: &[u8], merge: Merge16<'_>, out: &mut [u8]) -> usize {
+        match merge.windows.is_some() {
+            true => merge16_avx512_with::<true>(ranks, merge, out),
+            false => merge16_avx512_with::<false>(ranks, merge, out),
+        }
+    }
+
+    /// # Safety
+    /// As for `merge16_avx512`; `WINDOWS` only when `merge.windows` is Some.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi")]
+    unsafe fn merge16_avx512_with<const WINDOWS: bool>(
+        ranks: &[u8],
+        merge: Merge16<'_>,
+        out: &mut [u8],
+    ) -> usize {
         let merger = Merger512::new(merge);
         let groups = (ranks.len() / 32).min(merger.groups(merge, out));
         for g in 0..groups {
             let idx =
                 _mm512_cvtepu8_epi16(_mm256_loadu_si256(ranks.as_ptr().add(32 * g) as *const _));
-            let value = merger.merge(g, idx);
+            let value = merger.merge::<WINDOWS>(g, idx);
             _mm512_storeu_si512(out.as_mut_ptr().add(64 * g) as *mut _, value);
         }
         groups * 32
@@ -517,6 +562,23 @@ mod x86 {
         merge: Merge16<'_>,
         out: &mut [u8],
     ) -> usize {
+        match merge.windows.is_some() {
+            true => avx512_merge16_steps_with::<true>(x, pos, words, table, merge, out),
+            false => avx512_merge16_steps_with::<false>(x, pos, words, table, merge, out),
+        }
+    }
+
+    /// # Safety
+    /// As for `avx512_merge16_steps`; `WINDOWS` only when `merge.windows` is Some.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
+    unsafe fn avx512_merge16_steps_with<const WINDOWS: bool>(
+        x: &mut [u32; LANES],
+        pos: &mut usize,
+        words: &[u8],
+        table: &PackedTable,
+        merge: Merge16<'_>,
+        out: &mut [u8],
+    ) -> usize {
         let word_count = words.len() / 2;
         let lanes = Lanes512::new(table);
         let merger = Merger512::new(merge);
@@ -537,7 +599,7 @@ mod x86 {
                 states[half] = state;
                 p += used;
             }
-            let value = merger.merge(step, ranks16(high_words, entry[0], entry[1]));
+            let value = merger.merge::<WINDOWS>(step, ranks16(high_words, entry[0], entry[1]));
             _mm512_storeu_si512(out_ptr.add(64 * step) as *mut _, value);
             step += 1;
         }
@@ -552,6 +614,23 @@ mod x86 {
     /// take it.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
     pub(super) unsafe fn avx512_merge16_steps_pair(
+        x: [&mut [u32; LANES]; 2],
+        pos: [&mut usize; 2],
+        words: [&[u8]; 2],
+        tables: [&PackedTable; 2],
+        merges: [Merge16<'_>; 2],
+        outs: [&mut [u8]; 2],
+    ) -> usize {
+        match merges.iter().all(|m| m.windows.is_some()) {
+            true => avx512_merge16_steps_pair_with::<true>(x, pos, words, tables, merges, outs),
+            false => avx512_merge16_steps_pair_with::<false>(x, pos, words, tables, merges, outs),
+        }
+    }
+
+    /// # Safety
+    /// As for `avx512_merge16_steps_pair`; `WINDOWS` only when both merges have windows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
+    unsafe fn avx512_merge16_steps_pair_with<const WINDOWS: bool>(
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
@@ -588,7 +667,7 @@ mod x86 {
             }
             for stream in 0..2 {
                 let idx = ranks16(high_words, entry[2 * stream], entry[2 * stream + 1]);
-                let value = mergers[stream].merge(step, idx);
+                let value = mergers[stream].merge::<WINDOWS>(step, idx);
                 _mm512_storeu_si512(out_ptr[stream].add(64 * step) as *mut _, value);
             }
             step += 1;
@@ -719,7 +798,7 @@ mod x86 {
         low12: __m512i,
         one: __m512i,
         lower: __m512i,
-        shift: __m128i,
+        shift: __m512i,
         entries: *const i32,
     }
 
@@ -731,7 +810,7 @@ mod x86 {
                 low12: _mm512_set1_epi32(0xfff),
                 one: _mm512_set1_epi32(1),
                 lower: _mm512_set1_epi32(L),
-                shift: _mm_cvtsi32_si128(table.prob_bits as i32),
+                shift: _mm512_set1_epi32(table.prob_bits as i32),
                 entries: table.entries.as_ptr() as *const i32,
             }
         }
@@ -759,7 +838,7 @@ mod x86 {
                 self.one,
             );
             let decoded = _mm512_add_epi32(
-                _mm512_mullo_epi32(freq, _mm512_srl_epi32(state, self.shift)),
+                _mm512_mullo_epi32(freq, _mm512_srlv_epi32(state, self.shift)),
                 _mm512_and_si512(e, self.low12),
             );
             let need = _mm512_cmplt_epu32_mask(decoded, self.lower);
