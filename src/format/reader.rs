@@ -132,16 +132,23 @@ impl NztFile {
         k: usize,
         out: &mut [u8],
     ) -> Result<()> {
-        let payload = self.checked_payload(tensor, k)?;
-        self.decode_payload(tensor, decoder, k, payload, out)
+        let decoded = self.decode_payload(tensor, decoder, k, self.payload(tensor, k), out);
+        self.check_payload(tensor, k).and(decoded)
     }
 
-    /// Block `k`'s stored bytes, after its checksum (unless checksums are off).
-    fn checked_payload(&self, tensor: &TensorEntry, k: usize) -> Result<&[u8]> {
+    /// Block `k`'s stored bytes.
+    fn payload(&self, tensor: &TensorEntry, k: usize) -> &[u8] {
         let block = &tensor.blocks[k];
         // The header parser checked that every block lies inside the file.
-        let payload =
-            &self.bytes[block.offset as usize..block.offset as usize + block.stored_len as usize];
+        &self.bytes[block.offset as usize..block.offset as usize + block.stored_len as usize]
+    }
+
+    /// Checks block `k`'s checksum (unless checksums are off). Decoders run before it, while the payload is
+    /// still in cache from decoding (the decoders are safe on any bytes), and a mismatch is the error reported
+    /// whatever the decoder said.
+    fn check_payload(&self, tensor: &TensorEntry, k: usize) -> Result<()> {
+        let block = &tensor.blocks[k];
+        let payload = self.payload(tensor, k);
         if self.options.verify_checksums {
             let computed = checksum(payload);
             if computed != block.checksum {
@@ -152,7 +159,7 @@ impl NztFile {
                 });
             }
         }
-        Ok(payload)
+        Ok(())
     }
 
     /// Decodes block `k`'s checked `payload` into `out`.
@@ -453,8 +460,22 @@ impl NztFile {
     }
 
     /// Decodes two split or split_local blocks, each given as (tensor, its decoder, block index), as a pair,
-    /// checksums and block params first; each keeps its own result.
+    /// then checks their checksums; each keeps its own result.
     fn decode_pair_with(
+        &self,
+        blocks: [(&TensorEntry, &TensorDecoder, usize); 2],
+        outs: [&mut [u8]; 2],
+    ) -> [Result<()>; 2] {
+        let [a, b] = self.decode_pair_unchecked(blocks, outs);
+        let [(tensor_a, _, k_a), (tensor_b, _, k_b)] = blocks;
+        [
+            self.check_payload(tensor_a, k_a).and(a),
+            self.check_payload(tensor_b, k_b).and(b),
+        ]
+    }
+
+    /// `decode_pair_with` before the checksums (single blocks check their own).
+    fn decode_pair_unchecked(
         &self,
         blocks: [(&TensorEntry, &TensorDecoder, usize); 2],
         outs: [&mut [u8]; 2],
@@ -463,9 +484,10 @@ impl NztFile {
         let [(tensor_a, decoder_a, k_a), (tensor_b, decoder_b, k_b)] = blocks;
         let (TensorDecoder::Split(split_a), TensorDecoder::Split(split_b)) = (decoder_a, decoder_b)
         else {
+            let payloads = [self.payload(tensor_a, k_a), self.payload(tensor_b, k_b)];
             return [
-                self.decode_block_with(tensor_a, decoder_a, k_a, out_a),
-                self.decode_block_with(tensor_b, decoder_b, k_b, out_b),
+                self.decode_payload(tensor_a, decoder_a, k_a, payloads[0], out_a),
+                self.decode_payload(tensor_b, decoder_b, k_b, payloads[1], out_b),
             ];
         };
         // A block's decoder (its tensor's for `split`, built for `split_local`) and coded body.
@@ -473,7 +495,7 @@ impl NztFile {
                        split: &SplitDecoder,
                        k: usize|
          -> Result<(Option<SplitDecoder>, &[u8])> {
-            let payload = self.checked_payload(tensor, k)?;
+            let payload = self.payload(tensor, k);
             match tensor.blocks[k].mode {
                 BlockMode::SplitLocal => {
                     let (local, body) = self.local_decoder(tensor, split, k, payload)?;
