@@ -40,12 +40,19 @@ for dtype in ${DTYPES:-bf16 f32}; do
     # chosen by --target-bits at uniform K=3's size and at 6.7.
     k3_bits=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["bits_per_weight"])' \
         "$OUT/$dtype-k3.verify.json")
-    for variant in "mixed-emb2-k4" "target-k3size" "target-6.7"; do
+    # K=3 everywhere with the normalization groups chosen for 6.7 bits per weight, then the same weighted by
+    # activation importances measured on fixtures/calibration.txt (disjoint from the evaluation sentences).
+    importance="$OUT/importance-$dtype.safetensors"
+    "$EMB" --reference "$src" --sentences fixtures/calibration.txt --importance-out "$importance" > /dev/null
+    for variant in "mixed-emb2-k4" "target-k3size" "target-6.7" "k3-groups-6.7" "k3-imp" "k3-groups-6.7-imp"; do
         tag="$dtype-$variant"
         case $variant in
             mixed-emb2-k4) args=(--mantissa-bits 4 --tensor-bits '*word_embeddings*=2') ;;
             target-k3size) args=(--target-bits "$k3_bits") ;;
             target-6.7) args=(--target-bits 6.7) ;;
+            k3-groups-6.7) args=(--mantissa-bits 3 --target-bits 6.7) ;;
+            k3-imp) args=(--mantissa-bits 3 --importance "$importance") ;;
+            k3-groups-6.7-imp) args=(--mantissa-bits 3 --target-bits 6.7 --importance "$importance") ;;
         esac
         measure "$tag" "$src" "${args[@]}"
     done
