@@ -542,26 +542,16 @@ fn importance_weighs_the_scale_bytes_of_its_tensor_only() {
         }
     }
     // The CLI writes the same file from the same flags.
-    let out = dir.path().join("x.nzt");
-    neuzip()
-        .args([
-            "convert",
-            "--tensor-bits",
-            "*=3",
-            "--norm-block",
-            "64",
-            "--block-elements",
-            "4096",
-            "--importance",
-        ])
-        .arg(&path)
-        .arg(&input)
-        .arg("-o")
-        .arg(&out)
-        .assert()
-        .success();
-    assert!(
-        std::fs::read(&out).unwrap() == convert_to_vec(&source, &weighted).unwrap(),
-        "the CLI and the library wrote different files"
-    );
+    let flags = [
+        "--tensor-bits",
+        "*=3",
+        "--norm-block",
+        "64",
+        "--block-elements",
+        "4096",
+    ];
+    let mut flags: Vec<std::ffi::OsString> = flags.iter().map(|f| f.into()).collect();
+    flags.extend(["--importance".into(), path.clone().into_os_string()]);
+    let expected = convert_to_vec(&source, &weighted).unwrap();
+    assert_cli_writes(flags, &input, &dir.path().join("x.nzt"), &expected);
 }

@@ -192,6 +192,29 @@ pub fn assert_convert_refused(input: &Path, output: &Path, cases: &[(&[&str], &s
     }
 }
 
+/// Runs `neuzip convert FLAGS INPUT -o OUTPUT` and checks that it succeeds and writes exactly `expected`
+/// (the library's bytes for the same settings).
+pub fn assert_cli_writes<S: AsRef<std::ffi::OsStr>>(
+    flags: impl IntoIterator<Item = S>,
+    input: &Path,
+    output: &Path,
+    expected: &[u8],
+) {
+    assert_cmd::Command::cargo_bin("neuzip")
+        .unwrap()
+        .arg("convert")
+        .args(flags)
+        .arg(input)
+        .arg("-o")
+        .arg(output)
+        .assert()
+        .success();
+    assert!(
+        std::fs::read(output).unwrap() == expected,
+        "the CLI and the library wrote different files"
+    );
+}
+
 /// Every entry name in `dir`, hidden files included.
 pub fn dir_entries(dir: &Path) -> BTreeSet<String> {
     std::fs::read_dir(dir)
