@@ -425,17 +425,25 @@ fn entropy_of(counts: impl Iterator<Item = u64> + Clone) -> f64 {
         .sum()
 }
 
-/// The decoder's view of a table, two arrays indexed by slot: `freq << 16 | (slot - cum)` and the symbol.
-/// (`freq <= 2^15` and `slot - cum < freq` fit 16 bits each.)
+/// The decoder's view of a table: the packed table of the SIMD decoders when it fits, and the scalar
+/// decoder's slot arrays, built on first use (a block the fast path decodes whole never needs them).
 #[derive(Clone, Debug)]
 pub struct DecodeTable {
     pub prob_bits: u32,
+    /// The same table packed for the SIMD decoders, when it fits.
+    pub packed: Option<PackedTable>,
+    freqs: Vec<u32>,
+    slots: std::sync::OnceLock<SlotArrays>,
+}
+
+/// Two arrays indexed by slot: `freq << 16 | (slot - cum)` and the symbol. (`freq <= 2^15` and
+/// `slot - cum < freq` fit 16 bits each.)
+#[derive(Clone, Debug)]
+pub struct SlotArrays {
     /// Per slot: `freq << 16 | bias`.
     pub freq_bias: Vec<u32>,
     /// Per slot: the symbol.
     pub symbols: Vec<u16>,
-    /// The same table packed for the SIMD decoders, when it fits.
-    pub packed: Option<PackedTable>,
 }
 
 /// A decode table packed into one `u32` per slot, so a SIMD decoder needs one gather per symbol:
@@ -532,20 +540,27 @@ impl PackedTable {
 
 impl DecodeTable {
     pub fn new(table: &FreqTable) -> DecodeTable {
-        let slots = 1usize << table.prob_bits;
-        let mut freq_bias = Vec::with_capacity(slots);
-        let mut symbols = Vec::with_capacity(slots);
-        for (s, &f) in table.freqs.iter().enumerate() {
-            freq_bias.extend((0..f).map(|bias| f << 16 | bias));
-            symbols.extend(std::iter::repeat_n(s as u16, f as usize));
-        }
-        debug_assert_eq!(freq_bias.len(), slots);
         DecodeTable {
             prob_bits: table.prob_bits,
-            freq_bias,
-            symbols,
             packed: PackedTable::new(table),
+            freqs: table.freqs.clone(),
+            slots: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The scalar decoder's slot arrays.
+    pub fn slots(&self) -> &SlotArrays {
+        self.slots.get_or_init(|| {
+            let slots = 1usize << self.prob_bits;
+            let mut freq_bias = Vec::with_capacity(slots);
+            let mut symbols = Vec::with_capacity(slots);
+            for (s, &f) in self.freqs.iter().enumerate() {
+                freq_bias.extend((0..f).map(|bias| f << 16 | bias));
+                symbols.extend(std::iter::repeat_n(s as u16, f as usize));
+            }
+            debug_assert_eq!(freq_bias.len(), slots);
+            SlotArrays { freq_bias, symbols }
+        })
     }
 }
 

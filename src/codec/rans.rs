@@ -411,12 +411,13 @@ impl Cursor {
             let lanes = (n - base).min(LANES);
             for field in fields.iter_mut() {
                 let table = field.table;
+                let slots = table.slots();
                 let mask = (1u32 << table.prob_bits) - 1;
                 let out = &mut field.out[base..base + lanes];
                 for (state, symbol) in x[..lanes].iter_mut().zip(out) {
                     let slot = (*state & mask) as usize;
-                    let entry = table.freq_bias[slot];
-                    *symbol = table.symbols[slot];
+                    let entry = slots.freq_bias[slot];
+                    *symbol = slots.symbols[slot];
                     let decoded = (entry >> 16) * (*state >> table.prob_bits) + (entry & 0xffff);
                     let need = decoded < STATE_LOWER;
                     let word = words.get(*pos).map_or(0, |w| u16::from_le_bytes(*w));
