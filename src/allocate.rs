@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 use crate::codec::lossy::FloatFormat;
-use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
+use crate::convert::{encode_blocks, plan_all, Bounds, ConvertOptions, Placement, TensorPlan};
 use crate::error::{NzError, Result};
 use crate::format::header::{data_offset, TensorEntry};
 use crate::precision::Precision;
@@ -160,10 +160,17 @@ impl Candidate {
             .iter()
             .map(|p| Vec::with_capacity(p.entry.blocks.len()))
             .collect();
-        encode_blocks(source, &plans, opts, progress, |ti, _, block| {
-            block_lens[ti].push(block.payload.len() as u64);
-            Ok(())
-        })?;
+        encode_blocks(
+            source,
+            &plans,
+            opts,
+            Bounds::Skip,
+            progress,
+            |ti, _, block| {
+                block_lens[ti].push(block.payload.len() as u64);
+                Ok(())
+            },
+        )?;
         let relative_error = source
             .tensors
             .par_iter()

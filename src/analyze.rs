@@ -15,7 +15,7 @@ use crate::codec::freq::entropy_bits;
 use crate::codec::lossy::{FloatFormat, LossyParams};
 use crate::codec::quant_baselines::{nf4, rtn_clipped, NF4_BLOCK, RTN_GROUP};
 use crate::codec::split::{Coding, FieldStats, SplitParams};
-use crate::convert::{encode_blocks, plan_all, ConvertOptions, Placement, TensorPlan};
+use crate::convert::{encode_blocks, plan_all, Bounds, ConvertOptions, Placement, TensorPlan};
 use crate::dtype::Dtype;
 use crate::error::Result;
 use crate::format::header::{data_offset, TensorEntry};
@@ -129,12 +129,19 @@ pub fn analyze(
     let mut bound = vec![0.0f64; plans.len()];
     let mut coded = vec![0u64; plans.len()];
     let mut placement = Placement::default();
-    encode_blocks(source, &plans, opts, progress, |ti, _, block| {
-        bound[ti] += block.bound_bits;
-        coded[ti] += block.payload.len() as u64;
-        placement.place(ti, block.payload.len() as u64);
-        Ok(())
-    })?;
+    encode_blocks(
+        source,
+        &plans,
+        opts,
+        Bounds::Measure,
+        progress,
+        |ti, _, block| {
+            bound[ti] += block.bound_bits;
+            coded[ti] += block.payload.len() as u64;
+            placement.place(ti, block.payload.len() as u64);
+            Ok(())
+        },
+    )?;
     let predicted_bytes = data_offset(source.header_json(), &entries) + placement.end;
 
     let exponents: Mutex<BTreeMap<Dtype, Vec<u64>>> = Mutex::new(BTreeMap::new());
@@ -412,11 +419,18 @@ pub fn sweep(
         let entries: Vec<TensorEntry> = plans.iter().map(|p| p.entry.clone()).collect();
         let mut placement = Placement::default();
         let mut payload_bytes = vec![0u64; plans.len()];
-        encode_blocks(source, &plans, &point_opts, progress, |ti, _, block| {
-            placement.place(ti, block.payload.len() as u64);
-            payload_bytes[ti] += block.payload.len() as u64;
-            Ok(())
-        })?;
+        encode_blocks(
+            source,
+            &plans,
+            &point_opts,
+            Bounds::Skip,
+            progress,
+            |ti, _, block| {
+                placement.place(ti, block.payload.len() as u64);
+                payload_bytes[ti] += block.payload.len() as u64;
+                Ok(())
+            },
+        )?;
         let predicted_bytes = data_offset(source.header_json(), &entries) + placement.end;
         let per_tensor: Vec<ErrorStats> = source
             .tensors

@@ -7,7 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::convert::{encode_blocks, plan_all, ConvertOptions, ConvertSummary};
+use crate::convert::{encode_blocks, plan_all, Bounds, ConvertOptions, ConvertSummary};
 use crate::error::{NzError, Result};
 use crate::format::reader::{DecodeOptions, NztFile};
 use crate::source::SafetensorsFile;
@@ -87,7 +87,14 @@ pub fn bench(
             in_pool(threads, || {
                 let encode = median_seconds(runs, || {
                     let plans = plan_all(source, opts, &|_| {});
-                    encode_blocks(source, &plans, opts, &|_| {}, |_, _, _| Ok(()))
+                    encode_blocks(
+                        source,
+                        &plans,
+                        opts,
+                        Bounds::Skip,
+                        &|_| {},
+                        |_, _, _| Ok(()),
+                    )
                 })?;
                 let decode = median_seconds(runs, || nzt.for_each_block(|_, _, _| Ok(())))?;
                 let decode_unchecked =

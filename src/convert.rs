@@ -13,8 +13,8 @@ use crate::codec::codebook::{ErrorWeights, FitOptions};
 use crate::codec::codebook_format::{self, CodebookPlan, Importance};
 use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
-    block_bound_bits, block_cost, block_field_counts, choose_block_coding, encode_block,
-    encode_local_block, plan, FieldStats, SplitParams,
+    block_bound_bits, block_cost, block_field_counts, block_field_counts_for_coding,
+    choose_block_coding, encode_block, encode_local_block, plan, FieldStats, SplitParams,
 };
 use crate::error::{NzError, Result};
 use crate::format::header::{self, BlockEntry, TensorEntry};
@@ -240,7 +240,7 @@ pub struct EncodedBlock {
     pub mode: BlockMode,
     pub payload: Vec<u8>,
     /// Zero-order bound of the block under the codec's scheme (tables excluded); for zstd and raw blocks,
-    /// their stored size.
+    /// their stored size. Only with `Bounds::Measure` (else 0): the bound counts every field of the block.
     pub bound_bits: f64,
     /// XXH3 of `payload`, computed by the worker that encoded it.
     pub checksum: u64,
@@ -248,7 +248,13 @@ pub struct EncodedBlock {
 
 /// Encodes one block, keeping the smallest of split with the tensor's tables, split with the block's own
 /// tables (whichever predicts smaller), zstd and raw.
-fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Result<EncodedBlock> {
+fn encode_one(
+    plan: &TensorPlan,
+    k: usize,
+    raw: &[u8],
+    zstd_level: i32,
+    bounds: Bounds,
+) -> Result<EncodedBlock> {
     if let Some(codebook) = &plan.codebook {
         let payload = codebook.encode_block(k);
         return Ok(EncodedBlock {
@@ -278,7 +284,7 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
     if let Some(params) = &plan.split {
         let dtype = plan.entry.dtype;
         let n = (raw.len() / dtype.byte_width().unwrap_or(1)) as u64;
-        let counts = block_field_counts(&params.fields, dtype, raw);
+        let counts = block_field_counts_for_coding(&params.fields, dtype, raw);
         let choice = choose_block_coding(params, &counts, n);
         let params_bits = 8.0 * (4 + choice.to_bytes().len() + 3) as f64;
         let tensor_bits = block_cost(params, &counts, n);
@@ -293,7 +299,13 @@ fn encode_one(plan: &TensorPlan, k: usize, raw: &[u8], zstd_level: i32) -> Resul
             };
         if payload.len() < best_len {
             best_len = payload.len();
-            let bound_bits = block_bound_bits(&params.fields, &plan.field_counts, &counts, n);
+            let bound_bits = match bounds {
+                Bounds::Measure => {
+                    let exact = block_field_counts(&params.fields, dtype, raw);
+                    block_bound_bits(&params.fields, &plan.field_counts, &exact, n)
+                }
+                Bounds::Skip => 0.0,
+            };
             best = EncodedBlock {
                 checksum: 0,
                 mode,
@@ -416,10 +428,20 @@ pub fn plan_all(
 /// Encodes every block of every planned tensor in bounded parallel batches, calling `sink` in file order.
 /// While `sink` takes one batch the pool encodes the next, so memory stays at two batches of a few blocks per
 /// thread whatever the model size.
+/// Whether `encode_blocks` measures each split block's zero-order bound (`EncodedBlock::bound_bits`), which
+/// counts every field of the block once more (the coding itself judges nearly uniform raw fields from a
+/// sample). The blocks' bytes do not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bounds {
+    Measure,
+    Skip,
+}
+
 pub fn encode_blocks(
     source: &SafetensorsFile,
     plans: &[TensorPlan],
     opts: &ConvertOptions,
+    bounds: Bounds,
     progress: &(dyn Fn(u64) + Sync),
     mut sink: impl FnMut(usize, usize, EncodedBlock) -> Result<()> + Send,
 ) -> Result<()> {
@@ -435,7 +457,7 @@ pub fn encode_blocks(
             .map(|&(ti, k)| {
                 let plan = &plans[ti];
                 let raw = &source.data(&source.tensors[ti])[plan.entry.block_range(k)];
-                let result = encode_one(plan, k, raw, opts.zstd_level);
+                let result = encode_one(plan, k, raw, opts.zstd_level, bounds);
                 progress(raw.len() as u64);
                 result
             })
@@ -545,13 +567,20 @@ impl NztPlan {
     ) -> Result<NztHead> {
         let mut placement = Placement::default();
         let mut records = Vec::new();
-        encode_blocks(source, &self.plans, opts, progress, |ti, k, block| {
-            let padding = placement.place(ti, block.payload.len() as u64);
-            write_data(&[0u8; 64][..padding as usize])?;
-            write_data(&block.payload)?;
-            records.push((ti, k, block.mode, block.payload.len(), block.checksum));
-            Ok(())
-        })?;
+        encode_blocks(
+            source,
+            &self.plans,
+            opts,
+            Bounds::Skip,
+            progress,
+            |ti, k, block| {
+                let padding = placement.place(ti, block.payload.len() as u64);
+                write_data(&[0u8; 64][..padding as usize])?;
+                write_data(&block.payload)?;
+                records.push((ti, k, block.mode, block.payload.len(), block.checksum));
+                Ok(())
+            },
+        )?;
         for (ti, k, mode, len, sum) in records {
             let b = &mut self.plans[ti].entry.blocks[k];
             b.stored_len = u32::try_from(len).expect("blocks are at most 16 MiB");

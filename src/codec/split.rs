@@ -1338,14 +1338,24 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
 
 /// Histogram of every field of `fields` over a block (empty for fields too wide to code).
 pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<Vec<u64>> {
+    block_field_counts_where(fields, &vec![true; fields.len()], dtype, block)
+}
+
+/// `block_field_counts` of the fields where `counted` is true; the others get an empty histogram.
+fn block_field_counts_where(
+    fields: &[Field],
+    counted: &[bool],
+    dtype: Dtype,
+    block: &[u8],
+) -> Vec<Vec<u64>> {
     let width = dtype.byte_width().expect("whole-byte dtype");
     let mut shift: u32 = fields.iter().map(|f| f.width).sum();
     let mut counts: Vec<Vec<u64>> = Vec::with_capacity(fields.len());
     let mut shifts = Vec::with_capacity(fields.len());
-    for f in fields {
+    for (f, &counted) in fields.iter().zip(counted) {
         shift -= f.width;
         shifts.push(shift);
-        counts.push(if f.width <= MAX_SYMBOL_BITS {
+        counts.push(if counted && f.width <= MAX_SYMBOL_BITS {
             vec![0; 1 << f.width]
         } else {
             Vec::new()
@@ -1366,6 +1376,69 @@ pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<V
         }
     }
     counts
+}
+
+/// Fewest elements a block needs for `block_field_counts_for_coding` to judge a raw field from a sample.
+const SAMPLED_FIELD_MIN_ELEMENTS: usize = 8192;
+
+/// How close to its width (bits per element) a raw field's sampled entropy must be for
+/// `block_field_counts_for_coding` to leave it uncounted: half of `MIN_SECONDARY_GAIN_BITS`, a margin far
+/// beyond the sample's error (an eighth of a block of at least 8192 elements).
+const SAMPLED_FIELD_SKIP_BITS: f64 = MIN_SECONDARY_GAIN_BITS / 2.0;
+
+/// `block_field_counts` for choosing a block's coding (`choose_block_coding`): a field the tensor keeps raw
+/// after a coded one is left uncounted (empty, which prices it raw) when the entropy of a sample of the block
+/// (every eighth run of 64 elements) is within `SAMPLED_FIELD_SKIP_BITS` of its width, since a table of its
+/// own must save `MIN_SECONDARY_GAIN_BITS` per element. Such fields, the low mantissa bits of weights, are
+/// nearly uniform, and counting them is a full pass over the block.
+pub fn block_field_counts_for_coding(
+    fields: &[Field],
+    dtype: Dtype,
+    block: &[u8],
+) -> Vec<Vec<u64>> {
+    let width = dtype.byte_width().expect("whole-byte dtype");
+    let n = block.len() / width;
+    let first_coded = fields.iter().position(|f| f.coding == Coding::Rans);
+    let skippable: Vec<bool> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let secondary = first_coded.is_some_and(|c| c < i);
+            let candidate = secondary && f.coding == Coding::Raw && f.width <= MAX_SYMBOL_BITS;
+            candidate && n >= SAMPLED_FIELD_MIN_ELEMENTS && (width == 2 || width == 4)
+        })
+        .collect();
+    if !skippable.contains(&true) {
+        return block_field_counts(fields, dtype, block);
+    }
+    // Each field's shift, as `block_field_counts` lays them out (the first field highest).
+    let mut shift: u32 = fields.iter().map(|f| f.width).sum();
+    let shifts: Vec<u32> = fields
+        .iter()
+        .map(|f| {
+            shift -= f.width;
+            shift
+        })
+        .collect();
+    let keep: Vec<bool> = fields
+        .iter()
+        .zip(&skippable)
+        .zip(&shifts)
+        .map(|((f, &skippable), &shift)| {
+            if !skippable {
+                return true;
+            }
+            let mut sampled = vec![0u64; 1 << f.width];
+            for run in block.chunks(64 * width).step_by(8) {
+                match width {
+                    2 => field_histogram::<2>(run, shift, f.width, &mut sampled),
+                    _ => field_histogram::<4>(run, shift, f.width, &mut sampled),
+                }
+            }
+            super::freq::entropy_bits(&sampled) < f.width as f64 - SAMPLED_FIELD_SKIP_BITS
+        })
+        .collect();
+    block_field_counts_where(fields, &keep, dtype, block)
 }
 
 /// Adds the histogram of one field of `W`-byte elements to `counts`, through sub-histograms (eight for fields
@@ -2040,6 +2113,54 @@ mod tests {
                 .decode_block(body, &mut out)
                 .unwrap();
             assert_eq!(out, block);
+        }
+    }
+
+    /// The coding's counts leave a nearly uniform raw field uncounted only where a sample says so, count the
+    /// rest exactly, and choose the same coding as exact counts: on weights (low mantissa bits uniform), on a
+    /// block whose low bits are skewed (a table of their own pays), and on a block too small to sample.
+    #[test]
+    fn sampled_raw_fields_choose_what_exact_counts_choose() {
+        let tensor_data = gaussian_bf16(200_000, 3);
+        let stats = FieldStats::gather(Dtype::BF16, &tensor_data);
+        let tensor = plan(&stats, 1).unwrap().params;
+        let raw_after_coded = |fields: &[Field]| {
+            let first = fields
+                .iter()
+                .position(|f| f.coding == Coding::Rans)
+                .unwrap();
+            (first + 1..fields.len()).find(|&i| fields[i].coding == Coding::Raw)
+        };
+        let raw = raw_after_coded(&tensor.fields).expect("weights keep low mantissa bits raw");
+        let weights = tensor_data[..2 * 65_536].to_vec();
+        // Low mantissa bits mostly zero: a table of their own saves far more than it costs.
+        let mut skewed = weights.clone();
+        for (i, e) in skewed.chunks_exact_mut(2).enumerate() {
+            if i % 16 != 0 {
+                e[0] &= !((1u8 << tensor.fields[raw].width) - 1);
+            }
+        }
+        let small = weights[..2 * 4000].to_vec();
+        for (block, expect_skipped) in [(weights, true), (skewed, false), (small, false)] {
+            let n = (block.len() / 2) as u64;
+            let exact = block_field_counts(&tensor.fields, Dtype::BF16, &block);
+            let for_coding = block_field_counts_for_coding(&tensor.fields, Dtype::BF16, &block);
+            for (i, (e, c)) in exact.iter().zip(&for_coding).enumerate() {
+                match i == raw && expect_skipped {
+                    true => assert!(c.is_empty(), "field {i} was counted"),
+                    false => assert_eq!(e, c, "field {i}"),
+                }
+            }
+            let (a, b) = (
+                choose_block_coding(&tensor, &exact, n),
+                choose_block_coding(&tensor, &for_coding, n),
+            );
+            assert_eq!(a.to_bytes(), b.to_bytes());
+            assert_eq!(a.bits, b.bits);
+            if n == 65_536 {
+                let coded = a.params.fields[raw].coding == Coding::Rans;
+                assert_eq!(coded, !expect_skipped, "skewed low bits get a table");
+            }
         }
     }
 
