@@ -1420,25 +1420,23 @@ pub fn block_field_counts_for_coding(
             shift
         })
         .collect();
-    let keep: Vec<bool> = fields
-        .iter()
-        .zip(&skippable)
-        .zip(&shifts)
-        .map(|((f, &skippable), &shift)| {
-            if !skippable {
-                return true;
+    // The other fields first: their pass streams the block into cache for the sample's scattered reads.
+    let others: Vec<bool> = skippable.iter().map(|&s| !s).collect();
+    let mut counts = block_field_counts_where(fields, &others, dtype, block);
+    for (i, f) in fields.iter().enumerate().filter(|&(i, _)| skippable[i]) {
+        let mut sampled = vec![0u64; 1 << f.width];
+        for run in block.chunks(64 * width).step_by(8) {
+            match width {
+                2 => field_histogram::<2>(run, shifts[i], f.width, &mut sampled),
+                _ => field_histogram::<4>(run, shifts[i], f.width, &mut sampled),
             }
-            let mut sampled = vec![0u64; 1 << f.width];
-            for run in block.chunks(64 * width).step_by(8) {
-                match width {
-                    2 => field_histogram::<2>(run, shift, f.width, &mut sampled),
-                    _ => field_histogram::<4>(run, shift, f.width, &mut sampled),
-                }
-            }
-            super::freq::entropy_bits(&sampled) < f.width as f64 - SAMPLED_FIELD_SKIP_BITS
-        })
-        .collect();
-    block_field_counts_where(fields, &keep, dtype, block)
+        }
+        if super::freq::entropy_bits(&sampled) < f.width as f64 - SAMPLED_FIELD_SKIP_BITS {
+            let only: Vec<bool> = (0..fields.len()).map(|j| j == i).collect();
+            counts[i] = block_field_counts_where(fields, &only, dtype, block).swap_remove(i);
+        }
+    }
+    counts
 }
 
 /// Adds the histogram of one field of `W`-byte elements to `counts`, through sub-histograms (eight for fields
