@@ -150,8 +150,9 @@ pub fn encode_single_in_with(
 ) -> ([u32; LANES], usize) {
     let n = symbols.len();
     let mut states = [STATE_LOWER; LANES];
-    // One extra slot: every lane writes a word below `pos` whether or not it emits it.
-    buffer.clear();
+    // One extra slot: every lane writes a word below `pos` whether or not it emits it. Words from the
+    // returned position on are all written, so a reused buffer is not cleared first.
+    buffer.truncate(n + 1);
     buffer.resize(n + 1, 0);
     let mut pos = n + 1;
     let (full, last) = symbols.split_at(n - n % LANES);
