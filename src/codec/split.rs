@@ -57,14 +57,7 @@ fn align4(x: usize) -> usize {
 impl SplitParams {
     /// Shift of each field within the element.
     pub fn shifts(&self) -> Vec<u32> {
-        let mut remaining: u32 = self.fields.iter().map(|f| f.width).sum();
-        self.fields
-            .iter()
-            .map(|f| {
-                remaining -= f.width;
-                remaining
-            })
-            .collect()
+        field_shifts(&self.fields)
     }
 
     pub fn has_rans(&self) -> bool {
@@ -960,25 +953,10 @@ impl FieldStats {
         let partial = |chunk: &[u8]| {
             let mut top = vec![0u64; 1 << top_bits];
             let mut low_bytes = vec![vec![0u64; 256]; low_count];
-            match width {
-                2 => field_histogram::<2>(chunk, 0, 16, &mut top),
-                4 => field_histogram::<4>(chunk, 16, 16, &mut top),
-                _ => {
-                    for v in element_values(chunk, width) {
-                        top[(v >> (bits - top_bits)) as usize] += 1;
-                    }
-                }
-            }
+            add_field_counts(chunk, width, bits - top_bits, top_bits, &mut top);
             for (k, hist) in low_bytes.iter_mut().enumerate() {
                 let shift = 8 * (low_count - 1 - k) as u32;
-                match width {
-                    4 => field_histogram::<4>(chunk, shift, 8, hist),
-                    _ => {
-                        for v in element_values(chunk, width) {
-                            hist[((v >> shift) & 0xff) as usize] += 1;
-                        }
-                    }
-                }
+                add_field_counts(chunk, width, shift, 8, hist);
             }
             (top, low_bytes)
         };
@@ -1336,6 +1314,33 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
     best.filter(|p| p.predicted_bits < (n * stats.dtype.bits() as u64) as f64)
 }
 
+/// Each field's shift in the element: the first field is the highest.
+fn field_shifts(fields: &[Field]) -> Vec<u32> {
+    let mut remaining: u32 = fields.iter().map(|f| f.width).sum();
+    fields
+        .iter()
+        .map(|f| {
+            remaining -= f.width;
+            remaining
+        })
+        .collect()
+}
+
+/// Adds the histogram of the `bits`-bit field at `shift` of the `width`-byte elements of `block` to
+/// `counts` (`2^bits` long).
+fn add_field_counts(block: &[u8], width: usize, shift: u32, bits: u32, counts: &mut [u64]) {
+    match width {
+        2 => field_histogram::<2>(block, shift, bits, counts),
+        4 => field_histogram::<4>(block, shift, bits, counts),
+        _ => {
+            let mask = field_mask(bits);
+            for v in element_values(block, width) {
+                counts[((v >> shift) & mask) as usize] += 1;
+            }
+        }
+    }
+}
+
 /// Histogram of every field of `fields` over a block (empty for fields too wide to code).
 pub fn block_field_counts(fields: &[Field], dtype: Dtype, block: &[u8]) -> Vec<Vec<u64>> {
     block_field_counts_where(fields, &vec![true; fields.len()], dtype, block)
@@ -1349,33 +1354,19 @@ fn block_field_counts_where(
     block: &[u8],
 ) -> Vec<Vec<u64>> {
     let width = dtype.byte_width().expect("whole-byte dtype");
-    let mut shift: u32 = fields.iter().map(|f| f.width).sum();
-    let mut counts: Vec<Vec<u64>> = Vec::with_capacity(fields.len());
-    let mut shifts = Vec::with_capacity(fields.len());
-    for (f, &counted) in fields.iter().zip(counted) {
-        shift -= f.width;
-        shifts.push(shift);
-        counts.push(if counted && f.width <= MAX_SYMBOL_BITS {
-            vec![0; 1 << f.width]
-        } else {
-            Vec::new()
-        });
-    }
-    for ((f, &s), c) in fields.iter().zip(&shifts).zip(counts.iter_mut()) {
-        if !c.is_empty() {
-            match width {
-                2 => field_histogram::<2>(block, s, f.width, c),
-                4 => field_histogram::<4>(block, s, f.width, c),
-                _ => {
-                    let mask = field_mask(f.width);
-                    for v in element_values(block, width) {
-                        c[((v >> s) & mask) as usize] += 1;
-                    }
-                }
+    fields
+        .iter()
+        .zip(field_shifts(fields))
+        .zip(counted)
+        .map(|((f, shift), &counted)| {
+            if !counted || f.width > MAX_SYMBOL_BITS {
+                return Vec::new();
             }
-        }
-    }
-    counts
+            let mut c = vec![0; 1 << f.width];
+            add_field_counts(block, width, shift, f.width, &mut c);
+            c
+        })
+        .collect()
 }
 
 /// Fewest elements a block needs for `block_field_counts_for_coding` to judge a raw field from a sample.
@@ -1411,29 +1402,18 @@ pub fn block_field_counts_for_coding(
     if !skippable.contains(&true) {
         return block_field_counts(fields, dtype, block);
     }
-    // Each field's shift, as `block_field_counts` lays them out (the first field highest).
-    let mut shift: u32 = fields.iter().map(|f| f.width).sum();
-    let shifts: Vec<u32> = fields
-        .iter()
-        .map(|f| {
-            shift -= f.width;
-            shift
-        })
-        .collect();
+    let shifts = field_shifts(fields);
     // The other fields first: their pass streams the block into cache for the sample's scattered reads.
     let others: Vec<bool> = skippable.iter().map(|&s| !s).collect();
     let mut counts = block_field_counts_where(fields, &others, dtype, block);
     for (i, f) in fields.iter().enumerate().filter(|&(i, _)| skippable[i]) {
         let mut sampled = vec![0u64; 1 << f.width];
         for run in block.chunks(64 * width).step_by(8) {
-            match width {
-                2 => field_histogram::<2>(run, shifts[i], f.width, &mut sampled),
-                _ => field_histogram::<4>(run, shifts[i], f.width, &mut sampled),
-            }
+            add_field_counts(run, width, shifts[i], f.width, &mut sampled);
         }
         if super::freq::entropy_bits(&sampled) < f.width as f64 - SAMPLED_FIELD_SKIP_BITS {
-            let only: Vec<bool> = (0..fields.len()).map(|j| j == i).collect();
-            counts[i] = block_field_counts_where(fields, &only, dtype, block).swap_remove(i);
+            counts[i] = vec![0; 1 << f.width];
+            add_field_counts(block, width, shifts[i], f.width, &mut counts[i]);
         }
     }
     counts
