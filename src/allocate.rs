@@ -201,9 +201,9 @@ fn relative_error(
     }
 }
 
-/// Chooses a setting (K, or the group size at a given K) per free tensor so that the converted file is at most `target_bits_per_weight` bits per weight
-/// (file bytes × 8 over all elements) with the least summed relative error (exact up to the knapsack's
-/// size rounding, which the final greedy steps make up for).
+/// Chooses a setting (K, or the group size at a given K) per free tensor so that the converted file is at
+/// most `target_bits_per_weight` bits per weight (file bytes × 8 over all elements) with the least summed
+/// relative error (exact up to the knapsack's size rounding, which the final greedy steps make up for).
 /// `progress` receives the input bytes of each dry conversion (one per `candidate_settings`).
 pub fn allocate(
     source: &SafetensorsFile,

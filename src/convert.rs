@@ -240,7 +240,8 @@ pub struct EncodedBlock {
     pub mode: BlockMode,
     pub payload: Vec<u8>,
     /// Zero-order bound of the block under the codec's scheme (tables excluded); for zstd and raw blocks,
-    /// their stored size. Only with `Bounds::Measure` (else 0): the bound counts every field of the block.
+    /// their stored size. For split blocks, only with `Bounds::Measure` (else 0): that bound counts every
+    /// field of the block.
     pub bound_bits: f64,
     /// XXH3 of `payload`, computed by the worker that encoded it.
     pub checksum: u64,
@@ -425,9 +426,6 @@ pub fn plan_all(
         .collect()
 }
 
-/// Encodes every block of every planned tensor in bounded parallel batches, calling `sink` in file order.
-/// While `sink` takes one batch the pool encodes the next, so memory stays at two batches of a few blocks per
-/// thread whatever the model size.
 /// Whether `encode_blocks` measures each split block's zero-order bound (`EncodedBlock::bound_bits`), which
 /// counts every field of the block once more (the coding itself judges nearly uniform raw fields from a
 /// sample). The blocks' bytes do not depend on it.
@@ -437,6 +435,9 @@ pub enum Bounds {
     Skip,
 }
 
+/// Encodes every block of every planned tensor in bounded parallel batches, calling `sink` in file order.
+/// While `sink` takes one batch the pool encodes the next, so memory stays at two batches of a few blocks per
+/// thread whatever the model size.
 pub fn encode_blocks(
     source: &SafetensorsFile,
     plans: &[TensorPlan],

@@ -162,7 +162,7 @@ impl NztFile {
         Ok(())
     }
 
-    /// Decodes block `k`'s checked `payload` into `out`.
+    /// Decodes block `k`'s `payload` into `out` (its checksum is checked by the caller, after this).
     fn decode_payload(
         &self,
         tensor: &TensorEntry,
