@@ -241,29 +241,30 @@ fn write_importance(path: &Path, config: &BertConfig, ids: &[Vec<u32>], out: &Pa
     let ckpt = Checkpoint::open(path)?;
     let model =
         BertModel::load(config, &ckpt).with_context(|| format!("loading {}", path.display()))?;
-    // Per weight name: sums of squares per input channel, and rows seen.
-    let mut sums: std::collections::BTreeMap<String, (Vec<f64>, u64)> = Default::default();
+    // Per linear layer (the weight names it stacks, e.g. query, key and value, which share their inputs):
+    // sums of squares per input channel, and rows seen.
+    let mut sums: std::collections::BTreeMap<Vec<String>, (Vec<f64>, u64)> = Default::default();
     model.encode_observed(ids, &mut |names, x, width| {
-        for name in names {
-            let (sum, rows) = sums
-                .entry(name.clone())
-                .or_insert_with(|| (vec![0.0; width], 0));
-            for row in x.chunks_exact(width) {
-                for (s, &v) in sum.iter_mut().zip(row) {
-                    *s += (v as f64) * (v as f64);
-                }
-                *rows += 1;
+        let (sum, rows) = sums
+            .entry(names.to_vec())
+            .or_insert_with(|| (vec![0.0; width], 0));
+        for row in x.chunks_exact(width) {
+            for (s, &v) in sum.iter_mut().zip(row) {
+                *s += (v as f64) * (v as f64);
             }
+            *rows += 1;
         }
     })?;
     let bytes: Vec<(String, Vec<u8>, usize)> = sums
         .into_iter()
-        .map(|(name, (sum, rows))| {
-            let data = sum
+        .flat_map(|(names, (sum, rows))| {
+            let data: Vec<u8> = sum
                 .iter()
                 .flat_map(|s| ((s / rows.max(1) as f64) as f32).to_le_bytes())
                 .collect();
-            (name, data, sum.len())
+            names
+                .into_iter()
+                .map(move |name| (name, data.clone(), sum.len()))
         })
         .collect();
     let views = bytes
