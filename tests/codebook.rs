@@ -760,8 +760,10 @@ fn importance_file_weights_the_fit_and_bad_ones_are_refused() {
         "--block-elements",
         "4096",
     ];
-    let mut flags: Vec<std::ffi::OsString> = flags.iter().map(|f| f.into()).collect();
-    flags.extend(["--importance".into(), good.clone().into_os_string()]);
+    let flags = flags
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain(["--importance".as_ref(), good.as_os_str()]);
     assert_cli_writes(
         flags,
         &input,

@@ -550,8 +550,10 @@ fn importance_weighs_the_scale_bytes_of_its_tensor_only() {
         "--block-elements",
         "4096",
     ];
-    let mut flags: Vec<std::ffi::OsString> = flags.iter().map(|f| f.into()).collect();
-    flags.extend(["--importance".into(), path.clone().into_os_string()]);
+    let flags = flags
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain(["--importance".as_ref(), path.as_os_str()]);
     let expected = convert_to_vec(&source, &weighted).unwrap();
     assert_cli_writes(flags, &input, &dir.path().join("x.nzt"), &expected);
 }
