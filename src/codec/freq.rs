@@ -191,9 +191,10 @@ impl UsedCounts {
                 .map(|&(_, c)| share_of(c, target, self.total).max(1) as u32),
         );
         let sum: u64 = freqs.iter().map(|&f| f as u64).sum();
-        // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f).
-        let gain = |c: u64, f: u32| c as f64 * ((f as f64 + 1.0) / f as f64).log2();
-        let loss = |c: u64, f: u32| c as f64 * (f as f64 / (f as f64 - 1.0)).log2();
+        // Marginal cost, in bits, of moving one slot to or from a symbol: counts[s] * log2((f+1)/f), and
+        // counts[s] * log2(f/(f-1)) = counts[s] * step_bits(f - 1).
+        let gain = |c: u64, f: u32| c as f64 * log2_step(f);
+        let loss = |c: u64, f: u32| c as f64 * log2_step(f - 1);
         /// A heap entry ordered by its cost (total order on f64), then by symbol (the index of a used symbol
         /// orders as the symbol does).
         struct Key(f64, usize);
@@ -306,8 +307,40 @@ fn share_of(count: u64, target: u64, total: u64) -> u64 {
 /// pairs in symbol order.
 fn coded_bits_of(pairs: impl Iterator<Item = (u64, u32)>, prob_bits: u32) -> f64 {
     pairs
-        .map(|(c, f)| c as f64 * (prob_bits as f64 - (f as f64).log2()))
+        .map(|(c, f)| c as f64 * (prob_bits as f64 - log2_of(f)))
         .sum()
+}
+
+/// Frequencies below this have their logarithms looked up (`LOG2_TABLES`): the encoder's tables reach
+/// `2^12`, and pricing them takes a logarithm per symbol and precision.
+const LOG2_TABLE_LEN: usize = (1 << 12) + 1;
+
+/// `log2(f)` and `step_bits(f)` for `f < LOG2_TABLE_LEN`, from the same formulas as outside the table, so a
+/// lookup gives the same value bit for bit.
+static LOG2_TABLES: std::sync::LazyLock<(Vec<f64>, Vec<f64>)> = std::sync::LazyLock::new(|| {
+    let f = || (0..LOG2_TABLE_LEN).map(|f| f as f64);
+    (f().map(f64::log2).collect(), f().map(step_bits).collect())
+});
+
+/// `log2((f + 1) / f)`: the bits saved per occurrence when a symbol's frequency grows from `f` to `f + 1`.
+fn step_bits(f: f64) -> f64 {
+    ((f + 1.0) / f).log2()
+}
+
+/// `log2(f)`.
+fn log2_of(f: u32) -> f64 {
+    LOG2_TABLES
+        .0
+        .get(f as usize)
+        .map_or_else(|| (f as f64).log2(), |&v| v)
+}
+
+/// `step_bits(f)`.
+fn log2_step(f: u32) -> f64 {
+    LOG2_TABLES
+        .1
+        .get(f as usize)
+        .map_or_else(|| step_bits(f as f64), |&v| v)
 }
 
 /// Serialized length of a table with these `(symbol, freq)` pairs, ascending: 3 bytes of head, then a
@@ -691,6 +724,20 @@ mod tests {
                 let len = table.serialized_len();
                 assert!(used.serialized_len_floor(Some(prob_bits)) <= len);
                 assert!(used.serialized_len_floor(None) <= len);
+            }
+        }
+    }
+
+    #[test]
+    fn looked_up_logarithms_equal_the_formulas() {
+        // Inside the tables, at their edge and past it.
+        for f in (1..LOG2_TABLE_LEN as u32 + 64).chain([1 << 16, u32::MAX]) {
+            assert_eq!(log2_of(f).to_bits(), (f as f64).log2().to_bits(), "{f}");
+            let step = ((f as f64 + 1.0) / f as f64).log2();
+            assert_eq!(log2_step(f).to_bits(), step.to_bits(), "{f}");
+            if f > 1 {
+                let loss = (f as f64 / (f as f64 - 1.0)).log2();
+                assert_eq!(log2_step(f - 1).to_bits(), loss.to_bits(), "{f}");
             }
         }
     }
