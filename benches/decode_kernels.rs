@@ -130,7 +130,7 @@ fn main() {
                     .expect("decodes");
             }
         });
-        println!("rans decode, {:<7} kernel   {gbps:8.3} GB/s", kernel.name());
+        println!("rans decode, {:<10} kernel {gbps:8.3} GB/s", kernel.name());
     }
     if Kernel::available().contains(&Kernel::Avx512) {
         let mut ranks_b = vec![0u8; block_elements];

@@ -9,6 +9,9 @@
 //! 3. The merge of 4-byte elements (`merge32`, AVX2): symbols gathered or computed through rank windows, and up
 //!    to three raw fields unpacked with a byte shuffle and per-lane shifts.
 //!
+//! On CPUs whose gathers are slow (AMD Zen 2 and 3), the AVX2 kernels look their tables up with scalar loads
+//! instead (`Kernel::Avx2Loads`): the same steps, the same bytes.
+//!
 //! A kernel only runs full 32-element steps, and only while 32 words remain after the current one, so every
 //! vector load stays inside the stream; the scalar reference finishes the block and does the end checks.
 //! This is the crate's second `unsafe` boundary (the first is `mmap`): target-feature calls and raw-pointer
@@ -22,7 +25,10 @@ use std::sync::OnceLock;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernel {
     Scalar,
+    /// AVX2, its table lookups done by gathers.
     Avx2,
+    /// AVX2, its table lookups done by scalar loads, for CPUs whose gathers are slow.
+    Avx2Loads,
     Avx512,
 }
 
@@ -31,17 +37,22 @@ impl Kernel {
         match self {
             Kernel::Scalar => "scalar",
             Kernel::Avx2 => "avx2",
+            Kernel::Avx2Loads => "avx2-loads",
             Kernel::Avx512 => "avx512",
         }
     }
 
-    /// Kernels this CPU can run, slowest first.
+    /// Kernels this CPU can run, slowest first (of the two AVX2 ones, loads are taken to be faster than
+    /// gathers where gathers are slow).
     pub fn available() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
             if x86::has_avx2() {
-                kernels.push(Kernel::Avx2);
+                match x86::gathers_are_slow() {
+                    true => kernels.extend([Kernel::Avx2, Kernel::Avx2Loads]),
+                    false => kernels.extend([Kernel::Avx2Loads, Kernel::Avx2]),
+                }
             }
             if x86::has_avx512() {
                 kernels.push(Kernel::Avx512);
@@ -50,7 +61,8 @@ impl Kernel {
         kernels
     }
 
-    /// The fastest available kernel, or the one `NEUZIP_KERNEL` (scalar, avx2, avx512) names if available.
+    /// The fastest available kernel, or the one `NEUZIP_KERNEL` (scalar, avx2, avx2-loads, avx512) names if
+    /// available.
     pub fn selected() -> Kernel {
         static SELECTED: OnceLock<Kernel> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -96,7 +108,10 @@ pub fn decode_steps_with(
         Kernel::Scalar => 0,
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx2 => unsafe { x86::avx2_steps(x, pos, words, table, ranks) },
+        Kernel::Avx2 => unsafe { x86::avx2_steps::<false>(x, pos, words, table, ranks) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2Loads => unsafe { x86::avx2_steps::<true>(x, pos, words, table, ranks) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx512 => unsafe { x86::avx512_steps(x, pos, words, table, ranks) },
@@ -164,7 +179,10 @@ pub fn encode_steps_with(
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx2 => unsafe { x86::encode_avx2(x, symbols, table, buffer, pos) },
+        Kernel::Avx2 => unsafe { x86::encode_avx2::<false>(x, symbols, table, buffer, pos) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2Loads => unsafe { x86::encode_avx2::<true>(x, symbols, table, buffer, pos) },
         _ => {
             let _ = (x, symbols, table, buffer, pos);
             0
@@ -231,7 +249,7 @@ impl<'a> Merge16<'a> {
         #[cfg(target_arch = "x86_64")]
         match kernel {
             Kernel::Avx512 => return x86::has_avx512_vbmi(),
-            Kernel::Avx2 => return x86::has_avx2(),
+            Kernel::Avx2 | Kernel::Avx2Loads => return x86::has_avx2(),
             Kernel::Scalar => {}
         }
         let _ = kernel;
@@ -257,7 +275,7 @@ pub fn merge16_with(kernel: Kernel, ranks: &[u8], merge: Merge16<'_>, out: &mut 
         Kernel::Avx512 => unsafe { x86::merge16_avx512(ranks, merge, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx2 => unsafe { x86::merge16_avx2(ranks, merge, out) },
+        Kernel::Avx2 | Kernel::Avx2Loads => unsafe { x86::merge16_avx2(ranks, merge, out) },
         _ => 0,
     }
 }
@@ -321,7 +339,14 @@ pub fn decode_merge16_steps(
         Kernel::Avx512 => unsafe { x86::avx512_merge16_steps(x, pos, words, table, merge, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx2 => unsafe { x86::avx2_merge16_steps(x, pos, words, table, merge, out) },
+        Kernel::Avx2 => unsafe {
+            x86::avx2_merge16_steps::<false>(x, pos, words, table, merge, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx2Loads => unsafe {
+            x86::avx2_merge16_steps::<true>(x, pos, words, table, merge, out)
+        },
         _ => {
             let _ = (x, pos, words, merge, out);
             0
@@ -790,6 +815,21 @@ mod x86 {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
     }
 
+    /// Whether the CPU is AMD's (or Hygon's, the same cores), whose AVX2 gathers are slow: on Zen 3 one
+    /// 8-lane gather takes about 13 cycles, while 8 scalar loads and inserts take fewer.
+    pub fn gathers_are_slow() -> bool {
+        // Asked once: CPUID traps to the hypervisor in a VM.
+        static SLOW: OnceLock<bool> = OnceLock::new();
+        *SLOW.get_or_init(|| {
+            let id = __cpuid(0);
+            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+                .iter()
+                .flat_map(|r| r.to_le_bytes())
+                .collect();
+            vendor == *b"AuthenticAMD" || vendor == *b"HygonGenuine"
+        })
+    }
+
     /// One packed table's constants for the AVX-512 decode step of 16 lanes, shared by the one- and two-stream
     /// kernels.
     #[derive(Clone, Copy)]
@@ -984,14 +1024,43 @@ mod x86 {
             }
         }
 
-        /// The packed entries of 8 lanes' slots.
+        /// The packed entries of 8 lanes' slots, by a gather or (`LOADS`) by scalar loads.
         ///
         /// # Safety
         /// As `Lanes512::gather`.
         #[inline]
         #[target_feature(enable = "avx2")]
-        unsafe fn gather(&self, state: __m256i) -> __m256i {
-            _mm256_i32gather_epi32::<4>(self.entries, _mm256_and_si256(state, self.mask))
+        unsafe fn gather<const LOADS: bool>(&self, state: __m256i) -> __m256i {
+            let slots = _mm256_and_si256(state, self.mask);
+            if !LOADS {
+                return _mm256_i32gather_epi32::<4>(self.entries, slots);
+            }
+            let (low, high) = (
+                _mm256_castsi256_si128(slots),
+                _mm256_extracti128_si256::<1>(slots),
+            );
+            // Two slots per 64-bit extract.
+            let pairs = [
+                _mm_cvtsi128_si64(low) as u64,
+                _mm_extract_epi64::<1>(low) as u64,
+                _mm_cvtsi128_si64(high) as u64,
+                _mm_extract_epi64::<1>(high) as u64,
+            ];
+            let entry = |k: usize| {
+                *self
+                    .entries
+                    .add((pairs[k / 2] >> (32 * (k % 2))) as u32 as usize)
+            };
+            _mm256_setr_epi32(
+                entry(0),
+                entry(1),
+                entry(2),
+                entry(3),
+                entry(4),
+                entry(5),
+                entry(6),
+                entry(7),
+            )
         }
 
         /// `Lanes512::advance` for 8 lanes, refilled from the 8 words at `words`.
@@ -1048,7 +1117,7 @@ mod x86 {
     /// The CPU must have AVX2 and POPCNT. Memory as for `avx512_steps`, with four 8-lane quarters each reading
     /// 8 words at `p`.
     #[target_feature(enable = "avx2,popcnt")]
-    pub(super) unsafe fn avx2_steps(
+    pub(super) unsafe fn avx2_steps<const LOADS: bool>(
         x: &mut [u32; LANES],
         pos: &mut usize,
         words: &[u8],
@@ -1070,7 +1139,7 @@ mod x86 {
         );
         while step < steps && p + 32 <= word_count {
             let base = step * LANES;
-            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather(states[k]));
+            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather::<LOADS>(states[k]));
             for (state, &e) in states.iter_mut().zip(&entry) {
                 let used;
                 (*state, used) = lanes.advance(*state, e, word_ptr.add(2 * p));
@@ -1259,7 +1328,7 @@ mod x86 {
     /// The CPU must have AVX2 and POPCNT. Memory: as `avx2_steps` for the stream (a step starts only while
     /// `p + 32 <= word_count`), and a step runs only while `step < Merger256::groups`.
     #[target_feature(enable = "avx2,popcnt")]
-    pub(super) unsafe fn avx2_merge16_steps(
+    pub(super) unsafe fn avx2_merge16_steps<const LOADS: bool>(
         x: &mut [u32; LANES],
         pos: &mut usize,
         words: &[u8],
@@ -1277,7 +1346,7 @@ mod x86 {
         let mut p = *pos;
         let mut step = 0;
         while step < steps && p + 32 <= word_count {
-            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather(states[k]));
+            let entry: [__m256i; 4] = std::array::from_fn(|k| lanes.gather::<LOADS>(states[k]));
             for (state, &e) in states.iter_mut().zip(&entry) {
                 let used;
                 (*state, used) = lanes.advance(*state, e, word_ptr.add(2 * p));
@@ -1399,7 +1468,7 @@ mod x86 {
     /// `pos` stays at least the number of symbols left (one word per symbol at most), so at least 8 when a
     /// group starts: every store stays inside `buffer`.
     #[target_feature(enable = "avx2,popcnt")]
-    pub(super) unsafe fn encode_avx2(
+    pub(super) unsafe fn encode_avx2<const LOADS: bool>(
         x: &mut [u32; LANES],
         symbols: &[u16],
         table: &super::super::rans::EncodeTable,
@@ -1408,7 +1477,8 @@ mod x86 {
     ) -> usize {
         let steps = symbols.len() / LANES;
         let pb = table.prob_bits;
-        let symbol_mask = _mm256_set1_epi32((table.freq_cum.len() - 1) as i32);
+        let symbol_last = table.freq_cum.len() - 1;
+        let symbol_mask = _mm256_set1_epi32(symbol_last as i32);
         let low16 = _mm256_set1_epi32(0xffff);
         let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
         let pb_shift = _mm_cvtsi32_si128(pb as i32);
@@ -1420,8 +1490,25 @@ mod x86 {
                 let base = step * LANES + 8 * q;
                 let sym =
                     _mm256_cvtepu16_epi32(_mm_loadu_si128(symbols.as_ptr().add(base) as *const _));
-                let sym = _mm256_and_si256(sym, symbol_mask);
-                let fc = _mm256_i32gather_epi32::<4>(freq_cum, sym);
+                let fc = match LOADS {
+                    false => {
+                        _mm256_i32gather_epi32::<4>(freq_cum, _mm256_and_si256(sym, symbol_mask))
+                    }
+                    true => {
+                        let at = symbols.as_ptr().add(base);
+                        let entry = |k: usize| *freq_cum.add(*at.add(k) as usize & symbol_last);
+                        _mm256_setr_epi32(
+                            entry(0),
+                            entry(1),
+                            entry(2),
+                            entry(3),
+                            entry(4),
+                            entry(5),
+                            entry(6),
+                            entry(7),
+                        )
+                    }
+                };
                 let freq = _mm256_srli_epi32::<16>(fc);
                 let freq_pd = [
                     _mm256_cvtepi32_pd(_mm256_castsi256_si128(freq)),
