@@ -1,0 +1,48 @@
+//! Plans and encodes every tensor of a safetensors file again and again on one thread (output discarded) and
+//! prints the median time of the plan pass and of the encode pass: a steady loop for profilers and for A/B
+//! runs of the encode path.
+//!
+//!     cargo run --release --example encode_loop -- model.safetensors [ROUNDS=9]
+use neuzip::convert::{encode_blocks, plan_all, Bounds, ConvertOptions};
+use std::time::Instant;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let Some(path) = args.get(1) else {
+        eprintln!("usage: encode_loop FILE.safetensors [ROUNDS]");
+        std::process::exit(2);
+    };
+    let source = neuzip::source::SafetensorsFile::open(std::path::Path::new(path)).expect("opens");
+    let rounds: usize = args.get(2).map_or(9, |s| s.parse().expect("ROUNDS"));
+    let opts = ConvertOptions::default();
+    let bytes: u64 = source.tensors.iter().map(|t| t.end - t.start).sum();
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .expect("pool");
+    let (mut plan_s, mut encode_s) = (Vec::new(), Vec::new());
+    pool.install(|| {
+        for _ in 0..rounds {
+            let start = Instant::now();
+            let plans = plan_all(&source, &opts, &|_| {});
+            plan_s.push(start.elapsed().as_secs_f64());
+            let start = Instant::now();
+            encode_blocks(&source, &plans, &opts, Bounds::Skip, &|_| {}, |_, _, _| {
+                Ok(())
+            })
+            .expect("encodes");
+            encode_s.push(start.elapsed().as_secs_f64());
+        }
+    });
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (plan, encode) = (median(&mut plan_s), median(&mut encode_s));
+    println!(
+        "plan {:.1} ms, encode {:.1} ms, together {:.3} GB/s",
+        plan * 1e3,
+        encode * 1e3,
+        bytes as f64 / (plan + encode) / 1e9
+    );
+}
