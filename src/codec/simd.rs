@@ -1456,10 +1456,10 @@ mod x86 {
         ]
     }
 
-    /// The quotient `state / freq` comes from a double division, `trunc((state + 0.5) / freq)`: exact, since
-    /// the true quotient's distance to the next integer, at least `0.5 / freq`, is far above the rounding
-    /// error (states below 2^32, frequencies at most 2^15). On Zen 3 two divisions per 8 lanes cost less than
-    /// two gathers of reciprocals.
+    /// The quotient `state / freq` comes from a double division, `trunc((state + 0.5) / freq)`, or (`LOADS`)
+    /// a multiplication by the loaded `1 / freq`: exact, since the true quotient's distance to the next
+    /// integer, at least `0.5 / freq`, is far above the rounding error (states below 2^32, frequencies at most
+    /// 2^15). With gathers, two divisions per 8 lanes cost less than two gathers of inverses (Zen 3).
     ///
     /// # Safety
     /// The CPU must have AVX2 and POPCNT, and `symbols.len() <= *pos <= buffer.len()` (checked by
@@ -1483,6 +1483,7 @@ mod x86 {
         let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
         let pb_shift = _mm_cvtsi32_si128(pb as i32);
         let freq_cum = table.freq_cum.as_ptr() as *const i32;
+        let inverse = table.inverse.as_ptr();
         let mut states = load_quarters(x);
         let mut p = *pos;
         for step in (0..steps).rev() {
@@ -1490,30 +1491,36 @@ mod x86 {
                 let base = step * LANES + 8 * q;
                 let sym =
                     _mm256_cvtepu16_epi32(_mm_loadu_si128(symbols.as_ptr().add(base) as *const _));
-                let fc = match LOADS {
-                    false => {
-                        _mm256_i32gather_epi32::<4>(freq_cum, _mm256_and_si256(sym, symbol_mask))
-                    }
+                // With loads, each lane's `1 / freq` too, for a multiplication in place of the division.
+                let (fc, inverse) = match LOADS {
+                    false => (
+                        _mm256_i32gather_epi32::<4>(freq_cum, _mm256_and_si256(sym, symbol_mask)),
+                        None,
+                    ),
                     true => {
                         let at = symbols.as_ptr().add(base);
-                        let entry = |k: usize| *freq_cum.add(*at.add(k) as usize & symbol_last);
-                        _mm256_setr_epi32(
-                            entry(0),
-                            entry(1),
-                            entry(2),
-                            entry(3),
-                            entry(4),
-                            entry(5),
-                            entry(6),
-                            entry(7),
+                        let s = |k: usize| *at.add(k) as usize & symbol_last;
+                        let fc = |k: usize| *freq_cum.add(s(k));
+                        let inv = |k: usize| *inverse.add(s(k));
+                        (
+                            _mm256_setr_epi32(
+                                fc(0),
+                                fc(1),
+                                fc(2),
+                                fc(3),
+                                fc(4),
+                                fc(5),
+                                fc(6),
+                                fc(7),
+                            ),
+                            Some([
+                                _mm256_setr_pd(inv(0), inv(1), inv(2), inv(3)),
+                                _mm256_setr_pd(inv(4), inv(5), inv(6), inv(7)),
+                            ]),
                         )
                     }
                 };
                 let freq = _mm256_srli_epi32::<16>(fc);
-                let freq_pd = [
-                    _mm256_cvtepi32_pd(_mm256_castsi256_si128(freq)),
-                    _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(freq)),
-                ];
                 let cum = _mm256_and_si256(fc, low16);
                 let state = states[q];
                 // Emit where state >> (32 - pb) >= freq (both below 2^16, so a signed compare is right).
@@ -1531,9 +1538,25 @@ mod x86 {
                 p -= count;
                 let state = _mm256_blendv_epi8(_mm256_srli_epi32::<16>(state), state, keep);
                 let plus_half = plus_half_pd(state);
+                let quotient = match inverse {
+                    Some(inv) => [
+                        _mm256_mul_pd(plus_half[0], inv[0]),
+                        _mm256_mul_pd(plus_half[1], inv[1]),
+                    ],
+                    None => [
+                        _mm256_div_pd(
+                            plus_half[0],
+                            _mm256_cvtepi32_pd(_mm256_castsi256_si128(freq)),
+                        ),
+                        _mm256_div_pd(
+                            plus_half[1],
+                            _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(freq)),
+                        ),
+                    ],
+                };
                 let quotient = _mm256_set_m128i(
-                    _mm256_cvttpd_epi32(_mm256_div_pd(plus_half[1], freq_pd[1])),
-                    _mm256_cvttpd_epi32(_mm256_div_pd(plus_half[0], freq_pd[0])),
+                    _mm256_cvttpd_epi32(quotient[1]),
+                    _mm256_cvttpd_epi32(quotient[0]),
                 );
                 let rest = _mm256_sub_epi32(state, _mm256_mullo_epi32(quotient, freq));
                 states[q] = _mm256_add_epi32(
