@@ -1155,6 +1155,63 @@ impl FieldPrice {
             || raw - self.floor(width, elements) < needed
     }
 
+    /// A lower bound on what `best_coding` returns at up to `max_prob_bits`, tighter than `floor` for fields
+    /// with many rare symbols: raw, or `slot_floor` plus the smallest table.
+    fn slot_aware_floor(&self, width: u32, elements: u64, max_prob_bits: u32) -> f64 {
+        let raw = (width as u64 * elements) as f64;
+        if width > MAX_SYMBOL_BITS {
+            return raw;
+        }
+        let table = 8.0 * self.used.serialized_len_floor(None) as f64;
+        raw.min(self.slot_floor(max_prob_bits) + table)
+    }
+
+    /// A lower bound on the rANS-coded bits under any table of at most `2^prob_bits` slots (infinite when
+    /// more symbols occur than that). Every occurring symbol takes a slot, so the rarest ones cost up to
+    /// `prob_bits` bits each, far above their entropy. The bound is the Lagrange dual of the relaxed problem
+    /// (real frequencies of at least one slot, summing to the slots): for any multiplier it is at most the
+    /// relaxed minimum, hence at most any table's cost, so an approximate multiplier keeps it valid.
+    fn slot_floor(&self, prob_bits: u32) -> f64 {
+        let slots = (1u64 << prob_bits) as f64;
+        let used = &self.used.used;
+        if used.len() as f64 > slots {
+            return f64::INFINITY;
+        }
+        // The multiplier as a count `mu`: a symbol's relaxed share is `max(c / mu, 1 / slots)`. Symbols below
+        // `mu / slots` are held at one slot, and the rest share what is left in proportion to their counts.
+        let total = self.used.total as f64;
+        let mut mu = total;
+        for _ in 0..4 {
+            let (mut held, mut rest) = (0.0, 0.0);
+            for &(_, c) in used {
+                match (c as f64) < mu / slots {
+                    true => held += 1.0,
+                    false => rest += c as f64,
+                }
+            }
+            if rest == 0.0 {
+                break;
+            }
+            mu = rest * slots / (slots - held);
+        }
+        // The dual at `mu` (in bits): sum over symbols of min over shares q >= 1/slots of
+        // c * -log2(q) + q * mu / ln 2, less mu / ln 2.
+        let per_share = mu / std::f64::consts::LN_2;
+        let bound: f64 = used
+            .iter()
+            .map(|&(_, c)| {
+                let c = c as f64;
+                match c < mu / slots {
+                    true => c * prob_bits as f64 + per_share / slots,
+                    false => -c * (c / mu).log2() + c / std::f64::consts::LN_2,
+                }
+            })
+            .sum::<f64>()
+            - per_share;
+        // A margin for the rounding of the sums, as in `entropy_floor`.
+        bound * (1.0 - 1e-9) - 1e-6
+    }
+
     /// A lower bound on what `best_coding` returns: raw, or the entropy plus the smallest table.
     fn floor(&self, width: u32, elements: u64) -> f64 {
         let raw = (width as u64 * elements) as f64;
@@ -1181,6 +1238,9 @@ fn charge_secondary(
         (cost, table)
     }
 }
+
+/// Symbols above which `plan` checks a field against `FieldPrice::slot_aware_floor` before building its tables.
+const MANY_SYMBOLS: usize = 256;
 
 /// A chosen layout and its predicted size.
 pub struct Plan {
@@ -1254,7 +1314,12 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
             .map(|i| floors[i..].iter().sum())
             .collect();
         let mut hopeless = false;
-        for ((width, counts, price), floor_from) in candidate.into_iter().zip(floors_from) {
+        let floors_after = floors_from.iter().skip(1).copied().chain([0.0]);
+        for (((width, counts, price), floor_from), floor_after) in candidate
+            .into_iter()
+            .zip(floors_from.iter().copied())
+            .zip(floors_after)
+        {
             if best.as_ref().is_some_and(|b| {
                 (cost + floor_from + flush_bits) * (1.0 - 1e-12) > b.predicted_bits
             }) {
@@ -1262,6 +1327,19 @@ pub fn plan(stats: &FieldStats, blocks: u64) -> Option<Plan> {
                 break;
             }
             let raw = (width as u64 * n) as f64;
+            // A field of many symbols is first held to a floor that counts the slots its rare symbols take
+            // (`slot_aware_floor`, a few passes over its symbols against a normalization's heap). With no
+            // more elements than slots no symbol is below a slot, and the floor would be the entropy's.
+            if let (Some(p), Some(b)) = (&price, &best) {
+                if p.used.used.len() > MANY_SYMBOLS && n > 1 << ENCODER_MAX_PROB_BITS {
+                    let floor = p.slot_aware_floor(width, n, ENCODER_MAX_PROB_BITS);
+                    if (cost + floor + floor_after + flush_bits) * (1.0 - 1e-12) > b.predicted_bits
+                    {
+                        hopeless = true;
+                        break;
+                    }
+                }
+            }
             // A secondary field that cannot save enough stays raw without building tables.
             let (c, table) = match &price {
                 Some(p) if tables.is_empty() || !p.hopeless_as_secondary(width, n) => {
@@ -1811,7 +1889,7 @@ mod tests {
             seed ^= seed << 17;
             seed
         };
-        let mut coded = 0;
+        let (mut coded, mut tighter) = (0, 0);
         for round in 0..300 {
             let width = 1 + (next() % 12) as u32;
             // From a handful of elements (tables cost more than they save) to many (tables pay).
@@ -1830,14 +1908,23 @@ mod tests {
             assert_eq!(fast.0.to_bits(), reference.0.to_bits(), "round {round}");
             assert_eq!(fast.1, reference.1, "round {round}");
             coded += fast.1.is_some() as usize;
-            // The floor that lets `plan` skip layouts never exceeds the real cost.
+            // The floors that let `plan` skip layouts never exceed the real cost.
+            let price = FieldPrice::new(&counts);
+            assert!(price.floor(width, n) <= fast.0, "round {round}");
+            let slot_aware = price.slot_aware_floor(width, n, ENCODER_MAX_PROB_BITS);
             assert!(
-                FieldPrice::new(&counts).floor(width, n) <= fast.0,
-                "round {round}"
+                slot_aware <= fast.0,
+                "round {round}: {slot_aware} > {}",
+                fast.0
             );
+            tighter += (slot_aware > price.floor(width, n)) as usize;
         }
-        // Both outcomes occur.
+        // Both outcomes occur, and the slot-aware floor is the tighter one in some rounds.
         assert!(coded > 30 && coded < 270, "{coded} of 300 rounds coded");
+        assert!(
+            tighter > 10,
+            "slot-aware floor tighter in {tighter} of 300 rounds"
+        );
     }
 
     #[test]
