@@ -1464,9 +1464,10 @@ mod x86 {
     /// # Safety
     /// The CPU must have AVX2 and POPCNT, and `symbols.len() <= *pos <= buffer.len()` (checked by
     /// `encode_steps_with`). Memory: symbols are masked to the table length (a power of two) before the
-    /// gather; each group of 8 lanes stores 8 words ending at `pos` (the emitted ones on top), and
-    /// `pos` stays at least the number of symbols left (one word per symbol at most), so at least 8 when a
-    /// group starts: every store stays inside `buffer`.
+    /// gather or the loads (`freq_cum` and `inverse` both hold one entry per symbol); each group of 8 lanes
+    /// reads the 8 symbols at `base <= symbols.len() - 8` and stores 8 words ending at `pos` (the emitted
+    /// ones on top), and `pos` stays at least the number of symbols left (one word per symbol at most), so at
+    /// least 8 when a group starts: every store stays inside `buffer`.
     #[target_feature(enable = "avx2,popcnt")]
     pub(super) unsafe fn encode_avx2<const LOADS: bool>(
         x: &mut [u32; LANES],
