@@ -1046,21 +1046,11 @@ mod x86 {
                 _mm_cvtsi128_si64(high) as u64,
                 _mm_extract_epi64::<1>(high) as u64,
             ];
-            let entry = |k: usize| {
+            lanes_of(|k| {
                 *self
                     .entries
                     .add((pairs[k / 2] >> (32 * (k % 2))) as u32 as usize)
-            };
-            _mm256_setr_epi32(
-                entry(0),
-                entry(1),
-                entry(2),
-                entry(3),
-                entry(4),
-                entry(5),
-                entry(6),
-                entry(7),
-            )
+            })
         }
 
         /// `Lanes512::advance` for 8 lanes, refilled from the 8 words at `words`.
@@ -1089,6 +1079,22 @@ mod x86 {
                 need.count_ones() as usize,
             )
         }
+    }
+
+    /// The 8 lanes `lane(0)..lane(7)`: how the `LOADS` kernels put together what they looked up.
+    #[inline]
+    #[target_feature(enable = "avx")]
+    fn lanes_of(lane: impl Fn(usize) -> i32) -> __m256i {
+        _mm256_setr_epi32(
+            lane(0),
+            lane(1),
+            lane(2),
+            lane(3),
+            lane(4),
+            lane(5),
+            lane(6),
+            lane(7),
+        )
     }
 
     /// Loads 32 lane states as four 8-lane quarters.
@@ -1490,30 +1496,19 @@ mod x86 {
         for step in (0..steps).rev() {
             for q in (0..4).rev() {
                 let base = step * LANES + 8 * q;
-                let sym =
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128(symbols.as_ptr().add(base) as *const _));
+                let at = symbols.as_ptr().add(base);
                 // With loads, each lane's `1 / freq` too, for a multiplication in place of the division.
                 let (fc, inverse) = match LOADS {
-                    false => (
-                        _mm256_i32gather_epi32::<4>(freq_cum, _mm256_and_si256(sym, symbol_mask)),
-                        None,
-                    ),
+                    false => {
+                        let sym = _mm256_cvtepu16_epi32(_mm_loadu_si128(at as *const _));
+                        let sym = _mm256_and_si256(sym, symbol_mask);
+                        (_mm256_i32gather_epi32::<4>(freq_cum, sym), None)
+                    }
                     true => {
-                        let at = symbols.as_ptr().add(base);
                         let s = |k: usize| *at.add(k) as usize & symbol_last;
-                        let fc = |k: usize| *freq_cum.add(s(k));
                         let inv = |k: usize| *inverse.add(s(k));
                         (
-                            _mm256_setr_epi32(
-                                fc(0),
-                                fc(1),
-                                fc(2),
-                                fc(3),
-                                fc(4),
-                                fc(5),
-                                fc(6),
-                                fc(7),
-                            ),
+                            lanes_of(|k| *freq_cum.add(s(k))),
                             Some([
                                 _mm256_setr_pd(inv(0), inv(1), inv(2), inv(3)),
                                 _mm256_setr_pd(inv(4), inv(5), inv(6), inv(7)),

@@ -1158,12 +1158,7 @@ impl FieldPrice {
     /// A lower bound on what `best_coding` returns at up to `max_prob_bits`, tighter than `floor` for fields
     /// with many rare symbols: raw, or `slot_floor` plus the smallest table.
     fn slot_aware_floor(&self, width: u32, elements: u64, max_prob_bits: u32) -> f64 {
-        let raw = (width as u64 * elements) as f64;
-        if width > MAX_SYMBOL_BITS {
-            return raw;
-        }
-        let table = 8.0 * self.used.serialized_len_floor(None) as f64;
-        raw.min(self.slot_floor(max_prob_bits) + table)
+        self.floor_with(width, elements, || self.slot_floor(max_prob_bits))
     }
 
     /// A lower bound on the rANS-coded bits under any table of at most `2^prob_bits` slots (infinite when
@@ -1214,12 +1209,17 @@ impl FieldPrice {
 
     /// A lower bound on what `best_coding` returns: raw, or the entropy plus the smallest table.
     fn floor(&self, width: u32, elements: u64) -> f64 {
+        self.floor_with(width, elements, || self.entropy_floor(elements))
+    }
+
+    /// Raw, or a floor of the coded bits plus the smallest table, whichever is less.
+    fn floor_with(&self, width: u32, elements: u64, coded_floor: impl FnOnce() -> f64) -> f64 {
         let raw = (width as u64 * elements) as f64;
         if width > MAX_SYMBOL_BITS {
             return raw;
         }
         let table = 8.0 * self.used.serialized_len_floor(None) as f64;
-        raw.min(self.entropy_floor(elements) + table)
+        raw.min(coded_floor() + table)
     }
 }
 
