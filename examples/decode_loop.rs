@@ -5,6 +5,11 @@
 //!     cargo run --release --example decode_loop -- model.nzt [ROUNDS=15] [THREADS=2]
 use std::time::Instant;
 
+/// The allocator of the `neuzip` command, so that the loop times what it runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {

@@ -6,6 +6,11 @@
 use neuzip::convert::{encode_blocks, plan_all, Bounds, ConvertOptions};
 use std::time::Instant;
 
+/// The allocator of the `neuzip` command, so that the loop times what it runs.
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {

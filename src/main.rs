@@ -5,6 +5,12 @@ use std::process::ExitCode;
 
 mod cli;
 
+/// mimalloc keeps freed pages for reuse, where glibc's malloc hands large blocks back to the system and the
+/// encoder then faults them in again for each block (about 7% of one-thread encode time on MiniLM).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     match cli::run() {
         Ok(code) => code,
