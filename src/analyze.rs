@@ -72,7 +72,7 @@ fn exponent_histogram(dtype: Dtype, data: &[u8]) -> Vec<u64> {
     let mut hist = vec![0u64; 1 << exp_bits];
     // The top part holds the sign then the exponent.
     let shift = stats.top_bits - 1 - exp_bits;
-    for (v, &c) in stats.top.iter().enumerate() {
+    for &(v, c) in &stats.top {
         hist[(v >> shift) & ((1 << exp_bits) - 1)] += c;
     }
     hist

@@ -920,15 +920,17 @@ pub struct FieldStats {
     pub elements: u64,
     /// Width of the top part (`min(16, bits)`), counted jointly.
     pub top_bits: u32,
-    /// Histogram of the top `top_bits` bits.
-    pub top: Vec<u64>,
+    /// The values of the top `top_bits` bits that occur, ascending, with their counts: a sparse histogram.
+    pub top: Vec<(usize, u64)>,
     /// Histograms of each byte below the top part, most significant first.
     pub low_bytes: Vec<Vec<u64>>,
 }
 
 impl FieldStats {
     /// Counts over the whole tensor, in parallel over 8 MiB slices whose histograms are then summed (the
-    /// sums do not depend on how the work was split).
+    /// sums do not depend on how the work was split). A tensor of fewer elements than an eighth of the top
+    /// part's values (biases, norms) has its top values sorted instead, so that it never touches a table
+    /// of 2^16 counters.
     pub fn gather(dtype: Dtype, data: &[u8]) -> FieldStats {
         use rayon::prelude::*;
         let width = dtype.byte_width().expect("whole-byte dtype");
@@ -936,16 +938,40 @@ impl FieldStats {
         let top_bits = bits.min(16);
         let low_count = ((bits - top_bits) / 8) as usize;
         let data = &data[..data.len() / width * width];
+        let elements = data.len() / width;
+        let low_histograms = |chunk: &[u8]| -> Vec<Vec<u64>> {
+            (0..low_count)
+                .map(|k| {
+                    let mut hist = vec![0u64; 256];
+                    add_field_counts(chunk, width, 8 * (low_count - 1 - k) as u32, 8, &mut hist);
+                    hist
+                })
+                .collect()
+        };
+        if elements < (1 << top_bits) / 8 {
+            let shift = bits - top_bits;
+            let mut values: Vec<u64> = element_values(data, width)
+                .iter()
+                .map(|&v| (v >> shift) & field_mask(top_bits))
+                .collect();
+            values.sort_unstable();
+            let top = values
+                .chunk_by(|a, b| a == b)
+                .map(|run| (run[0] as usize, run.len() as u64))
+                .collect();
+            return FieldStats {
+                dtype,
+                elements: elements as u64,
+                top_bits,
+                top,
+                low_bytes: low_histograms(data),
+            };
+        }
         let slice = (8 << 20) / width * width;
         let partial = |chunk: &[u8]| {
             let mut top = vec![0u64; 1 << top_bits];
-            let mut low_bytes = vec![vec![0u64; 256]; low_count];
             add_field_counts(chunk, width, bits - top_bits, top_bits, &mut top);
-            for (k, hist) in low_bytes.iter_mut().enumerate() {
-                let shift = 8 * (low_count - 1 - k) as u32;
-                add_field_counts(chunk, width, shift, 8, hist);
-            }
-            (top, low_bytes)
+            (top, low_histograms(chunk))
         };
         let sum = |(mut a, mut al): (Vec<u64>, Vec<Vec<u64>>),
                    (b, bl): (Vec<u64>, Vec<Vec<u64>>)| {
@@ -965,9 +991,14 @@ impl FieldStats {
         };
         FieldStats {
             dtype,
-            elements: (data.len() / width) as u64,
+            elements: elements as u64,
             top_bits,
-            top,
+            top: top
+                .iter()
+                .enumerate()
+                .filter(|(_, &c)| c > 0)
+                .map(|(v, &c)| (v, c))
+                .collect(),
             low_bytes,
         }
     }
@@ -995,24 +1026,11 @@ impl FieldStats {
         h
     }
 
-    /// The values of the top part that occur, with their counts.
-    fn occurring(&self) -> Vec<(usize, u64)> {
-        self.top
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(v, &c)| (v, c))
-            .collect()
-    }
-
     /// The fields and their histograms for a top field of `hi` bits (a histogram is empty for a field too
     /// wide to code).
     pub fn candidate_fields(&self, hi: u32) -> Vec<(u32, Vec<u64>)> {
-        let occurring = self.occurring();
-        let (top, mid) = (
-            self.top_field(hi, &occurring),
-            self.mid_field(hi, &occurring),
-        );
+        let occurring = &self.top;
+        let (top, mid) = (self.top_field(hi, occurring), self.mid_field(hi, occurring));
         self.layout_fields(hi, top, mid)
     }
 
@@ -1031,9 +1049,9 @@ impl FieldStats {
     /// widest top and middle fields are counted from the occurring values once, and the others are folded from
     /// them (a top field of `hi` bits sums pairs of the one of `hi + 1`; a middle field drops its top bit).
     fn all_candidate_fields(&self) -> Vec<Vec<(u32, Vec<u64>)>> {
-        let occurring = self.occurring();
+        let occurring = &self.top;
         let widest = self.top_bits.min(MAX_SYMBOL_BITS);
-        let mut tops = vec![self.top_field(widest, &occurring)];
+        let mut tops = vec![self.top_field(widest, occurring)];
         while tops.len() < widest as usize {
             let wider = tops.last().expect("one top field");
             tops.push(wider.chunks_exact(2).map(|p| p[0] + p[1]).collect());
@@ -1054,7 +1072,7 @@ impl FieldStats {
                     .map(|(a, b)| a + b)
                     .collect()
             } else {
-                self.mid_field(hi, &occurring)
+                self.mid_field(hi, occurring)
             };
             mids.push(mid);
         }
@@ -2174,6 +2192,30 @@ mod tests {
                 .decode_block(body, &mut out)
                 .unwrap();
             assert_eq!(out, block);
+        }
+    }
+
+    /// `gather`'s sparse top histogram, sorted (small tensors) or counted (large ones), lists the values that
+    /// occur, ascending, with the counts of a plain loop, on both sides of the switch between the two.
+    #[test]
+    fn gathered_top_values_equal_a_plain_count() {
+        for dtype in [Dtype::BF16, Dtype::F32] {
+            let width = dtype.byte_width().unwrap();
+            let data = gaussian_bf16(40_000, 5);
+            for n in [0usize, 1, 100, 8_191, 8_192, 20_000] {
+                let bytes = &data[..n * width];
+                let shift = dtype.bits() - 16;
+                let mut plain = std::collections::BTreeMap::new();
+                for v in element_values(bytes, width) {
+                    *plain.entry((v >> shift) as usize).or_insert(0u64) += 1;
+                }
+                let plain: Vec<(usize, u64)> = plain.into_iter().collect();
+                assert_eq!(
+                    FieldStats::gather(dtype, bytes).top,
+                    plain,
+                    "{dtype:?} n={n}"
+                );
+            }
         }
     }
 
