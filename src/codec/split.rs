@@ -1539,7 +1539,7 @@ fn sub_histograms<const W: usize, const S: usize>(
     counts: &mut [u64],
 ) {
     let per_word = 8 / W;
-    debug_assert!(per_word % S == 0 && counts.len().is_power_of_two());
+    debug_assert!(per_word.is_multiple_of(S) && counts.len().is_power_of_two());
     // u32 counters: a block holds fewer than 2^32 elements
     let mut sub = vec![[0u32; S]; counts.len()];
     // Masking by the table size lets the compiler drop the bounds checks.
