@@ -969,17 +969,17 @@ impl FieldStats {
         }
         let slice = (8 << 20) / width * width;
         let partial = |chunk: &[u8]| {
-            let mut top = vec![0u64; 1 << top_bits];
-            add_field_counts(chunk, width, bits - top_bits, top_bits, &mut top);
-            (top, low_histograms(chunk))
+            (
+                occurring_values(chunk, width, bits - top_bits, top_bits),
+                low_histograms(chunk),
+            )
         };
-        let sum = |(mut a, mut al): (Vec<u64>, Vec<Vec<u64>>),
-                   (b, bl): (Vec<u64>, Vec<Vec<u64>>)| {
-            a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+        let sum = |(a, mut al): (Vec<(usize, u64)>, Vec<Vec<u64>>),
+                   (b, bl): (Vec<(usize, u64)>, Vec<Vec<u64>>)| {
             for (ha, hb) in al.iter_mut().zip(&bl) {
                 ha.iter_mut().zip(hb).for_each(|(x, y)| *x += y);
             }
-            (a, al)
+            (add_sparse(&a, &b), al)
         };
         let (top, low_bytes) = if data.len() <= slice {
             partial(data)
@@ -993,12 +993,7 @@ impl FieldStats {
             dtype,
             elements: elements as u64,
             top_bits,
-            top: top
-                .iter()
-                .enumerate()
-                .filter(|(_, &c)| c > 0)
-                .map(|(v, &c)| (v, c))
-                .collect(),
+            top,
             low_bytes,
         }
     }
@@ -1529,19 +1524,33 @@ fn field_value<const W: usize>(element: &[u8], shift: u32, mask: u32) -> u32 {
 /// (6, 10 and 16 bits): the tables stay small and repeats are rare enough.
 const SUB_HISTOGRAMS: usize = 2;
 
-/// `field_histogram`'s counting through `S` sub-histograms (`S` divides the elements of a word): the
-/// element in lane `k` of each 8-byte word goes to the `k % S`-th. The field at `shift` under `mask` is below
-/// `counts.len()`, a power of two.
+/// `field_histogram`'s counting through `S` sub-histograms: `count_into_sub_histograms` into a fresh table,
+/// then summed into `counts` (a power of two long).
 fn sub_histograms<const W: usize, const S: usize>(
     block: &[u8],
     shift: u32,
     mask: u32,
     counts: &mut [u64],
 ) {
-    let per_word = 8 / W;
-    debug_assert!(per_word.is_multiple_of(S) && counts.len().is_power_of_two());
     // u32 counters: a block holds fewer than 2^32 elements
     let mut sub = vec![[0u32; S]; counts.len()];
+    count_into_sub_histograms::<W, S>(block, shift, mask, &mut sub);
+    for (total, s) in counts.iter_mut().zip(&sub) {
+        *total += s.iter().map(|&k| k as u64).sum::<u64>();
+    }
+}
+
+/// Adds the field at `shift` under `mask` of each `W`-byte element of `block` to `sub` (a power of two long,
+/// more than the field's largest value). `S` divides the elements of a word: the element in lane `k` of each
+/// 8-byte word goes to the `k % S`-th sub-histogram.
+fn count_into_sub_histograms<const W: usize, const S: usize>(
+    block: &[u8],
+    shift: u32,
+    mask: u32,
+    sub: &mut [[u32; S]],
+) {
+    let per_word = 8 / W;
+    debug_assert!(per_word.is_multiple_of(S) && sub.len().is_power_of_two());
     // Masking by the table size lets the compiler drop the bounds checks.
     let last = sub.len() - 1;
     let words = block.chunks_exact(8);
@@ -1556,9 +1565,74 @@ fn sub_histograms<const W: usize, const S: usize>(
     for e in rest.chunks_exact(W) {
         sub[field_value::<W>(e, shift, mask) as usize & last][0] += 1;
     }
-    for (total, s) in counts.iter_mut().zip(&sub) {
-        *total += s.iter().map(|&k| k as u64).sum::<u64>();
+}
+
+thread_local! {
+    /// `occurring_values`' sub-histograms, all zero between calls (the flag says a call was cut short).
+    static OCCURRING_COUNTS: std::cell::RefCell<(Vec<[u32; SUB_HISTOGRAMS]>, bool)> =
+        const { std::cell::RefCell::new((Vec::new(), false)) };
+}
+
+/// The values of the `bits`-bit field at `shift` of the `width`-byte elements of `chunk` (fewer than 2^32)
+/// that occur, ascending, with their counts. The counting table is per thread and each call leaves it zero
+/// again as it reads it out, so a table of 2^16 counters is neither allocated nor cleared per call.
+fn occurring_values(chunk: &[u8], width: usize, shift: u32, bits: u32) -> Vec<(usize, u64)> {
+    OCCURRING_COUNTS.with_borrow_mut(|(sub, dirty)| {
+        let len = 1usize << bits;
+        if sub.len() < len {
+            sub.resize(len, [0; SUB_HISTOGRAMS]);
+        }
+        if *dirty {
+            sub.fill([0; SUB_HISTOGRAMS]);
+        }
+        *dirty = true;
+        let table = &mut sub[..len];
+        let mask = field_mask(bits) as u32;
+        match width {
+            2 => count_into_sub_histograms::<2, SUB_HISTOGRAMS>(chunk, shift, mask, table),
+            4 => count_into_sub_histograms::<4, SUB_HISTOGRAMS>(chunk, shift, mask, table),
+            _ => {
+                for v in element_values(chunk, width) {
+                    table[((v >> shift) & mask as u64) as usize][0] += 1;
+                }
+            }
+        }
+        let mut occurring = Vec::new();
+        for (value, counts) in table.iter_mut().enumerate() {
+            if *counts != [0; SUB_HISTOGRAMS] {
+                occurring.push((value, counts.iter().map(|&k| k as u64).sum()));
+                *counts = [0; SUB_HISTOGRAMS];
+            }
+        }
+        *dirty = false;
+        occurring
+    })
+}
+
+/// The sum of two sparse histograms (ascending values with counts), ascending.
+fn add_sparse(a: &[(usize, u64)], b: &[(usize, u64)]) -> Vec<(usize, u64)> {
+    let mut sum = Vec::with_capacity(a.len().max(b.len()));
+    let (mut i, mut j) = (0, 0);
+    while let (Some(&(va, ca)), Some(&(vb, cb))) = (a.get(i), b.get(j)) {
+        match va.cmp(&vb) {
+            std::cmp::Ordering::Less => {
+                sum.push((va, ca));
+                i += 1;
+            }
+            std::cmp::Ordering::Greater => {
+                sum.push((vb, cb));
+                j += 1;
+            }
+            std::cmp::Ordering::Equal => {
+                sum.push((va, ca + cb));
+                i += 1;
+                j += 1;
+            }
+        }
     }
+    sum.extend_from_slice(&a[i..]);
+    sum.extend_from_slice(&b[j..]);
+    sum
 }
 
 /// Predicted bits of a block coded with `params` (the tensor's tables), from the block's field counts.
@@ -2195,14 +2269,15 @@ mod tests {
         }
     }
 
-    /// `gather`'s sparse top histogram, sorted (small tensors) or counted (large ones), lists the values that
-    /// occur, ascending, with the counts of a plain loop, on both sides of the switch between the two.
+    /// `gather`'s sparse top histogram, sorted (small tensors) or counted (large ones, in 8 MiB slices whose
+    /// histograms are merged), lists the values that occur, ascending, with the counts of a plain loop: on both
+    /// sides of the switch, and over two slices. Each count also leaves the per-thread table zero for the next.
     #[test]
     fn gathered_top_values_equal_a_plain_count() {
+        let data = gaussian_bf16(4_600_000, 5);
         for dtype in [Dtype::BF16, Dtype::F32] {
             let width = dtype.byte_width().unwrap();
-            let data = gaussian_bf16(40_000, 5);
-            for n in [0usize, 1, 100, 8_191, 8_192, 20_000] {
+            for n in [0usize, 1, 100, 8_191, 8_192, 20_000, data.len() / width] {
                 let bytes = &data[..n * width];
                 let shift = dtype.bits() - 16;
                 let mut plain = std::collections::BTreeMap::new();
