@@ -1597,7 +1597,7 @@ fn occurring_values(chunk: &[u8], width: usize, shift: u32, bits: u32) -> Vec<(u
                 }
             }
         }
-        let mut occurring = Vec::new();
+        let mut occurring = Vec::with_capacity(len.min(chunk.len() / width));
         for (value, counts) in table.iter_mut().enumerate() {
             if *counts != [0; SUB_HISTOGRAMS] {
                 occurring.push((value, counts.iter().map(|&k| k as u64).sum()));
