@@ -1,8 +1,8 @@
-//! Plans and encodes every tensor of a safetensors file again and again on one thread (output discarded) and
+//! Plans and encodes every tensor of a safetensors file again and again (output discarded, one thread unless told) and
 //! prints the median time of the plan pass and of the encode pass: a steady loop for profilers and for A/B
 //! runs of the encode path.
 //!
-//!     cargo run --release --example encode_loop -- model.safetensors [ROUNDS=9]
+//!     cargo run --release --example encode_loop -- model.safetensors [ROUNDS=9] [THREADS=1]
 use neuzip::convert::{encode_blocks, plan_all, Bounds, ConvertOptions};
 use std::time::Instant;
 
@@ -14,15 +14,16 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let Some(path) = args.get(1) else {
-        eprintln!("usage: encode_loop FILE.safetensors [ROUNDS]");
+        eprintln!("usage: encode_loop FILE.safetensors [ROUNDS] [THREADS]");
         std::process::exit(2);
     };
     let source = neuzip::source::SafetensorsFile::open(std::path::Path::new(path)).expect("opens");
     let rounds: usize = args.get(2).map_or(9, |s| s.parse().expect("ROUNDS"));
+    let threads: usize = args.get(3).map_or(1, |s| s.parse().expect("THREADS"));
     let opts = ConvertOptions::default();
     let bytes: u64 = source.tensors.iter().map(|t| t.end - t.start).sum();
     let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+        .num_threads(threads)
         .build()
         .expect("pool");
     let (mut plan_s, mut encode_s) = (Vec::new(), Vec::new());
