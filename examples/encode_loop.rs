@@ -1,6 +1,6 @@
-//! Plans and encodes every tensor of a safetensors file again and again (output discarded, one thread unless told) and
-//! prints the median time of the plan pass and of the encode pass: a steady loop for profilers and for A/B
-//! runs of the encode path.
+//! Plans and encodes every tensor of a safetensors file again and again (output discarded; one thread unless
+//! told otherwise) and prints the median time of the plan pass and of the encode pass: a steady loop for
+//! profilers and for A/B runs of the encode path.
 //!
 //!     cargo run --release --example encode_loop -- model.safetensors [ROUNDS=9] [THREADS=1]
 use neuzip::convert::{encode_blocks, plan_all, Bounds, ConvertOptions};

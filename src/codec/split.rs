@@ -948,25 +948,6 @@ impl FieldStats {
                 })
                 .collect()
         };
-        if elements < (1 << top_bits) / 8 {
-            let shift = bits - top_bits;
-            let mut values: Vec<u64> = element_values(data, width)
-                .iter()
-                .map(|&v| (v >> shift) & field_mask(top_bits))
-                .collect();
-            values.sort_unstable();
-            let top = values
-                .chunk_by(|a, b| a == b)
-                .map(|run| (run[0] as usize, run.len() as u64))
-                .collect();
-            return FieldStats {
-                dtype,
-                elements: elements as u64,
-                top_bits,
-                top,
-                low_bytes: low_histograms(data),
-            };
-        }
         let slice = (8 << 20) / width * width;
         let partial = |chunk: &[u8]| {
             (
@@ -981,7 +962,19 @@ impl FieldStats {
             }
             (add_sparse(&a, &b), al)
         };
-        let (top, low_bytes) = if data.len() <= slice {
+        let (top, low_bytes) = if elements < (1 << top_bits) / 8 {
+            let shift = bits - top_bits;
+            let mut values: Vec<u64> = element_values(data, width)
+                .iter()
+                .map(|&v| (v >> shift) & field_mask(top_bits))
+                .collect();
+            values.sort_unstable();
+            let top = values
+                .chunk_by(|a, b| a == b)
+                .map(|run| (run[0] as usize, run.len() as u64))
+                .collect();
+            (top, low_histograms(data))
+        } else if data.len() <= slice {
             partial(data)
         } else {
             data.par_chunks(slice)
