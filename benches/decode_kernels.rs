@@ -132,7 +132,11 @@ fn main() {
         });
         println!("rans decode, {:<10} kernel {gbps:8.3} GB/s", kernel.name());
     }
-    if Kernel::available().contains(&Kernel::Avx512) {
+    let pair_kernels = [Kernel::Avx512, Kernel::Avx512Loads];
+    for kernel in pair_kernels
+        .into_iter()
+        .filter(|k| Kernel::available().contains(k))
+    {
         let mut ranks_b = vec![0u8; block_elements];
         let gbps = median_gbps(data.len(), runs, || {
             for pair in encoded.chunks(2).zip(symbols.chunks(2)) {
@@ -140,7 +144,7 @@ fn main() {
                 if let ([(ea, wa), (eb, wb)], [sa, sb]) = (enc, sym) {
                     let (mut xa, mut xb, mut pa, mut pb) = (ea.states, eb.states, 0, 0);
                     let done = neuzip::codec::simd::decode_steps_pair(
-                        Kernel::Avx512,
+                        kernel,
                         [&mut xa, &mut xb],
                         [&mut pa, &mut pb],
                         [wa, wb],
@@ -151,7 +155,10 @@ fn main() {
                 }
             }
         });
-        println!("rans decode, avx512 pair (bulk steps of two interleaved blocks) {gbps:8.3} GB/s");
+        println!(
+            "rans decode, {} pair (bulk steps of two interleaved blocks) {gbps:8.3} GB/s",
+            kernel.name()
+        );
     }
     let gbps = median_gbps(data.len(), runs, || {
         for ((e, words), s) in encoded.iter().zip(&symbols) {

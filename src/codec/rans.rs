@@ -233,12 +233,21 @@ pub fn decode_ranks_with(
 ) -> Result<(), StreamError> {
     Cursor::start(states, words)?.finish_ranks(kernel, words, table, ranks, 0)
 }
+
 /// One block of `decode_ranks_pair`: the arguments of `decode_ranks` (states, words, table, ranks).
 pub type RanksBlock<'a> = (&'a [u32; LANES], &'a [u8], &'a PackedTable, &'a mut [u8]);
 
 /// `decode_ranks` for two blocks, each with its own table, their full steps interleaved in one kernel (where
 /// the CPU has one) so that each block's table lookups overlap the other's. Same results as two calls.
 pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError>; 2] {
+    decode_ranks_pair_with(Kernel::selected(), blocks)
+}
+
+/// `decode_ranks_pair` with a chosen kernel.
+pub fn decode_ranks_pair_with(
+    kernel: Kernel,
+    blocks: [RanksBlock<'_>; 2],
+) -> [Result<(), StreamError>; 2] {
     let [(states_a, words_a, table_a, ranks_a), (states_b, words_b, table_b, ranks_b)] = blocks;
     let (mut a, mut b) = match (
         Cursor::start(states_a, words_a),
@@ -247,12 +256,11 @@ pub fn decode_ranks_pair(blocks: [RanksBlock<'_>; 2]) -> [Result<(), StreamError
         (Ok(a), Ok(b)) => (a, b),
         _ => {
             return [
-                decode_ranks(states_a, words_a, table_a, ranks_a),
-                decode_ranks(states_b, words_b, table_b, ranks_b),
+                decode_ranks_with(kernel, states_a, words_a, table_a, ranks_a),
+                decode_ranks_with(kernel, states_b, words_b, table_b, ranks_b),
             ]
         }
     };
-    let kernel = Kernel::selected();
     let together = super::simd::decode_steps_pair(
         kernel,
         [&mut a.x, &mut b.x],
@@ -615,32 +623,58 @@ pub(crate) mod tests {
                 cases.push((enc.states, damaged));
             }
             cases.push((enc.states, bytes[..bytes.len().saturating_sub(2)].to_vec()));
-            for (states, words) in &cases {
-                let mut expected = vec![0u16; n];
-                let reference = decode(
-                    states,
-                    words,
-                    &mut [FieldOutput {
-                        out: &mut expected,
-                        table: &dt,
-                    }],
-                    n,
-                );
-                for &kernel in &kernels {
+            let references: Vec<_> = cases
+                .iter()
+                .map(|(states, words)| {
+                    let mut expected = vec![0u16; n];
+                    let reference = decode(
+                        states,
+                        words,
+                        &mut [FieldOutput {
+                            out: &mut expected,
+                            table: &dt,
+                        }],
+                        n,
+                    );
+                    (reference, expected)
+                })
+                .collect();
+            type Reference = (Result<(), StreamError>, Vec<u16>);
+            let check = |what: &str, fast, ranks: &[u8], (reference, expected): &Reference| {
+                let what = format!("{what} n={n} bits={bits} prob_bits={prob_bits}");
+                assert_eq!(fast, *reference, "{what}");
+                if reference.is_ok() {
+                    let got: Vec<u16> =
+                        ranks.iter().map(|&r| packed.alphabet[r as usize]).collect();
+                    assert_eq!(got, *expected, "{what}");
+                }
+            };
+            for &kernel in &kernels {
+                for (k, (states, words)) in cases.iter().enumerate() {
                     let mut ranks = vec![0u8; n];
                     let fast = decode_ranks_with(kernel, states, words, &packed, &mut ranks);
-                    assert_eq!(
-                        fast, reference,
-                        "{kernel:?} n={n} bits={bits} prob_bits={prob_bits}"
+                    check(&format!("{kernel:?}"), fast, &ranks, &references[k]);
+                    // Paired with the intact stream (and the intact one with itself).
+                    let (mut ranks_a, mut ranks_b) = (vec![0u8; n], vec![0u8; n]);
+                    let [fast_a, fast_b] = decode_ranks_pair_with(
+                        kernel,
+                        [
+                            (states, words, &packed, &mut ranks_a),
+                            (&cases[0].0, &cases[0].1, &packed, &mut ranks_b),
+                        ],
                     );
-                    if reference.is_ok() {
-                        let got: Vec<u16> =
-                            ranks.iter().map(|&r| packed.alphabet[r as usize]).collect();
-                        assert_eq!(
-                            got, expected,
-                            "{kernel:?} n={n} bits={bits} prob_bits={prob_bits}"
-                        );
-                    }
+                    check(
+                        &format!("{kernel:?} pair, first"),
+                        fast_a,
+                        &ranks_a,
+                        &references[k],
+                    );
+                    check(
+                        &format!("{kernel:?} pair, second"),
+                        fast_b,
+                        &ranks_b,
+                        &references[0],
+                    );
                 }
             }
         }

@@ -9,8 +9,8 @@
 //! 3. The merge of 4-byte elements (`merge32`, AVX2): symbols gathered or computed through rank windows, and up
 //!    to three raw fields unpacked with a byte shuffle and per-lane shifts.
 //!
-//! On CPUs whose gathers are slow (AMD Zen 2 and 3), the AVX2 kernels look their tables up with scalar loads
-//! instead (`Kernel::Avx2Loads`): the same steps, the same bytes.
+//! On CPUs whose gathers are slow (AMD Zen 2 to 4), the AVX2 and AVX-512 kernels look their tables up with
+//! scalar loads instead (`Kernel::Avx2Loads`, `Kernel::Avx512Loads`): the same steps, the same bytes.
 //!
 //! A kernel only runs full 32-element steps, and only while 32 words remain after the current one, so every
 //! vector load stays inside the stream; the scalar reference finishes the block and does the end checks.
@@ -29,7 +29,10 @@ pub enum Kernel {
     Avx2,
     /// AVX2, its table lookups done by scalar loads, for CPUs whose gathers are slow.
     Avx2Loads,
+    /// AVX-512, its table lookups done by gathers.
     Avx512,
+    /// AVX-512, its table lookups done by scalar loads, for CPUs whose gathers are slow.
+    Avx512Loads,
 }
 
 impl Kernel {
@@ -39,11 +42,12 @@ impl Kernel {
             Kernel::Avx2 => "avx2",
             Kernel::Avx2Loads => "avx2-loads",
             Kernel::Avx512 => "avx512",
+            Kernel::Avx512Loads => "avx512-loads",
         }
     }
 
-    /// Kernels this CPU can run, slowest first (of the two AVX2 ones, loads are taken to be faster than
-    /// gathers where gathers are slow).
+    /// Kernels this CPU can run, slowest first (of each gather and loads pair, loads are taken to be faster
+    /// where gathers are slow).
     pub fn available() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
@@ -55,14 +59,17 @@ impl Kernel {
                 }
             }
             if x86::has_avx512() {
-                kernels.push(Kernel::Avx512);
+                match x86::gathers_are_slow() {
+                    true => kernels.extend([Kernel::Avx512, Kernel::Avx512Loads]),
+                    false => kernels.extend([Kernel::Avx512Loads, Kernel::Avx512]),
+                }
             }
         }
         kernels
     }
 
-    /// The fastest available kernel, or the one `NEUZIP_KERNEL` (scalar, avx2, avx2-loads, avx512) names if
-    /// available.
+    /// The fastest available kernel, or the one `NEUZIP_KERNEL` (scalar, avx2, avx2-loads, avx512,
+    /// avx512-loads) names if available.
     pub fn selected() -> Kernel {
         static SELECTED: OnceLock<Kernel> = OnceLock::new();
         *SELECTED.get_or_init(|| {
@@ -114,7 +121,10 @@ pub fn decode_steps_with(
         Kernel::Avx2Loads => unsafe { x86::avx2_steps::<true>(x, pos, words, table, ranks) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
-        Kernel::Avx512 => unsafe { x86::avx512_steps(x, pos, words, table, ranks) },
+        Kernel::Avx512 => unsafe { x86::avx512_steps::<false>(x, pos, words, table, ranks) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Loads => unsafe { x86::avx512_steps::<true>(x, pos, words, table, ranks) },
         #[cfg(not(target_arch = "x86_64"))]
         _ => 0,
     }
@@ -138,7 +148,12 @@ pub fn decode_steps_pair(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `available()` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx512 => unsafe { x86::avx512_steps_pair(x, pos, words, tables, ranks) },
+        Kernel::Avx512 => unsafe { x86::avx512_steps_pair::<false>(x, pos, words, tables, ranks) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Loads => unsafe {
+            x86::avx512_steps_pair::<true>(x, pos, words, tables, ranks)
+        },
         _ => 0,
     }
 }
@@ -175,7 +190,12 @@ pub fn encode_steps_with(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the CPU has the features (checked above); the kernel bounds every access itself.
         Kernel::Avx512 if x86::has_avx512_vbmi() => unsafe {
-            x86::encode_avx512(x, symbols, table, buffer, pos)
+            x86::encode_avx512::<false>(x, symbols, table, buffer, pos)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Loads if x86::has_avx512_vbmi() => unsafe {
+            x86::encode_avx512::<true>(x, symbols, table, buffer, pos)
         },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
@@ -248,7 +268,7 @@ impl<'a> Merge16<'a> {
     fn runs_on(kernel: Kernel) -> bool {
         #[cfg(target_arch = "x86_64")]
         match kernel {
-            Kernel::Avx512 => return x86::has_avx512_vbmi(),
+            Kernel::Avx512 | Kernel::Avx512Loads => return x86::has_avx512_vbmi(),
             Kernel::Avx2 | Kernel::Avx2Loads => return x86::has_avx2(),
             Kernel::Scalar => {}
         }
@@ -272,7 +292,7 @@ pub fn merge16_with(kernel: Kernel, ranks: &[u8], merge: Merge16<'_>, out: &mut 
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx512 => unsafe { x86::merge16_avx512(ranks, merge, out) },
+        Kernel::Avx512 | Kernel::Avx512Loads => unsafe { x86::merge16_avx512(ranks, merge, out) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx2 | Kernel::Avx2Loads => unsafe { x86::merge16_avx2(ranks, merge, out) },
@@ -336,7 +356,14 @@ pub fn decode_merge16_steps(
     match kernel {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
-        Kernel::Avx512 => unsafe { x86::avx512_merge16_steps(x, pos, words, table, merge, out) },
+        Kernel::Avx512 => unsafe {
+            x86::avx512_merge16_steps::<false>(x, pos, words, table, merge, out)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Loads => unsafe {
+            x86::avx512_merge16_steps::<true>(x, pos, words, table, merge, out)
+        },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Kernel::Avx2 => unsafe {
@@ -372,7 +399,12 @@ pub fn decode_merge16_steps_pair(
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `runs_on` confirmed the CPU features; the kernel bounds every access itself.
         Kernel::Avx512 => unsafe {
-            x86::avx512_merge16_steps_pair(x, pos, words, tables, merges, outs)
+            x86::avx512_merge16_steps_pair::<false>(x, pos, words, tables, merges, outs)
+        },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Kernel::Avx512Loads => unsafe {
+            x86::avx512_merge16_steps_pair::<true>(x, pos, words, tables, merges, outs)
         },
         _ => {
             let _ = (x, pos, words, merges, outs);
@@ -579,7 +611,7 @@ mod x86 {
     /// starts only while `p + 32 <= word_count`), and a step runs only while `step < Merger512::groups`
     /// (64 output bytes and the raw load in bounds).
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
-    pub(super) unsafe fn avx512_merge16_steps(
+    pub(super) unsafe fn avx512_merge16_steps<const LOADS: bool>(
         x: &mut [u32; LANES],
         pos: &mut usize,
         words: &[u8],
@@ -588,15 +620,15 @@ mod x86 {
         out: &mut [u8],
     ) -> usize {
         match merge.windows.is_some() {
-            true => avx512_merge16_steps_with::<true>(x, pos, words, table, merge, out),
-            false => avx512_merge16_steps_with::<false>(x, pos, words, table, merge, out),
+            true => avx512_merge16_steps_with::<true, LOADS>(x, pos, words, table, merge, out),
+            false => avx512_merge16_steps_with::<false, LOADS>(x, pos, words, table, merge, out),
         }
     }
 
     /// # Safety
     /// As for `avx512_merge16_steps`; `WINDOWS` only when `merge.windows` is Some.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
-    unsafe fn avx512_merge16_steps_with<const WINDOWS: bool>(
+    unsafe fn avx512_merge16_steps_with<const WINDOWS: bool, const LOADS: bool>(
         x: &mut [u32; LANES],
         pos: &mut usize,
         words: &[u8],
@@ -618,7 +650,10 @@ mod x86 {
         let mut p = *pos;
         let mut step = 0;
         while step < steps && p + 32 <= word_count {
-            let entry = [lanes.gather(states[0]), lanes.gather(states[1])];
+            let entry = [
+                lanes.gather::<LOADS>(states[0]),
+                lanes.gather::<LOADS>(states[1]),
+            ];
             for half in 0..2 {
                 let (state, used) = lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
                 states[half] = state;
@@ -638,7 +673,7 @@ mod x86 {
     /// As for `avx512_merge16_steps`, for each of the two streams: a step runs only while both streams can
     /// take it.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
-    pub(super) unsafe fn avx512_merge16_steps_pair(
+    pub(super) unsafe fn avx512_merge16_steps_pair<const LOADS: bool>(
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
@@ -647,15 +682,19 @@ mod x86 {
         outs: [&mut [u8]; 2],
     ) -> usize {
         match merges.iter().all(|m| m.windows.is_some()) {
-            true => avx512_merge16_steps_pair_with::<true>(x, pos, words, tables, merges, outs),
-            false => avx512_merge16_steps_pair_with::<false>(x, pos, words, tables, merges, outs),
+            true => {
+                avx512_merge16_steps_pair_with::<true, LOADS>(x, pos, words, tables, merges, outs)
+            }
+            false => {
+                avx512_merge16_steps_pair_with::<false, LOADS>(x, pos, words, tables, merges, outs)
+            }
         }
     }
 
     /// # Safety
     /// As for `avx512_merge16_steps_pair`; `WINDOWS` only when both merges have windows.
     #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,popcnt")]
-    unsafe fn avx512_merge16_steps_pair_with<const WINDOWS: bool>(
+    unsafe fn avx512_merge16_steps_pair_with<const WINDOWS: bool, const LOADS: bool>(
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
@@ -682,7 +721,8 @@ mod x86 {
         let mut p = [*pos[0], *pos[1]];
         let mut step = 0;
         while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
-            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes[v / 2].gather(states[v]));
+            let entry: [__m512i; 4] =
+                std::array::from_fn(|v| lanes[v / 2].gather::<LOADS>(states[v]));
             for v in 0..4 {
                 let stream = v / 2;
                 let words_at = word_ptr[stream].add(2 * p[stream]);
@@ -708,13 +748,17 @@ mod x86 {
         step
     }
 
+    /// The quotient `state / freq` is a multiplication by `1 / freq`, gathered or (`LOADS`) loaded, as in
+    /// `encode_avx2`.
+    ///
     /// # Safety
     /// The CPU must have AVX-512F, BW and VL, and `symbols.len() <= *pos <= buffer.len()` (checked by
-    /// `encode_steps_with`). Memory: symbols are masked to the table length (a power of two) before the
-    /// gathers; each step writes at most 32 words below `pos`, and `pos` stays at least one word per remaining
+    /// `encode_steps_with`). Memory: each half step reads the 16 symbols at `base <= symbols.len() - 16`, masked
+    /// to the table length (a power of two; `freq_cum` and `inverse` hold one entry per symbol) before the
+    /// gathers or the loads; each step writes at most 32 words below `pos`, and `pos` stays at least one word per remaining
     /// symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
-    pub(super) unsafe fn encode_avx512(
+    pub(super) unsafe fn encode_avx512<const LOADS: bool>(
         x: &mut [u32; LANES],
         symbols: &[u16],
         table: &super::super::rans::EncodeTable,
@@ -723,7 +767,8 @@ mod x86 {
     ) -> usize {
         let steps = symbols.len() / LANES;
         let pb = table.prob_bits;
-        let symbol_mask = _mm512_set1_epi32((table.freq_cum.len() - 1) as i32);
+        let symbol_last = table.freq_cum.len() - 1;
+        let symbol_mask = _mm512_set1_epi32(symbol_last as i32);
         let low16 = _mm512_set1_epi32(0xffff);
         let half = _mm512_set1_pd(0.5);
         let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
@@ -742,9 +787,47 @@ mod x86 {
                     symbols.as_ptr().add(base) as *const _
                 ));
                 let sym = _mm512_and_si512(sym, symbol_mask);
-                let fc = _mm512_i32gather_epi32::<4>(sym, freq_cum);
-                let inv_lo = _mm512_i32gather_pd::<8>(_mm512_castsi512_si256(sym), inverse);
-                let inv_hi = _mm512_i32gather_pd::<8>(_mm512_extracti64x4_epi64::<1>(sym), inverse);
+                let (sym_lo, sym_hi) = (
+                    _mm512_castsi512_si256(sym),
+                    _mm512_extracti64x4_epi64::<1>(sym),
+                );
+                let (fc, inv_lo, inv_hi) = match LOADS {
+                    false => (
+                        _mm512_i32gather_epi32::<4>(sym, freq_cum),
+                        _mm512_i32gather_pd::<8>(sym_lo, inverse),
+                        _mm512_i32gather_pd::<8>(sym_hi, inverse),
+                    ),
+                    true => {
+                        let at = symbols.as_ptr().add(base);
+                        let s = |k: usize| *at.add(k) as usize & symbol_last;
+                        let inv = |k: usize| *inverse.add(s(k));
+                        let fc_lo = lanes_of(|k| *freq_cum.add(s(k)));
+                        let fc_hi = lanes_of(|k| *freq_cum.add(s(k + 8)));
+                        (
+                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(fc_lo), fc_hi),
+                            _mm512_setr_pd(
+                                inv(0),
+                                inv(1),
+                                inv(2),
+                                inv(3),
+                                inv(4),
+                                inv(5),
+                                inv(6),
+                                inv(7),
+                            ),
+                            _mm512_setr_pd(
+                                inv(8),
+                                inv(9),
+                                inv(10),
+                                inv(11),
+                                inv(12),
+                                inv(13),
+                                inv(14),
+                                inv(15),
+                            ),
+                        )
+                    }
+                };
                 let freq = _mm512_srli_epi32::<16>(fc);
                 let cum = _mm512_and_si512(fc, low16);
                 let state = states[h];
@@ -815,8 +898,9 @@ mod x86 {
         std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("popcnt")
     }
 
-    /// Whether the CPU is AMD's (or Hygon's, the same cores), whose AVX2 gathers are slow: on Zen 3 one
-    /// 8-lane gather takes about 13 cycles, while 8 scalar loads and inserts take fewer.
+    /// Whether the CPU is AMD's (or Hygon's, the same cores), whose gathers are slow: on Zen 3 one 8-lane
+    /// gather takes about 13 cycles, on Zen 4 one 16-lane gather about 17, while as many scalar loads and
+    /// inserts take fewer.
     pub fn gathers_are_slow() -> bool {
         // Asked once: CPUID traps to the hypervisor in a VM.
         static SLOW: OnceLock<bool> = OnceLock::new();
@@ -855,14 +939,27 @@ mod x86 {
             }
         }
 
-        /// The packed entries of 16 lanes' slots.
+        /// The packed entries of 16 lanes' slots, by a gather or (`LOADS`) by scalar loads.
         ///
         /// # Safety
         /// `entries` holds `2^prob_bits` entries (checked by `decode_steps_with`), and slots are masked below it.
         #[inline]
         #[target_feature(enable = "avx512f")]
-        unsafe fn gather(&self, state: __m512i) -> __m512i {
-            _mm512_i32gather_epi32::<4>(_mm512_and_si512(state, self.mask), self.entries)
+        unsafe fn gather<const LOADS: bool>(&self, state: __m512i) -> __m512i {
+            let slots = _mm512_and_si512(state, self.mask);
+            if !LOADS {
+                return _mm512_i32gather_epi32::<4>(slots, self.entries);
+            }
+            let e = self.entries;
+            let low = _mm256_set_m128i(
+                load_lanes(e, _mm512_extracti32x4_epi32::<1>(slots)),
+                load_lanes(e, _mm512_castsi512_si128(slots)),
+            );
+            let high = _mm256_set_m128i(
+                load_lanes(e, _mm512_extracti32x4_epi32::<3>(slots)),
+                load_lanes(e, _mm512_extracti32x4_epi32::<2>(slots)),
+            );
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
         }
 
         /// Decodes 16 lanes whose entries are `e`: their new states, refilled in lane order from the 16 words at
@@ -895,7 +992,7 @@ mod x86 {
     /// entries.len()`; each half reads 16 words at `p`, and a step starts only while `p + 32 <= word_count`
     /// (a step consumes at most 32); stores write 16 ranks at `base + half + 16 <= ranks.len()`.
     #[target_feature(enable = "avx512f,popcnt")]
-    pub(super) unsafe fn avx512_steps(
+    pub(super) unsafe fn avx512_steps<const LOADS: bool>(
         x: &mut [u32; LANES],
         pos: &mut usize,
         words: &[u8],
@@ -915,7 +1012,10 @@ mod x86 {
         let mut step = 0;
         while step < steps && p + 32 <= word_count {
             let base = step * LANES;
-            let entry = [lanes.gather(states[0]), lanes.gather(states[1])];
+            let entry = [
+                lanes.gather::<LOADS>(states[0]),
+                lanes.gather::<LOADS>(states[1]),
+            ];
             for half in 0..2 {
                 let (state, used) = lanes.advance(states[half], entry[half], word_ptr.add(2 * p));
                 states[half] = state;
@@ -935,7 +1035,7 @@ mod x86 {
     /// As for `avx512_steps`, for each of the two streams: a step runs only while both streams have a full
     /// step of ranks left and at least 32 words after their read positions.
     #[target_feature(enable = "avx512f,popcnt")]
-    pub(super) unsafe fn avx512_steps_pair(
+    pub(super) unsafe fn avx512_steps_pair<const LOADS: bool>(
         x: [&mut [u32; LANES]; 2],
         pos: [&mut usize; 2],
         words: [&[u8]; 2],
@@ -958,7 +1058,8 @@ mod x86 {
         let mut step = 0;
         while step < steps && p[0] + 32 <= word_count[0] && p[1] + 32 <= word_count[1] {
             let base = step * LANES;
-            let entry: [__m512i; 4] = std::array::from_fn(|v| lanes[v / 2].gather(states[v]));
+            let entry: [__m512i; 4] =
+                std::array::from_fn(|v| lanes[v / 2].gather::<LOADS>(states[v]));
             for v in 0..4 {
                 let (stream, half) = (v / 2, v % 2);
                 let words_at = word_ptr[stream].add(2 * p[stream]);
@@ -1032,25 +1133,13 @@ mod x86 {
         #[target_feature(enable = "avx2")]
         unsafe fn gather<const LOADS: bool>(&self, state: __m256i) -> __m256i {
             let slots = _mm256_and_si256(state, self.mask);
-            if !LOADS {
-                return _mm256_i32gather_epi32::<4>(self.entries, slots);
+            match LOADS {
+                false => _mm256_i32gather_epi32::<4>(self.entries, slots),
+                true => _mm256_set_m128i(
+                    load_lanes(self.entries, _mm256_extracti128_si256::<1>(slots)),
+                    load_lanes(self.entries, _mm256_castsi256_si128(slots)),
+                ),
             }
-            let (low, high) = (
-                _mm256_castsi256_si128(slots),
-                _mm256_extracti128_si256::<1>(slots),
-            );
-            // Two slots per 64-bit extract.
-            let pairs = [
-                _mm_cvtsi128_si64(low) as u64,
-                _mm_extract_epi64::<1>(low) as u64,
-                _mm_cvtsi128_si64(high) as u64,
-                _mm_extract_epi64::<1>(high) as u64,
-            ];
-            lanes_of(|k| {
-                *self
-                    .entries
-                    .add((pairs[k / 2] >> (32 * (k % 2))) as u32 as usize)
-            })
         }
 
         /// `Lanes512::advance` for 8 lanes, refilled from the 8 words at `words`.
@@ -1079,6 +1168,26 @@ mod x86 {
                 need.count_ones() as usize,
             )
         }
+    }
+
+    /// `entries[slots[k]]` for 4 lanes, by scalar loads (a gather's stand-in where gathers are slow).
+    ///
+    /// # Safety
+    /// Every slot must index inside `entries`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_lanes(entries: *const i32, slots: __m128i) -> __m128i {
+        // Two slots per 64-bit extract.
+        let (a, b) = (
+            _mm_cvtsi128_si64(slots) as u64,
+            _mm_extract_epi64::<1>(slots) as u64,
+        );
+        _mm_setr_epi32(
+            *entries.add(a as u32 as usize),
+            *entries.add((a >> 32) as usize),
+            *entries.add(b as u32 as usize),
+            *entries.add((b >> 32) as usize),
+        )
     }
 
     /// The 8 lanes `lane(0)..lane(7)`: how the `LOADS` kernels put together what they looked up.
