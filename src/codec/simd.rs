@@ -753,10 +753,10 @@ mod x86 {
     ///
     /// # Safety
     /// The CPU must have AVX-512F, BW and VL, and `symbols.len() <= *pos <= buffer.len()` (checked by
-    /// `encode_steps_with`). Memory: each half step reads the 16 symbols at `base <= symbols.len() - 16`, masked
-    /// to the table length (a power of two; `freq_cum` and `inverse` hold one entry per symbol) before the
-    /// gathers or the loads; each step writes at most 32 words below `pos`, and `pos` stays at least one word per remaining
-    /// symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
+    /// `encode_steps_with`). Memory: each half step reads the 16 symbols at `base <= symbols.len() - 16`,
+    /// masked to the table length (a power of two; `freq_cum` and `inverse` hold one entry per symbol) before
+    /// the gathers or the loads; each step writes at most 32 words below `pos`, and `pos` stays at least one
+    /// word per remaining symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
     pub(super) unsafe fn encode_avx512<const LOADS: bool>(
         x: &mut [u32; LANES],
@@ -800,32 +800,10 @@ mod x86 {
                     true => {
                         let at = symbols.as_ptr().add(base);
                         let s = |k: usize| *at.add(k) as usize & symbol_last;
-                        let inv = |k: usize| *inverse.add(s(k));
-                        let fc_lo = lanes_of(|k| *freq_cum.add(s(k)));
-                        let fc_hi = lanes_of(|k| *freq_cum.add(s(k + 8)));
-                        (
-                            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(fc_lo), fc_hi),
-                            _mm512_setr_pd(
-                                inv(0),
-                                inv(1),
-                                inv(2),
-                                inv(3),
-                                inv(4),
-                                inv(5),
-                                inv(6),
-                                inv(7),
-                            ),
-                            _mm512_setr_pd(
-                                inv(8),
-                                inv(9),
-                                inv(10),
-                                inv(11),
-                                inv(12),
-                                inv(13),
-                                inv(14),
-                                inv(15),
-                            ),
-                        )
+                        let fc = |half: usize| lanes_of(|k| *freq_cum.add(s(8 * half + k)));
+                        let inv = |half: usize| doubles_of(|k| *inverse.add(s(8 * half + k)));
+                        let fc = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(fc(0)), fc(1));
+                        (fc, inv(0), inv(1))
                     }
                 };
                 let freq = _mm512_srli_epi32::<16>(fc);
@@ -859,6 +837,22 @@ mod x86 {
         _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
         *pos = p;
         steps
+    }
+
+    /// The 8 doubles `lane(0)..lane(7)`: how `encode_avx512` puts together the inverses it loaded.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn doubles_of(lane: impl Fn(usize) -> f64) -> __m512d {
+        _mm512_setr_pd(
+            lane(0),
+            lane(1),
+            lane(2),
+            lane(3),
+            lane(4),
+            lane(5),
+            lane(6),
+            lane(7),
+        )
     }
 
     /// # Safety
