@@ -843,16 +843,9 @@ mod x86 {
     #[inline]
     #[target_feature(enable = "avx512f")]
     fn doubles_of(lane: impl Fn(usize) -> f64) -> __m512d {
-        _mm512_setr_pd(
-            lane(0),
-            lane(1),
-            lane(2),
-            lane(3),
-            lane(4),
-            lane(5),
-            lane(6),
-            lane(7),
-        )
+        let lanes: [f64; 8] = std::array::from_fn(lane);
+        // SAFETY: `lanes` is 64 readable bytes.
+        unsafe { _mm512_loadu_pd(lanes.as_ptr()) }
     }
 
     /// # Safety
