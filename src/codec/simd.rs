@@ -52,17 +52,15 @@ impl Kernel {
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
+            let faster_last = |gathers: Kernel, loads: Kernel| match x86::gathers_are_slow() {
+                true => [gathers, loads],
+                false => [loads, gathers],
+            };
             if x86::has_avx2() {
-                match x86::gathers_are_slow() {
-                    true => kernels.extend([Kernel::Avx2, Kernel::Avx2Loads]),
-                    false => kernels.extend([Kernel::Avx2Loads, Kernel::Avx2]),
-                }
+                kernels.extend(faster_last(Kernel::Avx2, Kernel::Avx2Loads));
             }
             if x86::has_avx512() {
-                match x86::gathers_are_slow() {
-                    true => kernels.extend([Kernel::Avx512, Kernel::Avx512Loads]),
-                    false => kernels.extend([Kernel::Avx512Loads, Kernel::Avx512]),
-                }
+                kernels.extend(faster_last(Kernel::Avx512, Kernel::Avx512Loads));
             }
         }
         kernels
@@ -783,22 +781,18 @@ mod x86 {
         for step in (0..steps).rev() {
             for h in [1usize, 0] {
                 let base = step * LANES + 16 * h;
-                let sym = _mm512_cvtepu16_epi32(_mm256_loadu_si256(
-                    symbols.as_ptr().add(base) as *const _
-                ));
-                let sym = _mm512_and_si512(sym, symbol_mask);
-                let (sym_lo, sym_hi) = (
-                    _mm512_castsi512_si256(sym),
-                    _mm512_extracti64x4_epi64::<1>(sym),
-                );
+                let at = symbols.as_ptr().add(base);
                 let (fc, inv_lo, inv_hi) = match LOADS {
-                    false => (
-                        _mm512_i32gather_epi32::<4>(sym, freq_cum),
-                        _mm512_i32gather_pd::<8>(sym_lo, inverse),
-                        _mm512_i32gather_pd::<8>(sym_hi, inverse),
-                    ),
+                    false => {
+                        let sym = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at as *const _));
+                        let sym = _mm512_and_si512(sym, symbol_mask);
+                        (
+                            _mm512_i32gather_epi32::<4>(sym, freq_cum),
+                            _mm512_i32gather_pd::<8>(_mm512_castsi512_si256(sym), inverse),
+                            _mm512_i32gather_pd::<8>(_mm512_extracti64x4_epi64::<1>(sym), inverse),
+                        )
+                    }
                     true => {
-                        let at = symbols.as_ptr().add(base);
                         let s = |k: usize| *at.add(k) as usize & symbol_last;
                         let fc = |half: usize| lanes_of(|k| *freq_cum.add(s(8 * half + k)));
                         let inv = |half: usize| doubles_of(|k| *inverse.add(s(8 * half + k)));
@@ -937,15 +931,8 @@ mod x86 {
             if !LOADS {
                 return _mm512_i32gather_epi32::<4>(slots, self.entries);
             }
-            let e = self.entries;
-            let low = _mm256_set_m128i(
-                load_lanes(e, _mm512_extracti32x4_epi32::<1>(slots)),
-                load_lanes(e, _mm512_castsi512_si128(slots)),
-            );
-            let high = _mm256_set_m128i(
-                load_lanes(e, _mm512_extracti32x4_epi32::<3>(slots)),
-                load_lanes(e, _mm512_extracti32x4_epi32::<2>(slots)),
-            );
+            let low = load_lanes8(self.entries, _mm512_castsi512_si256(slots));
+            let high = load_lanes8(self.entries, _mm512_extracti64x4_epi64::<1>(slots));
             _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
         }
 
@@ -1122,10 +1109,7 @@ mod x86 {
             let slots = _mm256_and_si256(state, self.mask);
             match LOADS {
                 false => _mm256_i32gather_epi32::<4>(self.entries, slots),
-                true => _mm256_set_m128i(
-                    load_lanes(self.entries, _mm256_extracti128_si256::<1>(slots)),
-                    load_lanes(self.entries, _mm256_castsi256_si128(slots)),
-                ),
+                true => load_lanes8(self.entries, slots),
             }
         }
 
@@ -1174,6 +1158,19 @@ mod x86 {
             *entries.add((a >> 32) as usize),
             *entries.add(b as u32 as usize),
             *entries.add((b >> 32) as usize),
+        )
+    }
+
+    /// `load_lanes` for 8 lanes.
+    ///
+    /// # Safety
+    /// As `load_lanes`.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn load_lanes8(entries: *const i32, slots: __m256i) -> __m256i {
+        _mm256_set_m128i(
+            load_lanes(entries, _mm256_extracti128_si256::<1>(slots)),
+            load_lanes(entries, _mm256_castsi256_si128(slots)),
         )
     }
 
