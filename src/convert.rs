@@ -5,6 +5,7 @@
 use std::borrow::Cow;
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
@@ -15,6 +16,7 @@ use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
     block_bound_bits, block_cost, block_field_counts, block_field_counts_for_coding,
     choose_block_coding, encode_block, encode_local_block, plan, FieldStats, SplitParams,
+    BLOCK_TOP_BITS,
 };
 use crate::error::{NzError, Result};
 use crate::format::header::{self, BlockEntry, TensorEntry};
@@ -83,7 +85,15 @@ pub struct TensorPlan {
     codebook: Option<CodebookPlan>,
     /// The tensor's histogram of each split field, for the per-block bound.
     field_counts: Vec<Vec<u64>>,
+    /// Each block's histogram of the first split field, counted while planning (empty when the tensor was
+    /// too small, or the plans' budget for them was spent): the encoder does not count it again.
+    block_first_counts: Vec<Vec<u32>>,
 }
+
+/// Bytes of per-block histograms (`TensorPlan::block_first_counts`) that the plans of one `plan_all` may
+/// keep: 8 KiB per block of 2^17 bf16 weights for a top field of 11 bits, so about 1 GiB of weights; the
+/// blocks of tensors planned beyond it are counted by the encoder, so memory does not grow with the model.
+const BLOCK_COUNTS_BUDGET: usize = 32 << 20;
 
 impl TensorPlan {
     /// The quantizer of a lossy tensor.
@@ -103,6 +113,16 @@ pub fn plan_tensor(
     t: &SourceTensor,
     opts: &ConvertOptions,
 ) -> TensorPlan {
+    plan_tensor_within(source, t, opts, &AtomicUsize::new(0))
+}
+
+/// `plan_tensor`, keeping each block's first-field histogram if `budget` (bytes left) has room for it.
+fn plan_tensor_within(
+    source: &SafetensorsFile,
+    t: &SourceTensor,
+    opts: &ConvertOptions,
+    budget: &AtomicUsize,
+) -> TensorPlan {
     let data = source.data(t);
     let elements = t.elements();
     let stored = || {
@@ -114,6 +134,7 @@ pub fn plan_tensor(
             lossy: None,
             codebook: None,
             field_counts: Vec::new(),
+            block_first_counts: Vec::new(),
         }
     };
     if !t.dtype.is_splittable_float() || elements == 0 {
@@ -167,6 +188,7 @@ pub fn plan_tensor(
                 lossy: None,
                 codebook: Some(p),
                 field_counts: Vec::new(),
+                block_first_counts: Vec::new(),
             };
         }
     }
@@ -186,11 +208,29 @@ pub fn plan_tensor(
                 lossy: Some((p.params, p.quantizer)),
                 codebook: None,
                 field_counts: Vec::new(),
+                block_first_counts: Vec::new(),
             };
         }
     }
-    let stats = FieldStats::gather(t.dtype, data);
-    match plan(&stats, blocks) {
+    // Block histograms are worth keeping for tensors of several blocks; room for the widest is reserved
+    // while gathering, and what the chosen width does not need is given back.
+    let widest = blocks as usize * (4 << BLOCK_TOP_BITS);
+    let reserved = blocks > 1 && take_budget(budget, widest);
+    let stats =
+        FieldStats::gather_with_block_tops(t.dtype, data, reserved.then_some(block_units as usize));
+    let planned = plan(&stats, blocks);
+    let block_first_counts = match &planned {
+        Some(p) if reserved && stats.block_tops.len() == blocks as usize => {
+            stats.block_top_field(p.params.fields[0].width.min(BLOCK_TOP_BITS))
+        }
+        _ => Vec::new(),
+    };
+    if reserved {
+        let kept: usize = block_first_counts.iter().map(|c| 4 * c.len()).sum();
+        budget.fetch_add(widest - kept, Ordering::Relaxed);
+    }
+    drop(stats);
+    match planned {
         Some(p) => TensorPlan {
             entry: entry(
                 t,
@@ -203,9 +243,19 @@ pub fn plan_tensor(
             lossy: None,
             codebook: None,
             field_counts: p.field_counts,
+            block_first_counts,
         },
         None => stored(),
     }
+}
+
+/// Takes `bytes` from `budget` if it has them.
+fn take_budget(budget: &AtomicUsize, bytes: usize) -> bool {
+    budget
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+            left.checked_sub(bytes)
+        })
+        .is_ok()
 }
 
 fn entry(
@@ -285,7 +335,8 @@ fn encode_one(
     if let Some(params) = &plan.split {
         let dtype = plan.entry.dtype;
         let n = (raw.len() / dtype.byte_width().unwrap_or(1)) as u64;
-        let counts = block_field_counts_for_coding(&params.fields, dtype, raw);
+        let known = plan.block_first_counts.get(k).map(Vec::as_slice);
+        let counts = block_field_counts_for_coding(&params.fields, dtype, raw, known);
         let choice = choose_block_coding(params, &counts, n);
         let params_bits = 8.0 * (4 + choice.to_bytes().len() + 3) as f64;
         let tensor_bits = block_cost(params, &counts, n);
@@ -415,11 +466,12 @@ pub fn plan_all(
     opts: &ConvertOptions,
     progress: &(dyn Fn(u64) + Sync),
 ) -> Vec<TensorPlan> {
+    let budget = AtomicUsize::new(BLOCK_COUNTS_BUDGET);
     source
         .tensors
         .par_iter()
         .map(|t| {
-            let plan = plan_tensor(source, t, opts);
+            let plan = plan_tensor_within(source, t, opts, &budget);
             progress(source.data(t).len() as u64);
             plan
         })

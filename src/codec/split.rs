@@ -924,7 +924,14 @@ pub struct FieldStats {
     pub top: Vec<(usize, u64)>,
     /// Histograms of each byte below the top part, most significant first.
     pub low_bytes: Vec<Vec<u64>>,
+    /// Per block, in block order, the histogram of the top `BLOCK_TOP_BITS` bits (empty unless asked for by
+    /// `gather_with_block_tops`), from which a block's top field of any codable width follows.
+    pub block_tops: Vec<Vec<u32>>,
 }
+
+/// Width of the per-block top histograms of `FieldStats::gather_with_block_tops`: the widest top field a
+/// layout may code.
+pub const BLOCK_TOP_BITS: u32 = MAX_SYMBOL_BITS;
 
 impl FieldStats {
     /// Counts over the whole tensor, in parallel over 8 MiB slices whose histograms are then summed (the
@@ -932,6 +939,17 @@ impl FieldStats {
     /// part's values (biases, norms) has its top values sorted instead, so that it never touches a table
     /// of 2^16 counters.
     pub fn gather(dtype: Dtype, data: &[u8]) -> FieldStats {
+        Self::gather_with_block_tops(dtype, data, None)
+    }
+
+    /// `gather`, and with `block_elements`, each block's top histogram (`block_tops`) counted in the same
+    /// pass: the encoder then need not count a block's top field again. Slices are whole blocks. A tensor
+    /// small enough to be sorted gets none.
+    pub fn gather_with_block_tops(
+        dtype: Dtype,
+        data: &[u8],
+        block_elements: Option<usize>,
+    ) -> FieldStats {
         use rayon::prelude::*;
         let width = dtype.byte_width().expect("whole-byte dtype");
         let bits = dtype.bits();
@@ -939,6 +957,9 @@ impl FieldStats {
         let low_count = ((bits - top_bits) / 8) as usize;
         let data = &data[..data.len() / width * width];
         let elements = data.len() / width;
+        let block_bytes = block_elements
+            .filter(|_| top_bits >= BLOCK_TOP_BITS)
+            .map(|b| b.max(1) * width);
         let low_histograms = |chunk: &[u8]| -> Vec<Vec<u64>> {
             (0..low_count)
                 .map(|k| {
@@ -948,21 +969,24 @@ impl FieldStats {
                 })
                 .collect()
         };
-        let slice = (8 << 20) / width * width;
-        let partial = |chunk: &[u8]| {
-            (
-                occurring_values(chunk, width, bits - top_bits, top_bits),
-                low_histograms(chunk),
-            )
+        let slice = match block_bytes {
+            Some(b) => ((8 << 20) / b).max(1) * b,
+            None => (8 << 20) / width * width,
         };
-        let sum = |(a, mut al): (Vec<(usize, u64)>, Vec<Vec<u64>>),
-                   (b, bl): (Vec<(usize, u64)>, Vec<Vec<u64>>)| {
+        let partial = |chunk: &[u8]| {
+            let (top, tops) =
+                occurring_values(chunk, width, bits - top_bits, top_bits, block_bytes);
+            (top, low_histograms(chunk), tops)
+        };
+        type Partial = (Vec<(usize, u64)>, Vec<Vec<u64>>, Vec<Vec<u32>>);
+        let sum = |(a, mut al, mut at): Partial, (b, bl, bt): Partial| {
             for (ha, hb) in al.iter_mut().zip(&bl) {
                 ha.iter_mut().zip(hb).for_each(|(x, y)| *x += y);
             }
-            (add_sparse(&a, &b), al)
+            at.extend(bt);
+            (add_sparse(&a, &b), al, at)
         };
-        let (top, low_bytes) = if elements < (1 << top_bits) / 8 {
+        let (top, low_bytes, block_tops) = if elements < (1 << top_bits) / 8 {
             let shift = bits - top_bits;
             let mut values: Vec<u64> = element_values(data, width)
                 .iter()
@@ -973,7 +997,7 @@ impl FieldStats {
                 .chunk_by(|a, b| a == b)
                 .map(|run| (run[0] as usize, run.len() as u64))
                 .collect();
-            (top, low_histograms(data))
+            (top, low_histograms(data), Vec::new())
         } else if data.len() <= slice {
             partial(data)
         } else {
@@ -988,7 +1012,17 @@ impl FieldStats {
             top_bits,
             top,
             low_bytes,
+            block_tops,
         }
+    }
+
+    /// Each block's histogram of the top `bits` bits (at most `BLOCK_TOP_BITS`), folded from `block_tops`.
+    pub fn block_top_field(&self, bits: u32) -> Vec<Vec<u32>> {
+        let group = 1usize << BLOCK_TOP_BITS.saturating_sub(bits);
+        self.block_tops
+            .iter()
+            .map(|tops| tops.chunks_exact(group).map(|g| g.iter().sum()).collect())
+            .collect()
     }
 
     /// Histogram of the top `hi` bits.
@@ -1453,10 +1487,13 @@ const SAMPLED_FIELD_SKIP_BITS: f64 = MIN_SECONDARY_GAIN_BITS / 2.0;
 /// (every eighth run of 64 elements) is within `SAMPLED_FIELD_SKIP_BITS` of its width, since a table of its
 /// own must save `MIN_SECONDARY_GAIN_BITS` per element. Such fields, the low mantissa bits of weights, are
 /// nearly uniform, and counting them is a full pass over the block.
+///
+/// `first`, when given, is the first field's histogram, already counted (`FieldStats::block_top_field`).
 pub fn block_field_counts_for_coding(
     fields: &[Field],
     dtype: Dtype,
     block: &[u8],
+    first: Option<&[u32]>,
 ) -> Vec<Vec<u64>> {
     let width = dtype.byte_width().expect("whole-byte dtype");
     let n = block.len() / width;
@@ -1470,13 +1507,22 @@ pub fn block_field_counts_for_coding(
             candidate && n >= SAMPLED_FIELD_MIN_ELEMENTS && (width == 2 || width == 4)
         })
         .collect();
-    if !skippable.contains(&true) {
-        return block_field_counts(fields, dtype, block);
-    }
+    let first = first.filter(|c| fields.first().is_some_and(|f| c.len() == 1 << f.width));
     let shifts = field_shifts(fields);
     // The other fields first: their pass streams the block into cache for the sample's scattered reads.
-    let others: Vec<bool> = skippable.iter().map(|&s| !s).collect();
+    let others: Vec<bool> = (0..fields.len())
+        .map(|i| !(skippable[i] || (i == 0 && first.is_some())))
+        .collect();
     let mut counts = block_field_counts_where(fields, &others, dtype, block);
+    if let Some(first) = first {
+        counts[0] = first.iter().map(|&c| c as u64).collect();
+        // Without the first field's pass, the samples below would each wait on memory: one sequential
+        // read of every cache line brings the block in at the prefetchers' pace.
+        if skippable.contains(&true) {
+            let touched = block.chunks(64).fold(0u8, |x, line| x ^ line[0]);
+            std::hint::black_box(touched);
+        }
+    }
     for (i, f) in fields.iter().enumerate().filter(|&(i, _)| skippable[i]) {
         let mut sampled = vec![0u64; 1 << f.width];
         for run in block.chunks(64 * width).step_by(8) {
@@ -1568,8 +1614,16 @@ thread_local! {
 
 /// The values of the `bits`-bit field at `shift` of the `width`-byte elements of `chunk` (fewer than 2^32)
 /// that occur, ascending, with their counts. The counting table is per thread and each call leaves it zero
-/// again as it reads it out, so a table of 2^16 counters is neither allocated nor cleared per call.
-fn occurring_values(chunk: &[u8], width: usize, shift: u32, bits: u32) -> Vec<(usize, u64)> {
+/// again as it reads it out, so a table of 2^16 counters is neither allocated nor cleared per call. With
+/// `block_bytes`, also each block's histogram of the top `BLOCK_TOP_BITS` bits of the field: the table's
+/// groups are summed after each block, and a block's counts are the growth since the block before.
+fn occurring_values(
+    chunk: &[u8],
+    width: usize,
+    shift: u32,
+    bits: u32,
+    block_bytes: Option<usize>,
+) -> (Vec<(usize, u64)>, Vec<Vec<u32>>) {
     OCCURRING_COUNTS.with_borrow_mut(|(sub, dirty)| {
         let len = 1usize << bits;
         if sub.len() < len {
@@ -1581,14 +1635,35 @@ fn occurring_values(chunk: &[u8], width: usize, shift: u32, bits: u32) -> Vec<(u
         *dirty = true;
         let table = &mut sub[..len];
         let mask = field_mask(bits) as u32;
-        match width {
-            2 => count_into_sub_histograms::<2, SUB_HISTOGRAMS>(chunk, shift, mask, table),
-            4 => count_into_sub_histograms::<4, SUB_HISTOGRAMS>(chunk, shift, mask, table),
+        let count = |part: &[u8], table: &mut [[u32; SUB_HISTOGRAMS]]| match width {
+            2 => count_into_sub_histograms::<2, SUB_HISTOGRAMS>(part, shift, mask, table),
+            4 => count_into_sub_histograms::<4, SUB_HISTOGRAMS>(part, shift, mask, table),
             _ => {
-                for v in element_values(chunk, width) {
+                for v in element_values(part, width) {
                     table[((v >> shift) & mask as u64) as usize][0] += 1;
                 }
             }
+        };
+        let mut block_tops = Vec::new();
+        match block_bytes.filter(|_| bits >= BLOCK_TOP_BITS) {
+            Some(block_bytes) => {
+                let mut before = vec![0u32; 1 << BLOCK_TOP_BITS];
+                let group = (len >> BLOCK_TOP_BITS) * SUB_HISTOGRAMS;
+                for block in chunk.chunks(block_bytes) {
+                    count(block, table);
+                    let tops: Vec<u32> = table
+                        .as_flattened()
+                        .chunks_exact(group)
+                        .zip(&mut before)
+                        .map(|(counts, seen)| {
+                            let total = sum_u32(counts);
+                            total - std::mem::replace(seen, total)
+                        })
+                        .collect();
+                    block_tops.push(tops);
+                }
+            }
+            None => count(chunk, table),
         }
         let mut occurring = Vec::with_capacity(len.min(chunk.len() / width));
         for (value, counts) in table.iter_mut().enumerate() {
@@ -1598,8 +1673,21 @@ fn occurring_values(chunk: &[u8], width: usize, shift: u32, bits: u32) -> Vec<(u
             }
         }
         *dirty = false;
-        occurring
+        (occurring, block_tops)
     })
+}
+
+/// The sum of `values`, in 16 vector lanes where it is long enough: the compiler keeps a plain sum serial.
+fn sum_u32(values: &[u32]) -> u32 {
+    let lanes = values.chunks_exact(16);
+    let rest: u32 = lanes.remainder().iter().sum();
+    let mut acc = [0u32; 16];
+    for chunk in lanes {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<u32>() + rest
 }
 
 /// The sum of two sparse histograms (ascending values with counts), ascending.
@@ -2348,7 +2436,8 @@ mod tests {
         for (block, expect_skipped) in [(weights, true), (skewed, false), (small, false)] {
             let n = (block.len() / 2) as u64;
             let exact = block_field_counts(&tensor.fields, Dtype::BF16, &block);
-            let for_coding = block_field_counts_for_coding(&tensor.fields, Dtype::BF16, &block);
+            let for_coding =
+                block_field_counts_for_coding(&tensor.fields, Dtype::BF16, &block, None);
             for (i, (e, c)) in exact.iter().zip(&for_coding).enumerate() {
                 match i == raw && expect_skipped {
                     true => assert!(c.is_empty(), "field {i} was counted"),
@@ -2366,6 +2455,72 @@ mod tests {
                 assert_eq!(coded, !expect_skipped, "skewed low bits get a table");
             }
         }
+    }
+
+    /// The per-block top histograms counted while gathering, folded to any width, are each block's histogram
+    /// of its top field, for every split dtype and for blocks that do not divide the gather's slices; given to
+    /// `block_field_counts_for_coding`, they change nothing.
+    #[test]
+    fn gathered_block_tops_are_each_blocks_top_field() {
+        let weights = gaussian_bf16(300_001, 8);
+        let f32s: Vec<u8> = weights
+            .chunks_exact(2)
+            .flat_map(|e| (f32::from(half::bf16::from_le_bytes([e[0], e[1]])) * 1.37).to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = weights
+            .chunks_exact(2)
+            .flat_map(|e| {
+                half::f16::from_f32(f32::from(half::bf16::from_le_bytes([e[0], e[1]])))
+                    .to_le_bytes()
+            })
+            .collect();
+        for (dtype, data) in [
+            (Dtype::BF16, &weights),
+            (Dtype::F32, &f32s),
+            (Dtype::F16, &f16s),
+        ] {
+            let width = dtype.byte_width().unwrap();
+            for block_elements in [65_536, 100_000, 1 << 22] {
+                let stats = FieldStats::gather_with_block_tops(dtype, data, Some(block_elements));
+                let plain = FieldStats::gather(dtype, data);
+                assert_eq!(stats.top, plain.top);
+                assert_eq!(stats.low_bytes, plain.low_bytes);
+                let blocks: Vec<&[u8]> = data.chunks(block_elements * width).collect();
+                assert_eq!(
+                    stats.block_tops.len(),
+                    blocks.len(),
+                    "{dtype:?} {block_elements}"
+                );
+                for bits in [1, 7, 10, 11, 12] {
+                    let fields = [
+                        Field {
+                            width: bits,
+                            coding: Coding::Rans,
+                        },
+                        Field {
+                            width: dtype.bits() - bits,
+                            coding: Coding::Raw,
+                        },
+                    ];
+                    let folded = stats.block_top_field(bits);
+                    for (k, block) in blocks.iter().enumerate() {
+                        let exact = block_field_counts(&fields, dtype, block);
+                        let known: Vec<u64> = folded[k].iter().map(|&c| c as u64).collect();
+                        assert_eq!(
+                            known, exact[0],
+                            "{dtype:?} block {k} of {block_elements}, {bits} bits"
+                        );
+                        assert_eq!(
+                            block_field_counts_for_coding(&fields, dtype, block, Some(&folded[k])),
+                            block_field_counts_for_coding(&fields, dtype, block, None),
+                        );
+                    }
+                }
+            }
+        }
+        // Too few elements to count through the table: no block tops, and the encoder counts.
+        let small = FieldStats::gather_with_block_tops(Dtype::BF16, &weights[..2000], Some(65_536));
+        assert!(small.block_tops.is_empty());
     }
 
     #[test]
