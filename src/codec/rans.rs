@@ -68,7 +68,9 @@ pub fn encode(fields: &[FieldSymbols<'_>], n: usize) -> Encoded {
 /// divide.
 pub struct EncodeTable {
     pub(crate) prob_bits: u32,
-    symbols: Vec<EncodeSymbol>,
+    /// For the scalar steps (block tails, CPUs without the SIMD encoder), built on first use: a full block
+    /// on the SIMD path never needs it.
+    symbols: std::sync::OnceLock<Vec<EncodeSymbol>>,
     /// For the SIMD encoder, per symbol: `freq << 16 | cum`.
     pub(crate) freq_cum: Vec<u32>,
     /// For the SIMD encoder, per symbol: `1 / freq` (0 where freq is 0).
@@ -88,35 +90,41 @@ struct EncodeSymbol {
 
 impl EncodeTable {
     pub fn new(table: &FreqTable) -> EncodeTable {
-        let symbols = table
+        // Frequencies and sums are below 2^16 (`MAX_PROB_BITS` is 15), so they share a word.
+        let freq_cum: Vec<u32> = table
             .freqs
             .iter()
             .zip(&table.cums)
-            .map(|(&freq, &cum)| match freq {
-                0 => EncodeSymbol::default(),
-                _ => EncodeSymbol {
-                    reciprocal: (1u64 << 63).div_ceil(freq as u64),
-                    x_max: (freq as u64) << (32 - table.prob_bits),
-                    freq,
-                    cum,
-                },
-            })
+            .map(|(&f, &c)| f << 16 | c)
+            .collect();
+        let inverse = table
+            .freqs
+            .iter()
+            .map(|&f| if f == 0 { 0.0 } else { 1.0 / f as f64 })
             .collect();
         EncodeTable {
             prob_bits: table.prob_bits,
-            symbols,
-            freq_cum: table
-                .freqs
-                .iter()
-                .zip(&table.cums)
-                .map(|(&f, &c)| f << 16 | c)
-                .collect(),
-            inverse: table
-                .freqs
-                .iter()
-                .map(|&f| if f == 0 { 0.0 } else { 1.0 / f as f64 })
-                .collect(),
+            symbols: std::sync::OnceLock::new(),
+            freq_cum,
+            inverse,
         }
+    }
+
+    fn symbols(&self) -> &[EncodeSymbol] {
+        self.symbols.get_or_init(|| {
+            self.freq_cum
+                .iter()
+                .map(|&fc| match (fc >> 16, fc & 0xffff) {
+                    (0, _) => EncodeSymbol::default(),
+                    (freq, cum) => EncodeSymbol {
+                        reciprocal: (1u64 << 63).div_ceil(freq as u64),
+                        x_max: (freq as u64) << (32 - self.prob_bits),
+                        freq,
+                        cum,
+                    },
+                })
+                .collect()
+        })
     }
 }
 
@@ -173,8 +181,12 @@ impl EncodeTable {
         buffer: &mut [u16],
         pos: &mut usize,
     ) {
+        if chunk.is_empty() {
+            return;
+        }
+        let symbols = self.symbols();
         for (x, &symbol) in states[..chunk.len()].iter_mut().zip(chunk).rev() {
-            let e = self.symbols[symbol as usize];
+            let e = symbols[symbol as usize];
             debug_assert!(e.freq > 0, "symbol {symbol} missing from its table");
             let mut state = *x;
             let emit = (state as u64 >= e.x_max) as usize;
