@@ -294,7 +294,7 @@ fn encode_block_into(params: &SplitParams, dtype: Dtype, block: &[u8], out: &mut
             out.extend_from_slice(&s.to_le_bytes());
         }
         out.extend_from_slice(&(encoded.words.len() as u32).to_le_bytes());
-        out.extend(encoded.words.iter().flat_map(|w| w.to_le_bytes()));
+        append_words(&encoded.words, out);
         out.resize(align4(out.len()), 0);
     }
     for (f, &shift) in params.fields.iter().zip(&shifts) {
@@ -320,25 +320,34 @@ fn encode_single_field<const W: usize>(
             .find(|(f, _)| f.coding == Coding::Rans)
             .expect("one coded field");
         let mask = field_mask(coded.width) as u32;
-        symbols.clear();
-        symbols.extend(
-            block
-                .chunks_exact(W)
-                .map(|c| field_value::<W>(c, shift, mask) as u16),
-        );
+        // Into a slice of known length, so that the extraction vectorizes.
+        symbols.resize(block.len() / W, 0);
+        for (symbol, c) in symbols.iter_mut().zip(block.chunks_exact(W)) {
+            *symbol = field_value::<W>(c, shift, mask) as u16;
+        }
         let (states, start) =
             rans::encode_single_in(symbols, &rans::EncodeTable::new(table), words);
         for s in states {
             out.extend_from_slice(&s.to_le_bytes());
         }
         out.extend_from_slice(&((words.len() - start) as u32).to_le_bytes());
-        out.extend(words[start..].iter().flat_map(|w| w.to_le_bytes()));
+        append_words(&words[start..], out);
         out.resize(align4(out.len()), 0);
         for (f, &shift) in fields.filter(|(f, _)| f.coding == Coding::Raw) {
             pack_field::<W>(block, shift, f.width, out);
             out.resize(align4(out.len()), 0);
         }
     });
+}
+
+/// Appends `words` as little-endian bytes, through a slice of known length (a byte-wise extend does not
+/// vectorize).
+fn append_words(words: &[u16], out: &mut Vec<u8>) {
+    let start = out.len();
+    out.resize(start + 2 * words.len(), 0);
+    for (bytes, w) in out[start..].chunks_exact_mut(2).zip(words) {
+        bytes.copy_from_slice(&w.to_le_bytes());
+    }
 }
 
 thread_local! {
