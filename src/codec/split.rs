@@ -1656,19 +1656,35 @@ fn occurring_values(
         let mut block_tops = Vec::new();
         match block_bytes.filter(|_| bits >= BLOCK_TOP_BITS) {
             Some(block_bytes) => {
-                let mut before = vec![0u32; 1 << BLOCK_TOP_BITS];
+                // Counts only grow, so when the spans of groups that held counts before account for all of
+                // a block's elements, no other group changed and they are not summed again.
+                const SPAN: usize = 16;
                 let group = (len >> BLOCK_TOP_BITS) * SUB_HISTOGRAMS;
+                let mut before = vec![0u32; 1 << BLOCK_TOP_BITS];
+                let mut occupied = vec![false; (1 << BLOCK_TOP_BITS) / SPAN];
                 for block in chunk.chunks(block_bytes) {
                     count(block, table);
-                    let tops: Vec<u32> = table
-                        .as_flattened()
-                        .chunks_exact(group)
-                        .zip(&mut before)
-                        .map(|(counts, seen)| {
-                            let total = sum_u32(counts);
-                            total - std::mem::replace(seen, total)
-                        })
-                        .collect();
+                    let flat = table.as_flattened();
+                    let mut tops = vec![0u32; 1 << BLOCK_TOP_BITS];
+                    let mut fold = |span: usize| -> u64 {
+                        let groups = span * SPAN..(span + 1) * SPAN;
+                        let mut grown = 0;
+                        for g in groups {
+                            let total = sum_u32(&flat[g * group..(g + 1) * group]);
+                            tops[g] = total - std::mem::replace(&mut before[g], total);
+                            grown += tops[g] as u64;
+                        }
+                        grown
+                    };
+                    let spans = 0..occupied.len();
+                    let grown: u64 = spans.clone().filter(|&s| occupied[s]).map(&mut fold).sum();
+                    if grown != (block.len() / width) as u64 {
+                        for span in spans {
+                            if !occupied[span] {
+                                occupied[span] = fold(span) > 0;
+                            }
+                        }
+                    }
                     block_tops.push(tops);
                 }
             }
