@@ -443,7 +443,7 @@ pub fn entropy_bits(counts: &[u64]) -> f64 {
 }
 
 /// `entropy_bits` of the counts `counts` yields, in order (zeros add nothing).
-fn entropy_of(counts: impl Iterator<Item = u64> + Clone) -> f64 {
+pub(crate) fn entropy_of(counts: impl Iterator<Item = u64> + Clone) -> f64 {
     let total: u64 = counts.clone().sum();
     if total == 0 {
         return 0.0;

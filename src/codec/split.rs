@@ -1533,16 +1533,28 @@ pub fn block_field_counts_for_coding(
         }
     }
     for (i, f) in fields.iter().enumerate().filter(|&(i, _)| skippable[i]) {
-        let mut sampled = vec![0u64; 1 << f.width];
-        for run in block.chunks(64 * width).step_by(8) {
-            add_field_counts(run, width, shifts[i], f.width, &mut sampled);
-        }
-        if super::freq::entropy_bits(&sampled) < f.width as f64 - SAMPLED_FIELD_SKIP_BITS {
+        if sampled_entropy_bits(block, width, shifts[i], f.width)
+            < f.width as f64 - SAMPLED_FIELD_SKIP_BITS
+        {
             counts[i] = vec![0; 1 << f.width];
             add_field_counts(block, width, shifts[i], f.width, &mut counts[i]);
         }
     }
     counts
+}
+
+/// The entropy of the `bits`-bit field at `shift` over `block_field_counts_for_coding`'s sample of a block of
+/// 2- or 4-byte elements (every eighth run of 64): one table for all runs, counted a word at a time.
+fn sampled_entropy_bits(block: &[u8], width: usize, shift: u32, bits: u32) -> f64 {
+    let mask = field_mask(bits) as u32;
+    let mut counts = vec![[0u32; 1]; 1 << bits];
+    for run in block.chunks(64 * width).step_by(8) {
+        match width {
+            2 => count_into_sub_histograms::<2, 1>(run, shift, mask, &mut counts),
+            _ => count_into_sub_histograms::<4, 1>(run, shift, mask, &mut counts),
+        }
+    }
+    super::freq::entropy_of(counts.iter().map(|&[c]| c as u64))
 }
 
 /// Adds the histogram of one field of `W`-byte elements to `counts`. Elements are read eight bytes at a time
