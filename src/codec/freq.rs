@@ -165,12 +165,18 @@ pub struct UsedCounts {
 
 impl UsedCounts {
     pub fn new(counts: &[u64]) -> UsedCounts {
-        let used: Vec<(u32, u64)> = counts
-            .iter()
-            .enumerate()
-            .filter(|(_, &c)| c > 0)
-            .map(|(s, &c)| (s as u32, c))
-            .collect();
+        // Sized first (a vectorized count), so that it is allocated once; runs of 8 zero counts (most of a
+        // wide field's alphabet) are then skipped with one test.
+        let mut used: Vec<(u32, u64)> =
+            Vec::with_capacity(counts.iter().filter(|&&c| c > 0).count());
+        for (run, chunk) in counts.chunks(8).enumerate() {
+            if chunk.iter().fold(0, |any, &c| any | c) == 0 {
+                continue;
+            }
+            let first = 8 * run as u32;
+            let nonzero = chunk.iter().enumerate().filter(|(_, &c)| c > 0);
+            used.extend(nonzero.map(|(k, &c)| (first + k as u32, c)));
+        }
         let total = used.iter().map(|&(_, c)| c).sum();
         UsedCounts { used, total }
     }

@@ -1213,17 +1213,18 @@ impl FieldPrice {
         let total = self.used.total as f64;
         let mut mu = total;
         for _ in 0..4 {
-            let (mut held, mut rest) = (0.0, 0.0);
+            // In integers, which vectorize: a count is below `mu / slots` exactly when it is below its
+            // ceiling, and sums of counts are exact in f64 as in u64.
+            let below = (mu / slots).ceil() as u64;
+            let (mut held, mut rest) = (0u64, 0u64);
             for &(_, c) in used {
-                match (c as f64) < mu / slots {
-                    true => held += 1.0,
-                    false => rest += c as f64,
-                }
+                held += (c < below) as u64;
+                rest += if c < below { 0 } else { c };
             }
-            if rest == 0.0 {
+            if rest == 0 {
                 break;
             }
-            mu = rest * slots / (slots - held);
+            mu = rest as f64 * slots / (slots - held as f64);
         }
         // The dual at `mu` (in bits): sum over symbols of min over shares q >= 1/slots of
         // c * -log2(q) + q * mu / ln 2, less mu / ln 2.
