@@ -15,8 +15,8 @@ use crate::codec::codebook_format::{self, CodebookPlan, Importance};
 use crate::codec::lossy::{self, LossyParams, Quantizer};
 use crate::codec::split::{
     block_bound_bits, block_cost, block_field_counts, block_field_counts_for_coding,
-    choose_block_coding, encode_block, encode_local_block, plan, FieldStats, SplitParams,
-    BLOCK_TOP_BITS,
+    choose_block_coding, encode_block, encode_local_block, plan, FieldStats, SparseCounts,
+    SplitParams, BLOCK_TOP_BITS,
 };
 use crate::error::{NzError, Result};
 use crate::format::header::{self, BlockEntry, TensorEntry};
@@ -87,12 +87,13 @@ pub struct TensorPlan {
     field_counts: Vec<Vec<u64>>,
     /// Each block's histogram of the first split field, counted while planning (empty when the tensor was
     /// too small, or the plans' budget for them was spent): the encoder does not count it again.
-    block_first_counts: Vec<Vec<u32>>,
+    block_first_counts: Vec<SparseCounts>,
 }
 
-/// Bytes of per-block histograms (`TensorPlan::block_first_counts`) that the plans of one `plan_all` may
-/// keep: 8 KiB per block of 2^17 bf16 weights for a top field of 11 bits, so about 1 GiB of weights; the
-/// blocks of tensors planned beyond it are counted by the encoder, so memory does not grow with the model.
+/// Bytes of per-block histograms that the plans of one `plan_all` may hold: up to 32 KiB per block while a
+/// tensor's blocks are gathered (the values of their top 12 bits that occur, a few hundred for weights), then
+/// about 1 KiB per block of weights (`block_first_counts`). Blocks of tensors planned beyond it are counted by
+/// the encoder instead, so memory does not grow with the model.
 const BLOCK_COUNTS_BUDGET: usize = 32 << 20;
 
 impl TensorPlan {
@@ -212,9 +213,10 @@ fn plan_tensor_within(
             };
         }
     }
-    // Block histograms are worth keeping for tensors of several blocks; room for the widest is reserved
-    // while gathering, and what the chosen width does not need is given back.
-    let widest = blocks as usize * (4 << BLOCK_TOP_BITS);
+    // Block histograms are worth keeping for tensors of several blocks. Room for the most their sparse top
+    // histograms can take (every value occurring) is reserved while gathering, and what the first field's
+    // histograms do not take is given back.
+    let widest = blocks as usize * (std::mem::size_of::<(u16, u32)>() << BLOCK_TOP_BITS);
     let reserved = blocks > 1 && take_budget(budget, widest);
     let stats =
         FieldStats::gather_with_block_tops(t.dtype, data, reserved.then_some(block_units as usize));
@@ -226,7 +228,10 @@ fn plan_tensor_within(
         _ => Vec::new(),
     };
     if reserved {
-        let kept: usize = block_first_counts.iter().map(|c| 4 * c.len()).sum();
+        let kept: usize = block_first_counts
+            .iter()
+            .map(|c| std::mem::size_of_val(c) + std::mem::size_of_val(&c.used[..]))
+            .sum();
         budget.fetch_add(widest - kept, Ordering::Relaxed);
     }
     drop(stats);
@@ -335,7 +340,7 @@ fn encode_one(
     if let Some(params) = &plan.split {
         let dtype = plan.entry.dtype;
         let n = (raw.len() / dtype.byte_width().unwrap_or(1)) as u64;
-        let known = plan.block_first_counts.get(k).map(Vec::as_slice);
+        let known = plan.block_first_counts.get(k);
         let counts = block_field_counts_for_coding(&params.fields, dtype, raw, known);
         let choice = choose_block_coding(params, &counts, n);
         let params_bits = 8.0 * (4 + choice.to_bytes().len() + 3) as f64;

@@ -935,12 +935,30 @@ pub struct FieldStats {
     pub low_bytes: Vec<Vec<u64>>,
     /// Per block, in block order, the histogram of the top `BLOCK_TOP_BITS` bits (empty unless asked for by
     /// `gather_with_block_tops`), from which a block's top field of any codable width follows.
-    pub block_tops: Vec<Vec<u32>>,
+    pub block_tops: Vec<SparseCounts>,
 }
 
 /// Width of the per-block top histograms of `FieldStats::gather_with_block_tops`: the widest top field a
 /// layout may code.
 pub const BLOCK_TOP_BITS: u32 = MAX_SYMBOL_BITS;
+
+/// A histogram of a `bits`-bit field kept as the symbols that occur, ascending, with their counts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SparseCounts {
+    pub bits: u32,
+    pub used: Vec<(u16, u32)>,
+}
+
+impl SparseCounts {
+    /// The counts of the whole alphabet.
+    pub fn dense(&self) -> Vec<u64> {
+        let mut counts = vec![0; 1 << self.bits];
+        for &(symbol, c) in &self.used {
+            counts[symbol as usize] = c as u64;
+        }
+        counts
+    }
+}
 
 impl FieldStats {
     /// Counts over the whole tensor, in parallel over 8 MiB slices whose histograms are then summed (the
@@ -987,7 +1005,7 @@ impl FieldStats {
                 occurring_values(chunk, width, bits - top_bits, top_bits, block_bytes);
             (top, low_histograms(chunk), tops)
         };
-        type Partial = (Vec<(usize, u64)>, Vec<Vec<u64>>, Vec<Vec<u32>>);
+        type Partial = (Vec<(usize, u64)>, Vec<Vec<u64>>, Vec<SparseCounts>);
         let sum = |(a, mut al, mut at): Partial, (b, bl, bt): Partial| {
             for (ha, hb) in al.iter_mut().zip(&bl) {
                 ha.iter_mut().zip(hb).for_each(|(x, y)| *x += y);
@@ -1025,12 +1043,23 @@ impl FieldStats {
         }
     }
 
-    /// Each block's histogram of the top `bits` bits (at most `BLOCK_TOP_BITS`), folded from `block_tops`.
-    pub fn block_top_field(&self, bits: u32) -> Vec<Vec<u32>> {
-        let group = 1usize << BLOCK_TOP_BITS.saturating_sub(bits);
+    /// Each block's histogram of the top `bits` bits (at most `BLOCK_TOP_BITS`), folded from `block_tops`
+    /// and kept sparse: a weight field uses a tenth of its alphabet or less.
+    pub fn block_top_field(&self, bits: u32) -> Vec<SparseCounts> {
+        let bits = bits.min(BLOCK_TOP_BITS);
+        let shift = BLOCK_TOP_BITS - bits;
         self.block_tops
             .iter()
-            .map(|tops| tops.chunks_exact(group).map(|g| g.iter().sum()).collect())
+            .map(|tops| {
+                let mut used: Vec<(u16, u32)> = Vec::with_capacity(tops.used.len());
+                for &(symbol, c) in &tops.used {
+                    match used.last_mut() {
+                        Some((last, total)) if *last == symbol >> shift => *total += c,
+                        _ => used.push((symbol >> shift, c)),
+                    }
+                }
+                SparseCounts { bits, used }
+            })
             .collect()
     }
 
@@ -1503,7 +1532,7 @@ pub fn block_field_counts_for_coding(
     fields: &[Field],
     dtype: Dtype,
     block: &[u8],
-    first: Option<&[u32]>,
+    first: Option<&SparseCounts>,
 ) -> Vec<Vec<u64>> {
     let width = dtype.byte_width().expect("whole-byte dtype");
     let n = block.len() / width;
@@ -1517,7 +1546,7 @@ pub fn block_field_counts_for_coding(
             candidate && n >= SAMPLED_FIELD_MIN_ELEMENTS && (width == 2 || width == 4)
         })
         .collect();
-    let first = first.filter(|c| fields.first().is_some_and(|f| c.len() == 1 << f.width));
+    let first = first.filter(|c| fields.first().is_some_and(|f| c.bits == f.width));
     let shifts = field_shifts(fields);
     // The other fields first: their pass streams the block into cache for the sample's scattered reads.
     let others: Vec<bool> = (0..fields.len())
@@ -1525,7 +1554,7 @@ pub fn block_field_counts_for_coding(
         .collect();
     let mut counts = block_field_counts_where(fields, &others, dtype, block);
     if let Some(first) = first {
-        counts[0] = first.iter().map(|&c| c as u64).collect();
+        counts[0] = first.dense();
         // Without the first field's pass, the samples below would each wait on memory: one sequential
         // read of every cache line brings the block in at the prefetchers' pace.
         if skippable.contains(&true) {
@@ -1645,7 +1674,7 @@ fn occurring_values(
     shift: u32,
     bits: u32,
     block_bytes: Option<usize>,
-) -> (Vec<(usize, u64)>, Vec<Vec<u32>>) {
+) -> (Vec<(usize, u64)>, Vec<SparseCounts>) {
     OCCURRING_COUNTS.with_borrow_mut(|(sub, dirty)| {
         let len = 1usize << bits;
         if sub.len() < len {
@@ -1675,10 +1704,11 @@ fn occurring_values(
                 let group = (len >> BLOCK_TOP_BITS) * SUB_HISTOGRAMS;
                 let mut before = vec![0u32; 1 << BLOCK_TOP_BITS];
                 let mut occupied = vec![false; (1 << BLOCK_TOP_BITS) / SPAN];
+                let mut tops = vec![0u32; 1 << BLOCK_TOP_BITS];
                 for block in chunk.chunks(block_bytes) {
                     count(block, table);
                     let flat = table.as_flattened();
-                    let mut tops = vec![0u32; 1 << BLOCK_TOP_BITS];
+                    tops.fill(0);
                     let mut fold = |span: usize| -> u64 {
                         let groups = span * SPAN..(span + 1) * SPAN;
                         let mut grown = 0;
@@ -1698,7 +1728,12 @@ fn occurring_values(
                             }
                         }
                     }
-                    block_tops.push(tops);
+                    // Kept sparse: a block of weights uses a few hundred of the 4096 values.
+                    let used = tops.iter().enumerate().filter(|&(_, &c)| c > 0);
+                    block_tops.push(SparseCounts {
+                        bits: BLOCK_TOP_BITS,
+                        used: used.map(|(symbol, &c)| (symbol as u16, c)).collect(),
+                    });
                 }
             }
             None => count(chunk, table),
@@ -2543,7 +2578,7 @@ mod tests {
                     let folded = stats.block_top_field(bits);
                     for (k, block) in blocks.iter().enumerate() {
                         let exact = block_field_counts(&fields, dtype, block);
-                        let known: Vec<u64> = folded[k].iter().map(|&c| c as u64).collect();
+                        let known = folded[k].dense();
                         assert_eq!(
                             known, exact[0],
                             "{dtype:?} block {k} of {block_elements}, {bits} bits"
