@@ -782,3 +782,87 @@ pub fn read_shard_index(dir: &Path) -> Result<(Vec<String>, serde_json::Value)> 
     }
     Ok((shards, index))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A safetensors file of 1-D BF16 tensors, held in memory.
+    fn bf16_file(tensors: &[(&str, Vec<u8>)]) -> SafetensorsFile {
+        let mut header = serde_json::Map::new();
+        let mut offset = 0;
+        for (name, data) in tensors {
+            let entry = serde_json::json!({
+                "dtype": "BF16",
+                "shape": [data.len() / 2],
+                "data_offsets": [offset, offset + data.len()],
+            });
+            header.insert(name.to_string(), entry);
+            offset += data.len();
+        }
+        let mut text = serde_json::to_vec(&header).expect("json");
+        text.resize(text.len().next_multiple_of(8), b' ');
+        let mut bytes = (text.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(text);
+        tensors.iter().for_each(|(_, d)| bytes.extend(d));
+        SafetensorsFile::from_bytes(crate::mmap::Bytes::Owned(bytes)).expect("valid file")
+    }
+
+    /// `n` bf16 weights of roughly normal values times `scale`, from a seeded generator.
+    fn weights(n: usize, seed: u64, scale: f32) -> Vec<u8> {
+        let mut state = seed;
+        let mut unit = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 11) as f32 / (1u64 << 53) as f32
+        };
+        (0..n)
+            .flat_map(|_| {
+                let normal = (0..4).map(|_| unit()).sum::<f32>() - 2.0;
+                (((normal * scale).to_bits() >> 16) as u16).to_le_bytes()
+            })
+            .collect()
+    }
+
+    /// The encoder writes the same blocks whether a block's first-field histogram comes from the plan
+    /// (`plan_all`) or is counted again (`plan_tensor`, as for tensors beyond the budget), for blocks that keep
+    /// the tensor's tables and blocks that take their own.
+    #[test]
+    fn block_counts_from_the_plan_encode_the_same_blocks() {
+        let mut drifting = weights(20_000, 1, 0.02);
+        drifting.extend(weights(20_000, 2, 3.0));
+        let source = bf16_file(&[
+            ("steady", weights(50_000, 3, 0.05)),
+            ("drifting", drifting),
+            ("small", weights(300, 4, 1.0)),
+        ]);
+        let opts = ConvertOptions {
+            float_block_elements: 4096,
+            ..ConvertOptions::default()
+        };
+        let from_plan = plan_all(&source, &opts, &|_| {});
+        let counted_again: Vec<TensorPlan> = (source.tensors.iter())
+            .map(|t| plan_tensor(&source, t, &opts))
+            .collect();
+        assert!(from_plan[..2]
+            .iter()
+            .all(|p| p.block_first_counts.len() == p.entry.blocks.len()));
+        assert!(counted_again
+            .iter()
+            .all(|p| p.block_first_counts.is_empty()));
+        let encode = |plans: &[TensorPlan]| {
+            let mut blocks = Vec::new();
+            encode_blocks(&source, plans, &opts, Bounds::Skip, &|_| {}, |ti, k, b| {
+                blocks.push((ti, k, b.mode, b.payload));
+                Ok(())
+            })
+            .expect("encodes");
+            blocks
+        };
+        let (a, b) = (encode(&from_plan), encode(&counted_again));
+        assert!(a.iter().any(|block| block.2 == BlockMode::SplitLocal));
+        assert!(a.iter().any(|block| block.2 == BlockMode::Split));
+        assert!(a == b, "the plan's block counts changed the encoded blocks");
+    }
+}
