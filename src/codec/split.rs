@@ -1579,12 +1579,29 @@ fn sampled_entropy_bits(block: &[u8], width: usize, shift: u32, bits: u32) -> f6
     let mask = field_mask(bits) as u32;
     let mut counts = vec![[0u32; 1]; 1 << bits];
     for run in block.chunks(64 * width).step_by(8) {
-        match width {
-            2 => count_into_sub_histograms::<2, 1>(run, shift, mask, &mut counts),
-            _ => count_into_sub_histograms::<4, 1>(run, shift, mask, &mut counts),
-        }
+        count_into(run, width, shift, mask, &mut counts);
     }
     super::freq::entropy_of(counts.iter().map(|&[c]| c as u64))
+}
+
+/// `count_into_sub_histograms` for elements of any whole-byte `width` (2- and 4-byte ones a word at a time;
+/// others, whose sub-histograms are not interleaved, into the first).
+fn count_into<const S: usize>(
+    part: &[u8],
+    width: usize,
+    shift: u32,
+    mask: u32,
+    table: &mut [[u32; S]],
+) {
+    match width {
+        2 => count_into_sub_histograms::<2, S>(part, shift, mask, table),
+        4 => count_into_sub_histograms::<4, S>(part, shift, mask, table),
+        _ => {
+            for v in element_values(part, width) {
+                table[((v >> shift) & mask as u64) as usize][0] += 1;
+            }
+        }
+    }
 }
 
 /// Adds the histogram of one field of `W`-byte elements to `counts`. Elements are read eight bytes at a time
@@ -1686,15 +1703,6 @@ fn occurring_values(
         *dirty = true;
         let table = &mut sub[..len];
         let mask = field_mask(bits) as u32;
-        let count = |part: &[u8], table: &mut [[u32; SUB_HISTOGRAMS]]| match width {
-            2 => count_into_sub_histograms::<2, SUB_HISTOGRAMS>(part, shift, mask, table),
-            4 => count_into_sub_histograms::<4, SUB_HISTOGRAMS>(part, shift, mask, table),
-            _ => {
-                for v in element_values(part, width) {
-                    table[((v >> shift) & mask as u64) as usize][0] += 1;
-                }
-            }
-        };
         let mut block_tops = Vec::new();
         match block_bytes.filter(|_| bits >= BLOCK_TOP_BITS) {
             Some(block_bytes) => {
@@ -1706,7 +1714,7 @@ fn occurring_values(
                 let mut occupied = vec![false; (1 << BLOCK_TOP_BITS) / SPAN];
                 let mut tops = vec![0u32; 1 << BLOCK_TOP_BITS];
                 for block in chunk.chunks(block_bytes) {
-                    count(block, table);
+                    count_into(block, width, shift, mask, table);
                     let flat = table.as_flattened();
                     tops.fill(0);
                     let mut fold = |span: usize| -> u64 {
@@ -1736,7 +1744,7 @@ fn occurring_values(
                     });
                 }
             }
-            None => count(chunk, table),
+            None => count_into(chunk, width, shift, mask, table),
         }
         let mut occurring = Vec::with_capacity(len.min(chunk.len() / width));
         for (value, counts) in table.iter_mut().enumerate() {
