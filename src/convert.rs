@@ -811,18 +811,10 @@ mod tests {
     /// `n` bf16 weights of roughly normal values times `scale`, from a seeded generator.
     fn weights(n: usize, seed: u64, scale: f32) -> Vec<u8> {
         let mut state = seed;
-        let mut unit = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 11) as f32 / (1u64 << 53) as f32
-        };
-        (0..n)
-            .flat_map(|_| {
-                let normal = (0..4).map(|_| unit()).sum::<f32>() - 2.0;
-                (((normal * scale).to_bits() >> 16) as u16).to_le_bytes()
-            })
-            .collect()
+        let mut unit = || crate::codec::rans::tests::xorshift(&mut state) as f32 / u64::MAX as f32;
+        let mut weight = || (0..4).map(|_| unit()).sum::<f32>() - 2.0;
+        let bf16 = |w: f32| ((w * scale).to_bits() >> 16) as u16;
+        (0..n).flat_map(|_| bf16(weight()).to_le_bytes()).collect()
     }
 
     /// The encoder writes the same blocks whether a block's first-field histogram comes from the plan
