@@ -223,7 +223,7 @@ fn plan_tensor_within(
     let planned = plan(&stats, blocks);
     let block_first_counts = match &planned {
         Some(p) if reserved && stats.block_tops.len() == blocks as usize => {
-            stats.block_top_field(p.params.fields[0].width.min(BLOCK_TOP_BITS))
+            stats.block_top_field(p.params.fields[0].width)
         }
         _ => Vec::new(),
     };

@@ -984,9 +984,7 @@ impl FieldStats {
         let low_count = ((bits - top_bits) / 8) as usize;
         let data = &data[..data.len() / width * width];
         let elements = data.len() / width;
-        let block_bytes = block_elements
-            .filter(|_| top_bits >= BLOCK_TOP_BITS)
-            .map(|b| b.max(1) * width);
+        let block_bytes = block_elements.map(|b| b.max(1) * width);
         let low_histograms = |chunk: &[u8]| -> Vec<Vec<u64>> {
             (0..low_count)
                 .map(|k| {
@@ -1555,12 +1553,13 @@ pub fn block_field_counts_for_coding(
     let mut counts = block_field_counts_where(fields, &others, dtype, block);
     if let Some(first) = first {
         counts[0] = first.dense();
-        // Without the first field's pass, the samples below would each wait on memory: one sequential
-        // read of every cache line brings the block in at the prefetchers' pace.
-        if skippable.contains(&true) {
-            let touched = block.chunks(64).fold(0u8, |x, line| x ^ line[0]);
-            std::hint::black_box(touched);
-        }
+    }
+    // Where no field was counted (the first one's counts came with the block), the samples below would
+    // each wait on memory: one sequential read of every cache line brings the block in at the prefetchers'
+    // pace.
+    if skippable.contains(&true) && !others.contains(&true) {
+        let touched = block.chunks(64).fold(0u8, |x, line| x ^ line[0]);
+        std::hint::black_box(touched);
     }
     for (i, f) in fields.iter().enumerate().filter(|&(i, _)| skippable[i]) {
         if sampled_entropy_bits(block, width, shifts[i], f.width)
