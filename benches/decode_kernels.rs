@@ -123,7 +123,7 @@ fn main() {
         })
         .collect();
     let mut ranks = vec![0u8; block_elements];
-    for kernel in Kernel::available() {
+    for &kernel in Kernel::available() {
         let gbps = median_gbps(data.len(), runs, || {
             for ((e, words), s) in encoded.iter().zip(&symbols) {
                 rans::decode_ranks_with(kernel, &e.states, words, &packed, &mut ranks[..s.len()])

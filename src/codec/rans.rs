@@ -661,7 +661,7 @@ pub(crate) mod tests {
                     assert_eq!(got, *expected, "{what}");
                 }
             };
-            for &kernel in &kernels {
+            for &kernel in kernels {
                 for (k, (states, words)) in cases.iter().enumerate() {
                     let mut ranks = vec![0u8; n];
                     let fast = decode_ranks_with(kernel, states, words, &packed, &mut ranks);
@@ -784,8 +784,8 @@ pub(crate) mod tests {
                 // Windows in use when the table has them, and the gathered symbols of the same ranks.
                 let shifted = packed.windows.map(|w| ShiftedWindows::new(&w, raw_width));
                 for (kernel, windows) in Kernel::available()
-                    .into_iter()
-                    .flat_map(|k| [(k, shifted), (k, None)])
+                    .iter()
+                    .flat_map(|&k| [(k, shifted), (k, None)])
                 {
                     for a in &cases {
                         let expected = expect(a);
@@ -877,7 +877,7 @@ pub(crate) mod tests {
                 reference,
                 "n={n} pb={prob_bits}"
             );
-            for kernel in Kernel::available() {
+            for &kernel in Kernel::available() {
                 let mut buffer = Vec::new();
                 let (states, start) =
                     encode_single_in_with(kernel, &symbols, &EncodeTable::new(&table), &mut buffer);

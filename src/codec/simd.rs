@@ -47,8 +47,13 @@ impl Kernel {
     }
 
     /// Kernels this CPU can run, slowest first (of each gather and loads pair, loads are taken to be faster
-    /// where gathers are slow).
-    pub fn available() -> Vec<Kernel> {
+    /// where gathers are slow). Worked out once: the kernels ask per block.
+    pub fn available() -> &'static [Kernel] {
+        static AVAILABLE: OnceLock<Vec<Kernel>> = OnceLock::new();
+        AVAILABLE.get_or_init(Kernel::detect)
+    }
+
+    fn detect() -> Vec<Kernel> {
         let mut kernels = vec![Kernel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {
@@ -1726,7 +1731,7 @@ mod tests {
                 .zip(&shifts)
                 .map(|((b, &w), &s)| (&b[..], w, s))
                 .collect();
-            for &kernel in &kernels {
+            for &kernel in kernels {
                 for windows in [None, Some(ShiftedWindows::new(&windows, coded_shift))] {
                     let mut out = vec![0u8; 4 * n];
                     let merge = Merge32 {
