@@ -886,18 +886,15 @@ mod x86 {
 
     /// Whether the CPU is AMD's (or Hygon's, the same cores), whose gathers are slow: on Zen 3 one 8-lane
     /// gather takes about 13 cycles, on Zen 4 one 16-lane gather about 17, while as many scalar loads and
-    /// inserts take fewer.
+    /// inserts take fewer. Asked only by `Kernel::detect`, which runs once (CPUID traps to the hypervisor in
+    /// a VM).
     pub fn gathers_are_slow() -> bool {
-        // Asked once: CPUID traps to the hypervisor in a VM.
-        static SLOW: OnceLock<bool> = OnceLock::new();
-        *SLOW.get_or_init(|| {
-            let id = __cpuid(0);
-            let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
-                .iter()
-                .flat_map(|r| r.to_le_bytes())
-                .collect();
-            vendor == *b"AuthenticAMD" || vendor == *b"HygonGenuine"
-        })
+        let id = __cpuid(0);
+        let vendor: Vec<u8> = [id.ebx, id.edx, id.ecx]
+            .iter()
+            .flat_map(|r| r.to_le_bytes())
+            .collect();
+        vendor == *b"AuthenticAMD" || vendor == *b"HygonGenuine"
     }
 
     /// One packed table's constants for the AVX-512 decode step of 16 lanes, shared by the one- and two-stream
