@@ -864,6 +864,11 @@ pub(crate) mod tests {
             (1000, 10, 1),
             (70_001, 11, 12),
             (5000, 12, 15),
+            // Each precision the encoder can pick, for the SIMD encoders' quotients.
+            (40_000, 6, 8),
+            (40_000, 8, 9),
+            (40_000, 9, 10),
+            (40_000, 10, 11),
         ] {
             let symbols = skewed_symbols(n, bits, 3 + n as u64);
             let mut counts = histogram(symbols.iter().map(|&v| v as u32), bits);

@@ -751,15 +751,15 @@ mod x86 {
         step
     }
 
-    /// The quotient `state / freq` is a multiplication by `1 / freq`, gathered or (`LOADS`) loaded, as in
-    /// `encode_avx2`.
+    /// The new states come from `coded_states`, exact through a single-precision division and a correction,
+    /// so that only the frequencies are looked up, by a gather or (`LOADS`) scalar loads.
     ///
     /// # Safety
     /// The CPU must have AVX-512F, BW and VL, and `symbols.len() <= *pos <= buffer.len()` (checked by
     /// `encode_steps_with`). Memory: each half step reads the 16 symbols at `base <= symbols.len() - 16`,
-    /// masked to the table length (a power of two; `freq_cum` and `inverse` hold one entry per symbol) before
-    /// the gathers or the loads; each step writes at most 32 words below `pos`, and `pos` stays at least one
-    /// word per remaining symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
+    /// masked to the table length (a power of two; `freq_cum` holds one entry per symbol) before the gather
+    /// or the loads; each step writes at most 32 words below `pos`, and `pos` stays at least one word per
+    /// remaining symbol above 0 (one slot per symbol), so the masked stores stay inside `buffer`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,popcnt")]
     pub(super) unsafe fn encode_avx512<const LOADS: bool>(
         x: &mut [u32; LANES],
@@ -768,46 +768,34 @@ mod x86 {
         buffer: &mut [u16],
         pos: &mut usize,
     ) -> usize {
-        let steps = symbols.len() / LANES;
         let pb = table.prob_bits;
+        let Some(rounds) = correction_rounds(pb) else {
+            return 0;
+        };
+        let steps = symbols.len() / LANES;
         let symbol_last = table.freq_cum.len() - 1;
         let symbol_mask = _mm512_set1_epi32(symbol_last as i32);
         let low16 = _mm512_set1_epi32(0xffff);
-        let half = _mm512_set1_pd(0.5);
         let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
-        let pb_shift = _mm_cvtsi32_si128(pb as i32);
         let freq_cum = table.freq_cum.as_ptr() as *const i32;
-        let inverse = table.inverse.as_ptr();
-        let mut states = [
-            _mm512_loadu_si512(x.as_ptr() as *const _),
-            _mm512_loadu_si512(x.as_ptr().add(16) as *const _),
-        ];
         let mut p = *pos;
-        for step in (0..steps).rev() {
-            for h in [1usize, 0] {
-                let base = step * LANES + 16 * h;
-                let at = symbols.as_ptr().add(base);
-                let (fc, inv_lo, inv_hi) = match LOADS {
+        // A macro rather than a closure, which the compiler would not inline.
+        macro_rules! half_step {
+            ($state:expr, $at:expr) => {{
+                let (state, at): (__m512i, *const u16) = ($state, $at);
+                let fc = match LOADS {
                     false => {
                         let sym = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at as *const _));
-                        let sym = _mm512_and_si512(sym, symbol_mask);
-                        (
-                            _mm512_i32gather_epi32::<4>(sym, freq_cum),
-                            _mm512_i32gather_pd::<8>(_mm512_castsi512_si256(sym), inverse),
-                            _mm512_i32gather_pd::<8>(_mm512_extracti64x4_epi64::<1>(sym), inverse),
-                        )
+                        _mm512_i32gather_epi32::<4>(_mm512_and_si512(sym, symbol_mask), freq_cum)
                     }
                     true => {
                         let s = |k: usize| *at.add(k) as usize & symbol_last;
                         let fc = |half: usize| lanes_of(|k| *freq_cum.add(s(8 * half + k)));
-                        let inv = |half: usize| doubles_of(|k| *inverse.add(s(8 * half + k)));
-                        let fc = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(fc(0)), fc(1));
-                        (fc, inv(0), inv(1))
+                        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(fc(0)), fc(1))
                     }
                 };
                 let freq = _mm512_srli_epi32::<16>(fc);
                 let cum = _mm512_and_si512(fc, low16);
-                let state = states[h];
                 let emit = _mm512_cmpge_epu32_mask(_mm512_srl_epi32(state, top_shift), freq);
                 let count = emit.count_ones() as usize;
                 let words = _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(emit, state));
@@ -818,33 +806,64 @@ mod x86 {
                     words,
                 );
                 let state = _mm512_mask_srli_epi32::<16>(state, emit, state);
-                let plus_half_lo =
-                    _mm512_add_pd(_mm512_cvtepu32_pd(_mm512_castsi512_si256(state)), half);
-                let plus_half_hi = _mm512_add_pd(
-                    _mm512_cvtepu32_pd(_mm512_extracti64x4_epi64::<1>(state)),
-                    half,
-                );
-                let q_lo = _mm512_cvttpd_epu32(_mm512_mul_pd(plus_half_lo, inv_lo));
-                let q_hi = _mm512_cvttpd_epu32(_mm512_mul_pd(plus_half_hi, inv_hi));
-                let q = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q_lo), q_hi);
-                let rest = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
-                states[h] =
-                    _mm512_add_epi32(_mm512_add_epi32(_mm512_sll_epi32(q, pb_shift), rest), cum);
-            }
+                coded_states(state, freq, cum, pb, rounds)
+            }};
         }
-        _mm512_storeu_si512(x.as_mut_ptr() as *mut _, states[0]);
-        _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, states[1]);
+        let mut low = _mm512_loadu_si512(x.as_ptr() as *const _);
+        let mut high = _mm512_loadu_si512(x.as_ptr().add(16) as *const _);
+        for step in (0..steps).rev() {
+            let at = symbols.as_ptr().add(step * LANES);
+            high = half_step!(high, at.add(16));
+            low = half_step!(low, at);
+        }
+        _mm512_storeu_si512(x.as_mut_ptr() as *mut _, low);
+        _mm512_storeu_si512(x.as_mut_ptr().add(16) as *mut _, high);
         *pos = p;
         steps
     }
 
-    /// The 8 doubles `lane(0)..lane(7)`: how `encode_avx512` puts together the inverses it loaded.
+    /// The states after coding symbols of frequency `freq` and start `cum` in the renormalized `state`
+    /// (below `freq << (32 - pb)`): `(state / freq) << pb | state % freq` plus `cum`. The quotient comes from
+    /// a single-precision division, whose relative error of `2^-23` leaves it off by less than
+    /// `2^(9 - pb)`; each of `rounds` (`correction_rounds(pb)`) moves the lanes whose remainder lies outside
+    /// `0..freq` by one.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn doubles_of(lane: impl Fn(usize) -> f64) -> __m512d {
-        let lanes: [f64; 8] = std::array::from_fn(lane);
-        // SAFETY: `lanes` is 64 readable bytes.
-        unsafe { _mm512_loadu_pd(lanes.as_ptr()) }
+    pub(super) fn coded_states(
+        state: __m512i,
+        freq: __m512i,
+        cum: __m512i,
+        pb: u32,
+        rounds: u32,
+    ) -> __m512i {
+        let ratio = _mm512_div_ps(_mm512_cvtepu32_ps(state), _mm512_cvtepi32_ps(freq));
+        let q = _mm512_cvttps_epu32(ratio);
+        let mut rest = _mm512_sub_epi32(state, _mm512_mullo_epi32(q, freq));
+        let shifted = _mm512_sll_epi32(q, _mm_cvtsi32_si128(pb as i32));
+        let mut next = _mm512_add_epi32(_mm512_add_epi32(shifted, rest), cum);
+        // A quotient one too large leaves `rest` negative, one too small leaves it at `freq` or above; moving
+        // the quotient by one moves the state by `2^pb - freq`.
+        let step = _mm512_sub_epi32(_mm512_set1_epi32(1 << pb), freq);
+        for _ in 0..rounds {
+            let over = _mm512_cmplt_epi32_mask(rest, _mm512_setzero_si512());
+            let under = _mm512_cmpge_epi32_mask(rest, freq);
+            rest = _mm512_mask_add_epi32(rest, over, rest, freq);
+            rest = _mm512_mask_sub_epi32(rest, under, rest, freq);
+            next = _mm512_mask_sub_epi32(next, over, next, step);
+            next = _mm512_mask_add_epi32(next, under, next, step);
+        }
+        next
+    }
+
+    /// Correction rounds that make `coded_states` exact at `prob_bits` (None below 8 bits, which the encoder
+    /// never picks).
+    pub(super) fn correction_rounds(prob_bits: u32) -> Option<u32> {
+        match prob_bits {
+            10.. => Some(1),
+            9 => Some(2),
+            8 => Some(3),
+            _ => None,
+        }
     }
 
     /// # Safety
@@ -1667,6 +1686,64 @@ mod tests {
     use super::*;
     use crate::codec::bitpack;
     use crate::codec::rans::tests::xorshift;
+
+    /// `coded_states`' quotients against exact integer division at every precision the encoder can pick,
+    /// for every frequency at the low precisions (where the single-precision error is largest) and sampled
+    /// ones above, at states next to multiples of the frequency up to the largest a renormalized state takes.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn coded_states_match_integer_division() {
+        use std::arch::x86_64::*;
+        if !x86::has_avx512() {
+            return;
+        }
+        let mut seed = 5u64;
+        for pb in 8..=crate::codec::freq::MAX_PROB_BITS {
+            let rounds = x86::correction_rounds(pb).expect("8 bits and up are corrected");
+            let freqs: Vec<u32> = match pb {
+                8..=11 => (1..=1 << pb).collect(),
+                _ => (0..3000)
+                    .map(|_| 1 + (xorshift(&mut seed) % (1 << pb)) as u32)
+                    .collect(),
+            };
+            for freq in freqs {
+                let limit = (freq as u64) << (32 - pb);
+                let top = limit / freq as u64;
+                let mut states = Vec::new();
+                for multiple in [top, top - 1, top / 2 + 1, 1 << 16] {
+                    let at = multiple * freq as u64;
+                    states.extend([at.saturating_sub(1), at, at + 1, at + freq as u64 - 1]);
+                }
+                states.extend((0..4).map(|_| xorshift(&mut seed) % limit));
+                let states: Vec<u32> = states
+                    .into_iter()
+                    .filter(|&x| x >= 1 << 16 && x < limit)
+                    .map(|x| x as u32)
+                    .collect();
+                for chunk in states.chunks(16) {
+                    let mut lanes = [1u32 << 16; 16];
+                    lanes[..chunk.len()].copy_from_slice(chunk);
+                    let cum = (freq * 7) % (1 << pb).max(1);
+                    let mut got = [0u32; 16];
+                    // SAFETY: the CPU has AVX-512F (checked above); the pointers are 16 lanes each.
+                    unsafe {
+                        let next = x86::coded_states(
+                            _mm512_loadu_si512(lanes.as_ptr() as *const _),
+                            _mm512_set1_epi32(freq as i32),
+                            _mm512_set1_epi32(cum as i32),
+                            pb,
+                            rounds,
+                        );
+                        _mm512_storeu_si512(got.as_mut_ptr() as *mut _, next);
+                    }
+                    for (&x, &g) in lanes.iter().zip(&got) {
+                        let want = ((x / freq) << pb) + x % freq + cum;
+                        assert_eq!(g, want, "pb={pb} freq={freq} state={x}");
+                    }
+                }
+            }
+        }
+    }
 
     /// `merge32` against the elements put together one by one: zero to three raw fields of every width, with
     /// the symbols gathered and through windows, on lengths with and without a tail.
