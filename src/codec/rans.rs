@@ -73,8 +73,9 @@ pub struct EncodeTable {
     symbols: std::sync::OnceLock<Vec<EncodeSymbol>>,
     /// For the SIMD encoder, per symbol: `freq << 16 | cum`.
     pub(crate) freq_cum: Vec<u32>,
-    /// For the SIMD encoder, per symbol: `1 / freq` (0 where freq is 0).
-    pub(crate) inverse: Vec<f64>,
+    /// For the AVX2 encoder, per symbol: `1 / freq` (0 where freq is 0), built on first use (the AVX-512
+    /// encoder divides in single precision instead).
+    inverse: std::sync::OnceLock<Vec<f64>>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -97,17 +98,24 @@ impl EncodeTable {
             .zip(&table.cums)
             .map(|(&f, &c)| f << 16 | c)
             .collect();
-        let inverse = table
-            .freqs
-            .iter()
-            .map(|&f| if f == 0 { 0.0 } else { 1.0 / f as f64 })
-            .collect();
         EncodeTable {
             prob_bits: table.prob_bits,
             symbols: std::sync::OnceLock::new(),
             freq_cum,
-            inverse,
+            inverse: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Per symbol, `1 / freq` (0 where freq is 0).
+    pub(crate) fn inverse(&self) -> &[f64] {
+        self.inverse.get_or_init(|| {
+            (self.freq_cum.iter())
+                .map(|&fc| match fc >> 16 {
+                    0 => 0.0,
+                    freq => 1.0 / freq as f64,
+                })
+                .collect()
+        })
     }
 
     fn symbols(&self) -> &[EncodeSymbol] {

@@ -1604,7 +1604,11 @@ mod x86 {
         let top_shift = _mm_cvtsi32_si128(32 - pb as i32);
         let pb_shift = _mm_cvtsi32_si128(pb as i32);
         let freq_cum = table.freq_cum.as_ptr() as *const i32;
-        let inverse = table.inverse.as_ptr();
+        // Only the loads read the inverses (the gathers divide).
+        let inverse = match LOADS {
+            true => table.inverse().as_ptr(),
+            false => std::ptr::null(),
+        };
         let mut states = load_quarters(x);
         let mut p = *pos;
         for step in (0..steps).rev() {
