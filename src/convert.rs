@@ -861,6 +861,7 @@ mod tests {
         assert!(a.iter().any(|block| block.2 == BlockMode::Split));
         assert!(a == b, "the plan's block counts changed the encoded blocks");
     }
+
     /// The zstd probe sends a float block to zstd when its rows repeat (here rows of 3 KiB, within the probe's
     /// sample) and keeps weights without repeats in the float codec.
     #[test]
