@@ -374,17 +374,13 @@ fn encode_one(
             };
         }
     }
-    let zstd = |bytes: &[u8], level: i32| {
-        ZSTD.with_borrow_mut(|compressors| {
-            let slot = compressors.iter().position(|(l, _)| *l == level);
-            let k = match slot {
-                Some(k) => k,
-                None => {
-                    compressors.push((level, zstd::bulk::Compressor::new(level)?));
-                    compressors.len() - 1
-                }
+    let zstd = |bytes: &[u8], context: ZstdContext, level: i32| {
+        ZSTD.with_borrow_mut(|contexts| {
+            let compressor = match &mut contexts[context as usize] {
+                Some((l, c)) if *l == level => c,
+                slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
             };
-            compressors[k].1.compress(bytes)
+            compressor.compress(bytes)
         })
         .map_err(|e| NzError::Zstd {
             what: format!("tensor '{}'", plan.entry.name),
@@ -394,12 +390,13 @@ fn encode_one(
     // zstd beats the float codec only on repetitive blocks; a sample tells them apart cheaply.
     let sample = &raw[..raw.len().min(ZSTD_SAMPLE_BYTES)];
     if plan.split.is_some() && raw.len() > ZSTD_SAMPLE_BYTES {
-        let sample_ratio = zstd(sample, ZSTD_PROBE_LEVEL)?.len() as f64 / sample.len() as f64;
+        let sample_ratio =
+            zstd(sample, ZstdContext::Probe, ZSTD_PROBE_LEVEL)?.len() as f64 / sample.len() as f64;
         if sample_ratio >= best_len as f64 / raw.len() as f64 {
             return Ok(finish(best, raw));
         }
     }
-    let z = zstd(raw, zstd_level)?;
+    let z = zstd(raw, ZstdContext::Block, zstd_level)?;
     if z.len() < best_len {
         best = EncodedBlock {
             checksum: 0,
@@ -411,11 +408,18 @@ fn encode_one(
     Ok(finish(best, raw))
 }
 
+/// Which of a thread's two zstd contexts compresses: the probe's sample or a whole block.
+#[derive(Clone, Copy)]
+enum ZstdContext {
+    Probe = 0,
+    Block = 1,
+}
+
 thread_local! {
-    /// Per-thread zstd contexts by level (the probe's and the blocks'), kept across blocks: creating one per
+    /// Per-thread zstd contexts (`ZstdContext`), each with its level, kept across blocks: creating one per
     /// block costs more than a small sample.
-    static ZSTD: std::cell::RefCell<Vec<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(Vec::new()) };
+    static ZSTD: std::cell::RefCell<[Option<(i32, zstd::bulk::Compressor<'static>)>; 2]> =
+        const { std::cell::RefCell::new([None, None]) };
 }
 
 /// The raw payload is copied only when raw wins.
